@@ -1,0 +1,123 @@
+"""Validation and canonicalisation of the loss inputs, shared by every backend.
+
+Backends receive features that are known to be 2-D, floating point, on one
+device and of matching shape, and a ``logit_scale`` / ``logit_bias`` that are
+always tensors on that device (a Python float becomes a constant tensor).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+ScaleLike = Union[float, int, torch.Tensor]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class LossInputs:
+    image_features: torch.Tensor
+    text_features: torch.Tensor
+    logit_scale: torch.Tensor
+    logit_bias: Optional[torch.Tensor]
+
+    @property
+    def feature_dtype(self) -> torch.dtype:
+        """The dtype PyTorch would compute the similarity in."""
+        return torch.promote_types(self.image_features.dtype, self.text_features.dtype)
+
+    @property
+    def loss_dtype(self) -> torch.dtype:
+        """fp32 for half-precision features (as under autocast), else the feature dtype."""
+        return torch.promote_types(self.feature_dtype, torch.float32)
+
+
+def _check_features(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(
+            f"{name} must be 2-D (batch, dim), got shape {tuple(t.shape)} ({t.dim()}-D)"
+        )
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}"
+        )
+
+
+def _as_scalar_tensor(name: str, value, device: torch.device, dtype: torch.dtype):
+    """Turn a float / 0-dim / shape-[1] tensor into a tensor on ``device``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        raise TypeError(
+            f"{name} must be a float or a 0-dim/shape-[1] tensor, got {type(value).__name__}"
+        )
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dim() > 1:
+            raise ValueError(
+                f"{name} must be a scalar (0-dim or shape [1]) tensor, got shape {tuple(value.shape)}"
+            )
+        if value.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        if value.device != device:
+            raise ValueError(
+                f"{name} is on {value.device} but the features are on {device}"
+            )
+        return value
+    return torch.tensor(float(value), dtype=dtype, device=device)
+
+
+def check_inputs(
+    image_features,
+    text_features,
+    logit_scale: ScaleLike,
+    logit_bias: Optional[ScaleLike] = None,
+) -> LossInputs:
+    """Validate the loss inputs; raise ValueError/TypeError naming the bad argument."""
+    _check_features("image_features", image_features)
+    _check_features("text_features", text_features)
+    if image_features.device != text_features.device:
+        raise ValueError(
+            f"image_features is on {image_features.device} but text_features is on "
+            f"{text_features.device}; both must be on the same device"
+        )
+    if image_features.shape[0] != text_features.shape[0]:
+        raise ValueError(
+            f"batch size mismatch: image_features has shape {tuple(image_features.shape)} "
+            f"and text_features has shape {tuple(text_features.shape)}; the loss pairs "
+            "row i of one with row i of the other"
+        )
+    if image_features.shape[1] != text_features.shape[1]:
+        raise ValueError(
+            f"embedding dim mismatch: image_features has shape {tuple(image_features.shape)} "
+            f"and text_features has shape {tuple(text_features.shape)}"
+        )
+    if image_features.shape[0] == 0:
+        raise ValueError(
+            f"empty batch: image_features has shape {tuple(image_features.shape)}; "
+            "the contrastive loss needs at least one pair"
+        )
+    if image_features.shape[1] == 0:
+        raise ValueError(
+            f"zero-dimensional embeddings: image_features has shape {tuple(image_features.shape)}"
+        )
+    device = image_features.device
+    param_dtype = torch.promote_types(
+        torch.promote_types(image_features.dtype, text_features.dtype), torch.float32
+    )
+    scale = _as_scalar_tensor("logit_scale", logit_scale, device, param_dtype)
+    # One host sync per call: a non-positive or non-finite scale silently gives a
+    # meaningless loss, which is worse than the microseconds the check costs.
+    scale_value = float(scale.detach().reshape(()).item())
+    if not math.isfinite(scale_value) or scale_value <= 0:
+        raise ValueError(
+            f"logit_scale must be finite and > 0 (the already-exponentiated temperature, "
+            f"open_clip's logit_scale.exp()), got {scale_value}"
+        )
+    bias = None
+    if logit_bias is not None:
+        bias = _as_scalar_tensor("logit_bias", logit_bias, device, param_dtype)
+    return LossInputs(image_features, text_features, scale, bias)

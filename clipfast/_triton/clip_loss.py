@@ -1,0 +1,518 @@
+"""Fused CLIP loss in Triton: kernels, then launchers, then the autograd Function.
+
+Forward (one pass over the N x N tiles, 2*N^2*d FLOPs):
+  * ``_row_stats_kernel``: inverse L2 norms of both feature matrices and the
+    raw diagonal dot products <x_i, y_i>, in one read of X and Y.
+  * ``_forward_tiles_kernel``: the grid is a ROW_SPLITS x COL_SPLITS grid of
+    "super-tiles"; each program sweeps its super-tile in BLOCK_M x BLOCK_N
+    tiles computed on-chip (fp32 accumulation, norms and scale applied in the
+    epilogue). Row statistics stay in registers across the program's columns;
+    column statistics live in the program's private slice of a small
+    (ROW_SPLITS, N) buffer. Both use an online (running max, running sum)
+    log-sum-exp, so nothing underflows whatever the scale. The per-split
+    partial LSEs are merged afterwards with ``logsumexp`` (O(splits * N)).
+
+Backward (recomputation from the saved LSEs):
+  * ``_grad_logits_kernel`` recomputes one panel of logits and writes the
+    unscaled gradient weights P + Q - 2*I (values in [-2, 2], so fp16/bf16
+    panels neither overflow nor flush) plus per-tile partial sums for the
+    scale gradient. A panel is at most PANEL x PANEL (8192^2 by default) and
+    never the whole N x N matrix.
+  * ``_panel_matmul_kernel`` accumulates dX^ += G @ Y^ and dY^ += G^T @ X^
+    into fp32 buffers, normalising the raw feature rows on load, so no
+    normalised copy of the features is ever stored.
+  * The normalisation backward and the 1/(2N) * s * grad_out factor are
+    applied row-chunk-wise in PyTorch.
+
+Extra memory: O(N) statistics, one G panel, a PANEL x d fp32 buffer, and
+(fp16/bf16 text features only) an fp32 N x d accumulator for dY^.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..chunked import exact_zero_bias_grad, normalize_backward
+
+_NORM_EPS = 1e-12
+_TORCH_TO_TL = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+}
+
+
+def interpreter_active() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# --------------------------------------------------------------------------- #
+# Kernels
+# --------------------------------------------------------------------------- #
+
+
+@triton.jit
+def _row_stats_kernel(
+    x_ptr, y_ptr, inv_x_ptr, inv_y_ptr, diag_dot_ptr,
+    N, D,
+    stride_xn, stride_xd, stride_yn, stride_yd,
+    NORMALIZE: tl.constexpr, EPS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_r = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    mask_r = offs_r < N
+    sq_x = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    sq_y = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    dot = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_D):
+        offs_d = k0 + tl.arange(0, BLOCK_D)
+        mask = mask_r[:, None] & (offs_d[None, :] < D)
+        x = tl.load(x_ptr + offs_r[:, None] * stride_xn + offs_d[None, :] * stride_xd,
+                    mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + offs_r[:, None] * stride_yn + offs_d[None, :] * stride_yd,
+                    mask=mask, other=0.0).to(tl.float32)
+        sq_x += tl.sum(x * x, axis=1)
+        sq_y += tl.sum(y * y, axis=1)
+        dot += tl.sum(x * y, axis=1)
+    if NORMALIZE:
+        inv_x = 1.0 / tl.maximum(tl.sqrt(sq_x), EPS)
+        inv_y = 1.0 / tl.maximum(tl.sqrt(sq_y), EPS)
+    else:
+        inv_x = tl.full((BLOCK_R,), 1.0, tl.float32)
+        inv_y = tl.full((BLOCK_R,), 1.0, tl.float32)
+    tl.store(inv_x_ptr + offs_r, inv_x, mask=mask_r)
+    tl.store(inv_y_ptr + offs_r, inv_y, mask=mask_r)
+    tl.store(diag_dot_ptr + offs_r, dot, mask=mask_r)
+
+
+@triton.jit
+def _similarity_tile(
+    x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D,
+    stride_xn, stride_xd, stride_yn, stride_yd,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Raw dot products <x_i, y_j> of a BLOCK_M x BLOCK_N tile, fp32 accumulated."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_rows = x_ptr + offs_m[:, None] * stride_xn
+    y_rows = y_ptr + offs_n[None, :] * stride_yn
+    for k0 in range(0, D, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < D
+        x = tl.load(x_rows + offs_k[None, :] * stride_xd,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        # Y is read as a (BLOCK_K, BLOCK_N) transposed view: no tl.trans needed.
+        y_t = tl.load(y_rows + offs_k[:, None] * stride_yd,
+                      mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(x.to(DOT_DTYPE), y_t.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _forward_tiles_kernel(
+    x_ptr, y_ptr, inv_x_ptr, inv_y_ptr, scale_ptr, bias_ptr,
+    row_lse_part_ptr, col_max_part_ptr, col_sum_part_ptr,
+    N, D,
+    stride_xn, stride_xd, stride_yn, stride_yd,
+    row_blocks_per_split, col_blocks_per_split,
+    HAS_BIAS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    row_split = tl.program_id(0)
+    col_split = tl.program_id(1)
+    num_row_blocks = tl.cdiv(N, BLOCK_M)
+    num_col_blocks = tl.cdiv(N, BLOCK_N)
+    rb_start = row_split * row_blocks_per_split
+    rb_stop = tl.minimum(rb_start + row_blocks_per_split, num_row_blocks)
+    cb_start = col_split * col_blocks_per_split
+    cb_stop = tl.minimum(cb_start + col_blocks_per_split, num_col_blocks)
+
+    scale = tl.load(scale_ptr).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr).to(tl.float32)
+    col_part_base = row_split.to(tl.int64) * N
+    row_part_base = col_split.to(tl.int64) * N
+
+    for rb in range(rb_start, rb_stop):
+        offs_m = (rb * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        mask_m = offs_m < N
+        row_factor = scale * tl.load(inv_x_ptr + offs_m, mask=mask_m, other=0.0)
+        row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for cb in range(cb_start, cb_stop):
+            offs_n = (cb * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+            mask_n = offs_n < N
+            acc = _similarity_tile(
+                x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D,
+                stride_xn, stride_xd, stride_yn, stride_yd,
+                DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            )
+            inv_y = tl.load(inv_y_ptr + offs_n, mask=mask_n, other=0.0)
+            logits = acc * row_factor[:, None] * inv_y[None, :]
+            if HAS_BIAS:
+                logits += bias
+            logits = tl.where(mask_m[:, None] & mask_n[None, :], logits, float("-inf"))
+
+            # Row statistics: online log-sum-exp kept in registers.
+            new_row_max = tl.maximum(row_max, tl.max(logits, axis=1))
+            row_sum = row_sum * tl.exp(row_max - new_row_max) + tl.sum(
+                tl.exp(logits - new_row_max[:, None]), axis=1)
+            row_max = new_row_max
+
+            # Column statistics: this program's private slot, so no atomics.
+            col_ptrs = col_part_base + offs_n
+            old_col_max = tl.load(col_max_part_ptr + col_ptrs, mask=mask_n, other=float("-inf"))
+            old_col_sum = tl.load(col_sum_part_ptr + col_ptrs, mask=mask_n, other=0.0)
+            new_col_max = tl.maximum(old_col_max, tl.max(logits, axis=0))
+            new_col_sum = old_col_sum * tl.exp(old_col_max - new_col_max) + tl.sum(
+                tl.exp(logits - new_col_max[None, :]), axis=0)
+            tl.store(col_max_part_ptr + col_ptrs, new_col_max, mask=mask_n)
+            tl.store(col_sum_part_ptr + col_ptrs, new_col_sum, mask=mask_n)
+            # The next row block re-reads these columns; the threads that load
+            # them need not be the ones that stored them.
+            tl.debug_barrier()
+        tl.store(row_lse_part_ptr + row_part_base + offs_m, row_max + tl.log(row_sum), mask=mask_m)
+
+
+@triton.jit
+def _grad_logits_kernel(
+    x_ptr, y_ptr, inv_x_ptr, inv_y_ptr, scale_ptr, bias_ptr,
+    row_lse_ptr, col_lse_ptr, grad_panel_ptr, scale_grad_part_ptr,
+    N, D, row_start, col_start, panel_rows, panel_cols,
+    stride_xn, stride_xd, stride_yn, stride_yd,
+    stride_gm, stride_gn,
+    HAS_BIAS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    local_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    local_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = (row_start + local_m).to(tl.int64)
+    offs_n = (col_start + local_n).to(tl.int64)
+    mask_m = (local_m < panel_rows) & (offs_m < N)
+    mask_n = (local_n < panel_cols) & (offs_n < N)
+
+    acc = _similarity_tile(
+        x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D,
+        stride_xn, stride_xd, stride_yn, stride_yd,
+        DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+    )
+    scale = tl.load(scale_ptr).to(tl.float32)
+    inv_x = tl.load(inv_x_ptr + offs_m, mask=mask_m, other=0.0)
+    inv_y = tl.load(inv_y_ptr + offs_n, mask=mask_n, other=0.0)
+    cosine = acc * inv_x[:, None] * inv_y[None, :]
+    logits = cosine * scale
+    if HAS_BIAS:
+        logits += tl.load(bias_ptr).to(tl.float32)
+    row_lse = tl.load(row_lse_ptr + offs_m, mask=mask_m, other=0.0)
+    col_lse = tl.load(col_lse_ptr + offs_n, mask=mask_n, other=0.0)
+    grad = tl.exp(logits - row_lse[:, None]) + tl.exp(logits - col_lse[None, :])
+    grad = tl.where(offs_m[:, None] == offs_n[None, :], grad - 2.0, grad)
+    valid = mask_m[:, None] & mask_n[None, :]
+    grad = tl.where(valid, grad, 0.0)
+
+    tile_id = pid_m * tl.num_programs(1) + pid_n
+    tl.store(scale_grad_part_ptr + tile_id, tl.sum(tl.sum(grad * cosine, axis=1), axis=0))
+    g_ptrs = (grad_panel_ptr + local_m[:, None].to(tl.int64) * stride_gm
+              + local_n[None, :].to(tl.int64) * stride_gn)
+    tl.store(g_ptrs, grad.to(grad_panel_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _panel_matmul_kernel(
+    a_ptr, b_ptr, b_row_scale_ptr, c_ptr,
+    M, K, D,
+    stride_am, stride_ak, stride_bk, stride_bd, stride_cm, stride_cd,
+    SCALE_B_ROWS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """C (fp32, M x D) += A (M x K) @ diag(b_row_scale) B (K x D)."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_d = tl.cdiv(D, BLOCK_D)
+    # Grouped ordering: neighbouring programs share B columns in L2.
+    group_size = GROUP_M * num_pid_d
+    group_id = pid // group_size
+    first_m = group_id * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % group_m
+    pid_d = (pid % group_size) // group_m
+
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_d = (pid_d * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
+    mask_m = offs_m < M
+    mask_d = offs_d < D
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        mask_k = offs_k < K
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_d[None, :] * stride_bd,
+                    mask=mask_k[:, None] & mask_d[None, :], other=0.0)
+        if SCALE_B_ROWS:
+            # Normalise the feature rows on the fly, rounding to the dot dtype
+            # exactly where PyTorch would round its normalised copy.
+            row_scale = tl.load(b_row_scale_ptr + offs_k, mask=mask_k, other=0.0)
+            b = b.to(tl.float32) * row_scale[:, None]
+        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_d[None, :] * stride_cd
+    mask_c = mask_m[:, None] & mask_d[None, :]
+    tl.store(c_ptrs, tl.load(c_ptrs, mask=mask_c, other=0.0) + acc, mask=mask_c)
+
+
+# --------------------------------------------------------------------------- #
+# Launchers
+# --------------------------------------------------------------------------- #
+
+# One default config per dtype class; sizes chosen for H100-class GPUs. The
+# interpreter runs tiles as numpy arrays, so it gets the smallest legal tiles.
+_DEFAULT_PANEL = 8192
+
+
+def _tile_config(dot_dtype: torch.dtype, interpret: bool) -> dict:
+    if interpret:
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1)
+    if dot_dtype == torch.float32:
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+
+
+def _matmul_config(dot_dtype: torch.dtype, interpret: bool) -> dict:
+    if interpret:
+        return dict(BLOCK_M=16, BLOCK_D=16, BLOCK_K=16, GROUP_M=2, num_warps=1, num_stages=1)
+    if dot_dtype == torch.float32:
+        return dict(BLOCK_M=128, BLOCK_D=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_D=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def _num_programs_target(device: torch.device, interpret: bool) -> int:
+    if interpret or device.type != "cuda":
+        return 4
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _dot_dtype(x: torch.Tensor, y: torch.Tensor) -> torch.dtype:
+    # Same-dtype half inputs stay on the half-precision tensor-core path; any
+    # mix is computed in fp32, which is never less accurate than either input.
+    return x.dtype if x.dtype == y.dtype else torch.float32
+
+
+def _input_precision(dot_dtype: torch.dtype, allow_tf32: bool, interpret: bool) -> str:
+    if dot_dtype != torch.float32 or interpret:
+        return "ieee"
+    return "tf32" if allow_tf32 else "ieee"
+
+
+def _panel_size(n: int, panel: Optional[int]) -> int:
+    if panel is not None:
+        return max(1, int(panel))
+    # Always at least two panels per dimension, so G never exists as N x N.
+    half = -(-n // 2)
+    return max(1, min(_DEFAULT_PANEL, -(-half // 64) * 64))
+
+
+def _row_stats(x, y, normalize):
+    n, d = x.shape
+    inv_x = torch.empty(n, dtype=torch.float32, device=x.device)
+    inv_y = torch.empty_like(inv_x)
+    diag_dot = torch.empty_like(inv_x)
+    block_r = 16 if interpreter_active() else 32
+    block_d = min(128, max(16, triton.next_power_of_2(d)))
+    _row_stats_kernel[(triton.cdiv(n, block_r),)](
+        x, y, inv_x, inv_y, diag_dot, n, d,
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        NORMALIZE=normalize, EPS=_NORM_EPS, BLOCK_R=block_r, BLOCK_D=block_d,
+    )
+    return inv_x, inv_y, diag_dot
+
+
+def _forward_lse(x, y, inv_x, inv_y, scale, bias, allow_tf32):
+    """Row and column log-sum-exp (fp32, N each) from one sweep of the tiles."""
+    n, d = x.shape
+    interpret = interpreter_active()
+    dot_dtype = _dot_dtype(x, y)
+    cfg = _tile_config(dot_dtype, interpret)
+    num_row_blocks = triton.cdiv(n, cfg["BLOCK_M"])
+    num_col_blocks = triton.cdiv(n, cfg["BLOCK_N"])
+    side = max(1, int(_num_programs_target(x.device, interpret) ** 0.5))
+    row_splits = min(num_row_blocks, side)
+    col_splits = min(num_col_blocks, side)
+    row_blocks_per_split = triton.cdiv(num_row_blocks, row_splits)
+    col_blocks_per_split = triton.cdiv(num_col_blocks, col_splits)
+    row_splits = triton.cdiv(num_row_blocks, row_blocks_per_split)
+    col_splits = triton.cdiv(num_col_blocks, col_blocks_per_split)
+
+    row_lse_part = torch.empty(col_splits, n, dtype=torch.float32, device=x.device)
+    col_max_part = torch.full((row_splits, n), float("-inf"), dtype=torch.float32, device=x.device)
+    col_sum_part = torch.zeros(row_splits, n, dtype=torch.float32, device=x.device)
+    _forward_tiles_kernel[(row_splits, col_splits)](
+        x, y, inv_x, inv_y, scale, bias if bias is not None else scale,
+        row_lse_part, col_max_part, col_sum_part,
+        n, d, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        row_blocks_per_split, col_blocks_per_split,
+        HAS_BIAS=bias is not None,
+        DOT_DTYPE=_TORCH_TO_TL[dot_dtype],
+        INPUT_PRECISION=_input_precision(dot_dtype, allow_tf32, interpret),
+        **cfg,
+    )
+    row_lse = torch.logsumexp(row_lse_part, dim=0)
+    col_lse = torch.logsumexp(col_max_part + torch.log(col_sum_part), dim=0)
+    return row_lse, col_lse
+
+
+def _panel_matmul(a, b, b_row_scale, c, dot_dtype, allow_tf32):
+    """c += a @ diag(b_row_scale) @ b; a: (M, K) any strides, b: (K, D), c fp32 (M, D)."""
+    m, k = a.shape
+    d = b.shape[1]
+    interpret = interpreter_active()
+    cfg = _matmul_config(dot_dtype, interpret)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(d, cfg["BLOCK_D"]),)
+    _panel_matmul_kernel[grid](
+        a, b, b_row_scale if b_row_scale is not None else c, c,
+        m, k, d,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        SCALE_B_ROWS=b_row_scale is not None,
+        DOT_DTYPE=_TORCH_TO_TL[dot_dtype],
+        INPUT_PRECISION=_input_precision(dot_dtype, allow_tf32, interpret),
+        **cfg,
+    )
+
+
+def _finish_feature_grad(acc, features, inv_norm, factor, normalize, out):
+    """out = factor * normalize_backward(acc), row-chunked to bound fp32 temporaries."""
+    rows = max(1, (1 << 24) // max(1, features.shape[1]))
+    for start in range(0, features.shape[0], rows):
+        stop = min(features.shape[0], start + rows)
+        grad_unit = acc[start:stop] * factor
+        if normalize:
+            grad_unit = normalize_backward(
+                grad_unit, features[start:stop].float(), inv_norm[start:stop])
+        out[start:stop] = grad_unit.to(out.dtype)
+
+
+def _backward(ctx_tensors, grad_loss, needs, normalize, allow_tf32, panel):
+    x, y, scale, bias, inv_x, inv_y, row_lse, col_lse = ctx_tensors
+    need_x, need_y, need_scale = needs
+    n, d = x.shape
+    interpret = interpreter_active()
+    dot_dtype = _dot_dtype(x, y)
+    cfg = _tile_config(dot_dtype, interpret)
+    precision = _input_precision(dot_dtype, allow_tf32, interpret)
+    panel = _panel_size(n, panel)
+    device = x.device
+
+    # G @ Y^ and G^T @ X^ carry the common factor s * grad_loss / (2N).
+    factor = (scale.detach().reshape(()).float() * grad_loss.float()) / (2 * n)
+    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
+    grad_y = None
+    grad_y_acc = None
+    if need_y:
+        if y.dtype == torch.float32:
+            grad_y = torch.zeros(n, d, dtype=torch.float32, device=device)
+            grad_y_acc = grad_y
+        else:
+            grad_y_acc = torch.zeros(n, d, dtype=torch.float32, device=device)
+    grad_x_acc = torch.empty(min(panel, n), d, dtype=torch.float32, device=device) if need_x else None
+    grad_panel = torch.empty(min(panel, n), min(panel, n), dtype=dot_dtype, device=device)
+    scale_grad = torch.zeros((), dtype=torch.float32, device=device)
+    x_row_scale = inv_x if normalize else None
+    y_row_scale = inv_y if normalize else None
+
+    for row_start in range(0, n, panel):
+        rows = min(panel, n - row_start)
+        if need_x:
+            grad_x_acc.zero_()
+        for col_start in range(0, n, panel):
+            cols = min(panel, n - col_start)
+            grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(cols, cfg["BLOCK_N"]))
+            scale_grad_part = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=device)
+            g = grad_panel[:rows, :cols]
+            _grad_logits_kernel[grid](
+                x, y, inv_x, inv_y, scale, bias if bias is not None else scale,
+                row_lse, col_lse, g, scale_grad_part,
+                n, d, row_start, col_start, rows, cols,
+                x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+                g.stride(0), g.stride(1),
+                HAS_BIAS=bias is not None,
+                DOT_DTYPE=_TORCH_TO_TL[dot_dtype], INPUT_PRECISION=precision,
+                **cfg,
+            )
+            if need_scale:
+                scale_grad += scale_grad_part.sum()
+            if need_x:
+                _panel_matmul(
+                    g, y[col_start:col_start + cols],
+                    None if y_row_scale is None else y_row_scale[col_start:col_start + cols],
+                    grad_x_acc[:rows], dot_dtype, allow_tf32)
+            if need_y:
+                _panel_matmul(
+                    g.t(), x[row_start:row_start + rows],
+                    None if x_row_scale is None else x_row_scale[row_start:row_start + rows],
+                    grad_y_acc[col_start:col_start + cols], dot_dtype, allow_tf32)
+        if need_x:
+            _finish_feature_grad(
+                grad_x_acc[:rows], x[row_start:row_start + rows], inv_x[row_start:row_start + rows],
+                factor, normalize, grad_x[row_start:row_start + rows])
+
+    if need_y:
+        if grad_y is None:
+            grad_y = torch.empty(n, d, dtype=y.dtype, device=device)
+        _finish_feature_grad(grad_y_acc, y, inv_y, factor, normalize, grad_y)
+        del grad_y_acc
+    grad_scale = None
+    if need_scale:
+        grad_scale = (scale_grad * grad_loss.float() / (2 * n)).reshape(scale.shape).to(scale.dtype)
+    return grad_x, grad_y, grad_scale
+
+
+# --------------------------------------------------------------------------- #
+# Autograd Function
+# --------------------------------------------------------------------------- #
+
+
+class TritonClipLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, scale, bias, normalize: bool, allow_tf32: bool, panel):
+        n = x.shape[0]
+        scale_f32 = scale.detach().reshape(1).float().contiguous()
+        bias_f32 = bias.detach().reshape(1).float().contiguous() if bias is not None else None
+        inv_x, inv_y, diag_dot = _row_stats(x, y, normalize)
+        row_lse, col_lse = _forward_lse(x, y, inv_x, inv_y, scale_f32, bias_f32, allow_tf32)
+        diag_logits = scale_f32 * inv_x * inv_y * diag_dot
+        if bias_f32 is not None:
+            diag_logits = diag_logits + bias_f32
+        loss = (row_lse.sum() + col_lse.sum() - 2 * diag_logits.sum()) / (2 * n)
+
+        ctx.save_for_backward(x, y, scale_f32, bias_f32, inv_x, inv_y, row_lse, col_lse)
+        ctx.scale_meta = (scale.shape, scale.dtype)
+        ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
+        ctx.options = (normalize, allow_tf32, panel)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        saved = ctx.saved_tensors
+        need_x, need_y, need_scale, need_bias = ctx.needs_input_grad[:4]
+        normalize, allow_tf32, panel = ctx.options
+        grad_x = grad_y = grad_scale = grad_bias = None
+        if need_x or need_y or need_scale:
+            grad_x, grad_y, grad_scale = _backward(
+                saved, grad_loss, (need_x, need_y, need_scale), normalize, allow_tf32, panel)
+            if grad_scale is not None:
+                grad_scale = grad_scale.reshape(ctx.scale_meta[0]).to(ctx.scale_meta[1])
+        if need_bias:
+            row_lse, col_lse = saved[6], saved[7]
+            grad_bias = exact_zero_bias_grad(row_lse, col_lse, grad_loss.float(), *ctx.bias_meta)
+        return grad_x, grad_y, grad_scale, grad_bias, None, None, None
