@@ -120,4 +120,7 @@ def check_inputs(
     bias = None
     if logit_bias is not None:
         bias = _as_scalar_tensor("logit_bias", logit_bias, device, param_dtype)
+        bias_value = float(bias.detach().reshape(()).item())
+        if not math.isfinite(bias_value):
+            raise ValueError(f"logit_bias must be finite, got {bias_value}")
     return LossInputs(image_features, text_features, scale, bias)

@@ -60,8 +60,10 @@ class ChunkedClipLossFunction(torch.autograd.Function):
         y_unit = y.to(dtype) * inv_y[:, None]
 
         rows = _rows_per_chunk(n, chunk_elements)
-        row_lse = torch.empty(n, dtype=dtype, device=x.device)
-        col_lse = torch.full((n,), float("-inf"), dtype=dtype, device=x.device)
+        row_max = torch.empty(n, dtype=dtype, device=x.device)
+        row_logsum = torch.empty(n, dtype=dtype, device=x.device)
+        col_max = torch.full((n,), float("-inf"), dtype=dtype, device=x.device)
+        col_sum = torch.zeros(n, dtype=dtype, device=x.device)
         diag = torch.empty(n, dtype=dtype, device=x.device)
         for start in range(0, n, rows):
             stop = min(n, start + rows)
@@ -69,12 +71,18 @@ class ChunkedClipLossFunction(torch.autograd.Function):
             logits = s * (x_unit @ y_unit.t())
             if b is not None:
                 logits = logits + b
-            row_lse[start:stop] = torch.logsumexp(logits, dim=1)
-            col_lse = torch.logaddexp(col_lse, torch.logsumexp(logits, dim=0))
+            chunk_row_max = logits.max(dim=1).values
+            row_max[start:stop] = chunk_row_max
+            row_logsum[start:stop] = torch.log(torch.exp(logits - chunk_row_max[:, None]).sum(dim=1))
+            new_col_max = torch.maximum(col_max, logits.max(dim=0).values)
+            col_sum = col_sum * torch.exp(col_max - new_col_max) + torch.exp(
+                logits - new_col_max[None, :]).sum(dim=0)
+            col_max = new_col_max
             diag[start:stop] = logits.diagonal(offset=start)
-        loss = (row_lse.sum() + col_lse.sum() - 2 * diag.sum()) / (2 * n)
+        col_logsum = torch.log(col_sum)
+        loss = clip_loss_from_stats(row_max, row_logsum, col_max, col_logsum, diag)
 
-        ctx.save_for_backward(x, y, scale, bias, inv_x, inv_y, row_lse, col_lse)
+        ctx.save_for_backward(x, y, scale, bias, inv_x, inv_y, row_max, row_logsum, col_max, col_logsum)
         ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
         ctx.normalize = normalize
         ctx.chunk_elements = chunk_elements
@@ -82,10 +90,10 @@ class ChunkedClipLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        x, y, scale, bias, inv_x, inv_y, row_lse, col_lse = ctx.saved_tensors
+        x, y, scale, bias, inv_x, inv_y, row_max, row_logsum, col_max, col_logsum = ctx.saved_tensors
         need_x, need_y, need_scale, need_bias = ctx.needs_input_grad[:4]
         n = x.shape[0]
-        dtype = row_lse.dtype
+        dtype = row_max.dtype
         s = scale.detach().reshape(()).to(dtype)
         b = bias.detach().reshape(()).to(dtype) if bias is not None else None
         g = grad_loss.to(dtype)
@@ -103,8 +111,8 @@ class ChunkedClipLossFunction(torch.autograd.Function):
             if b is not None:
                 logits = logits + b
             # G = (P + Q - 2 I) / (2N), scaled by the incoming gradient.
-            grad_logits = torch.exp(logits - row_lse[start:stop, None])
-            grad_logits += torch.exp(logits - col_lse[None, :])
+            grad_logits = torch.exp((logits - row_max[start:stop, None]) - row_logsum[start:stop, None])
+            grad_logits += torch.exp((logits - col_max[None, :]) - col_logsum[None, :])
             grad_logits.diagonal(offset=start).sub_(2.0)
             grad_logits *= g / (2 * n)
             if need_scale:
@@ -124,11 +132,32 @@ class ChunkedClipLossFunction(torch.autograd.Function):
         if need_scale:
             grad_scale = grad_s.reshape(scale.shape).to(scale.dtype)
         if need_bias:
-            grad_bias = exact_zero_bias_grad(row_lse, col_lse, g, *ctx.bias_meta)
+            grad_bias = exact_zero_bias_grad(row_logsum, col_logsum, g, *ctx.bias_meta)
         return grad_x, grad_y, grad_scale, grad_bias, None, None
 
 
-def exact_zero_bias_grad(row_lse, col_lse, grad_loss, shape, dtype) -> torch.Tensor:
+def clip_loss_from_stats(row_max, row_logsum, col_max, col_logsum, diag_logits):
+    """Loss from split log-sum-exps: lse = max + log(sum exp(L - max)).
+
+    Keeping the max and the log-sum apart (instead of one rounded lse) is what
+    makes exp((L - max) - logsum) as accurate as PyTorch's softmax: L - max is
+    exact when L is near the max, while a rounded lse of magnitude |L| would
+    carry an absolute error of ulp(|L|) into every probability.
+    """
+    n = diag_logits.shape[0]
+    row_ce = (row_max - diag_logits) + row_logsum
+    col_ce = (col_max - diag_logits) + col_logsum
+    return (row_ce.sum() + col_ce.sum()) / (2 * n)
+
+
+def merge_split_stats(part_max: torch.Tensor, part_sum: torch.Tensor):
+    """Merge (max, sum exp(L - max)) partials over dim 0 into (max, log-sum)."""
+    total_max = part_max.max(dim=0).values
+    total_sum = (part_sum * torch.exp(part_max - total_max[None, :])).sum(dim=0)
+    return total_max, torch.log(total_sum)
+
+
+def exact_zero_bias_grad(row_stat, col_stat, grad_loss, shape, dtype) -> torch.Tensor:
     """d loss / d bias, which is identically zero.
 
     Softmax cross-entropy is invariant to adding a constant to every logit, so
@@ -136,7 +165,7 @@ def exact_zero_bias_grad(row_lse, col_lse, grad_loss, shape, dtype) -> torch.Ten
     only return rounding noise; the product with the statistics keeps a NaN
     anywhere in the forward visible in this gradient too.
     """
-    poison = (row_lse.sum() + col_lse.sum()) * grad_loss
+    poison = (row_stat.sum() + col_stat.sum()) * grad_loss
     return (poison * 0).reshape(shape).to(dtype)
 
 

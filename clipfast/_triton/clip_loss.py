@@ -1,8 +1,8 @@
 """Fused CLIP loss in Triton: kernels, then launchers, then the autograd Function.
 
 Forward (one pass over the N x N tiles, 2*N^2*d FLOPs):
-  * ``_row_stats_kernel``: inverse L2 norms of both feature matrices and the
-    raw diagonal dot products <x_i, y_i>, in one read of X and Y.
+  * ``_inverse_norms_kernel``: inverse L2 norms of both feature matrices in
+    one read of X and Y.
   * ``_forward_tiles_kernel``: the grid is a ROW_SPLITS x COL_SPLITS grid of
     "super-tiles"; each program sweeps its super-tile in BLOCK_M x BLOCK_N
     tiles computed on-chip (fp32 accumulation, norms and scale applied in the
@@ -10,7 +10,9 @@ Forward (one pass over the N x N tiles, 2*N^2*d FLOPs):
     column statistics live in the program's private slice of a small
     (ROW_SPLITS, N) buffer. Both use an online (running max, running sum)
     log-sum-exp, so nothing underflows whatever the scale. The per-split
-    partial LSEs are merged afterwards with ``logsumexp`` (O(splits * N)).
+    partials are merged afterwards (O(splits * N)) and kept as (max, log-sum)
+    pairs rather than one rounded LSE: see ``chunked.clip_loss_from_stats``.
+    The diagonal logits are read off the same tiles.
 
 Backward (recomputation from the saved LSEs):
   * ``_grad_logits_kernel`` recomputes one panel of logits and writes the
@@ -37,7 +39,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ..chunked import exact_zero_bias_grad, normalize_backward
+from ..chunked import (
+    clip_loss_from_stats,
+    exact_zero_bias_grad,
+    merge_split_stats,
+    normalize_backward,
+)
 
 _NORM_EPS = 1e-12
 _TORCH_TO_TL = {
@@ -57,8 +64,8 @@ def interpreter_active() -> bool:
 
 
 @triton.jit
-def _row_stats_kernel(
-    x_ptr, y_ptr, inv_x_ptr, inv_y_ptr, diag_dot_ptr,
+def _inverse_norms_kernel(
+    x_ptr, y_ptr, inv_x_ptr, inv_y_ptr,
     N, D,
     stride_xn, stride_xd, stride_yn, stride_yd,
     NORMALIZE: tl.constexpr, EPS: tl.constexpr,
@@ -69,7 +76,6 @@ def _row_stats_kernel(
     mask_r = offs_r < N
     sq_x = tl.zeros((BLOCK_R,), dtype=tl.float32)
     sq_y = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    dot = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_D):
         offs_d = k0 + tl.arange(0, BLOCK_D)
         mask = mask_r[:, None] & (offs_d[None, :] < D)
@@ -79,7 +85,6 @@ def _row_stats_kernel(
                     mask=mask, other=0.0).to(tl.float32)
         sq_x += tl.sum(x * x, axis=1)
         sq_y += tl.sum(y * y, axis=1)
-        dot += tl.sum(x * y, axis=1)
     if NORMALIZE:
         inv_x = 1.0 / tl.maximum(tl.sqrt(sq_x), EPS)
         inv_y = 1.0 / tl.maximum(tl.sqrt(sq_y), EPS)
@@ -88,7 +93,6 @@ def _row_stats_kernel(
         inv_y = tl.full((BLOCK_R,), 1.0, tl.float32)
     tl.store(inv_x_ptr + offs_r, inv_x, mask=mask_r)
     tl.store(inv_y_ptr + offs_r, inv_y, mask=mask_r)
-    tl.store(diag_dot_ptr + offs_r, dot, mask=mask_r)
 
 
 @triton.jit
@@ -117,7 +121,7 @@ def _similarity_tile(
 @triton.jit
 def _forward_tiles_kernel(
     x_ptr, y_ptr, inv_x_ptr, inv_y_ptr, scale_ptr, bias_ptr,
-    row_lse_part_ptr, col_max_part_ptr, col_sum_part_ptr,
+    row_max_part_ptr, row_sum_part_ptr, col_max_part_ptr, col_sum_part_ptr, diag_ptr,
     N, D,
     stride_xn, stride_xd, stride_yn, stride_yd,
     row_blocks_per_split, col_blocks_per_split,
@@ -159,6 +163,13 @@ def _forward_tiles_kernel(
             if HAS_BIAS:
                 logits += bias
             logits = tl.where(mask_m[:, None] & mask_n[None, :], logits, float("-inf"))
+            if (rb * BLOCK_M < (cb + 1) * BLOCK_N) & (cb * BLOCK_N < (rb + 1) * BLOCK_M):
+                # The diagonal logit is taken from the very tile the statistics
+                # see, so max - L_ii is exact where the pair wins its row.
+                on_diag = offs_m[:, None] == offs_n[None, :]
+                diag = tl.sum(tl.where(on_diag, logits, 0.0), axis=1)
+                in_tile = mask_m & (offs_m >= cb * BLOCK_N) & (offs_m < (cb + 1) * BLOCK_N)
+                tl.store(diag_ptr + offs_m, diag, mask=in_tile)
 
             # Row statistics: online log-sum-exp kept in registers.
             new_row_max = tl.maximum(row_max, tl.max(logits, axis=1))
@@ -178,13 +189,14 @@ def _forward_tiles_kernel(
             # The next row block re-reads these columns; the threads that load
             # them need not be the ones that stored them.
             tl.debug_barrier()
-        tl.store(row_lse_part_ptr + row_part_base + offs_m, row_max + tl.log(row_sum), mask=mask_m)
+        tl.store(row_max_part_ptr + row_part_base + offs_m, row_max, mask=mask_m)
+        tl.store(row_sum_part_ptr + row_part_base + offs_m, row_sum, mask=mask_m)
 
 
 @triton.jit
 def _grad_logits_kernel(
     x_ptr, y_ptr, inv_x_ptr, inv_y_ptr, scale_ptr, bias_ptr,
-    row_lse_ptr, col_lse_ptr, grad_panel_ptr, scale_grad_part_ptr,
+    row_max_ptr, row_logsum_ptr, col_max_ptr, col_logsum_ptr, grad_panel_ptr, scale_grad_part_ptr,
     N, D, row_start, col_start, panel_rows, panel_cols,
     stride_xn, stride_xd, stride_yn, stride_yd,
     stride_gm, stride_gn,
@@ -213,9 +225,13 @@ def _grad_logits_kernel(
     logits = cosine * scale
     if HAS_BIAS:
         logits += tl.load(bias_ptr).to(tl.float32)
-    row_lse = tl.load(row_lse_ptr + offs_m, mask=mask_m, other=0.0)
-    col_lse = tl.load(col_lse_ptr + offs_n, mask=mask_n, other=0.0)
-    grad = tl.exp(logits - row_lse[:, None]) + tl.exp(logits - col_lse[None, :])
+    row_max = tl.load(row_max_ptr + offs_m, mask=mask_m, other=0.0)
+    row_logsum = tl.load(row_logsum_ptr + offs_m, mask=mask_m, other=0.0)
+    col_max = tl.load(col_max_ptr + offs_n, mask=mask_n, other=0.0)
+    col_logsum = tl.load(col_logsum_ptr + offs_n, mask=mask_n, other=0.0)
+    # (L - max) first: exact near the max, as in PyTorch's softmax.
+    grad = (tl.exp((logits - row_max[:, None]) - row_logsum[:, None])
+            + tl.exp((logits - col_max[None, :]) - col_logsum[None, :]))
     grad = tl.where(offs_m[:, None] == offs_n[None, :], grad - 2.0, grad)
     valid = mask_m[:, None] & mask_n[None, :]
     grad = tl.where(valid, grad, 0.0)
@@ -277,13 +293,14 @@ def _panel_matmul_kernel(
 # --------------------------------------------------------------------------- #
 
 # One default config per dtype class; sizes chosen for H100-class GPUs. The
-# interpreter runs tiles as numpy arrays, so it gets the smallest legal tiles.
+# interpreter runs tiles as numpy arrays; small tiles keep the multi-tile,
+# multi-split and masked-edge paths exercised at the tiny sizes CI can afford.
 _DEFAULT_PANEL = 8192
 
 
 def _tile_config(dot_dtype: torch.dtype, interpret: bool) -> dict:
     if interpret:
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1)
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=1, num_stages=1)
     if dot_dtype == torch.float32:
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
@@ -291,7 +308,7 @@ def _tile_config(dot_dtype: torch.dtype, interpret: bool) -> dict:
 
 def _matmul_config(dot_dtype: torch.dtype, interpret: bool) -> dict:
     if interpret:
-        return dict(BLOCK_M=16, BLOCK_D=16, BLOCK_K=16, GROUP_M=2, num_warps=1, num_stages=1)
+        return dict(BLOCK_M=32, BLOCK_D=32, BLOCK_K=32, GROUP_M=2, num_warps=1, num_stages=1)
     if dot_dtype == torch.float32:
         return dict(BLOCK_M=128, BLOCK_D=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_D=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
@@ -323,23 +340,22 @@ def _panel_size(n: int, panel: Optional[int]) -> int:
     return max(1, min(_DEFAULT_PANEL, -(-half // 64) * 64))
 
 
-def _row_stats(x, y, normalize):
+def _inverse_norms(x, y, normalize):
     n, d = x.shape
     inv_x = torch.empty(n, dtype=torch.float32, device=x.device)
     inv_y = torch.empty_like(inv_x)
-    diag_dot = torch.empty_like(inv_x)
     block_r = 16 if interpreter_active() else 32
     block_d = min(128, max(16, triton.next_power_of_2(d)))
-    _row_stats_kernel[(triton.cdiv(n, block_r),)](
-        x, y, inv_x, inv_y, diag_dot, n, d,
+    _inverse_norms_kernel[(triton.cdiv(n, block_r),)](
+        x, y, inv_x, inv_y, n, d,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         NORMALIZE=normalize, EPS=_NORM_EPS, BLOCK_R=block_r, BLOCK_D=block_d,
     )
-    return inv_x, inv_y, diag_dot
+    return inv_x, inv_y
 
 
-def _forward_lse(x, y, inv_x, inv_y, scale, bias, allow_tf32):
-    """Row and column log-sum-exp (fp32, N each) from one sweep of the tiles."""
+def _forward_stats(x, y, inv_x, inv_y, scale, bias, allow_tf32):
+    """Row and column (max, log-sum) and the diagonal logits, fp32, from one sweep."""
     n, d = x.shape
     interpret = interpreter_active()
     dot_dtype = _dot_dtype(x, y)
@@ -354,12 +370,14 @@ def _forward_lse(x, y, inv_x, inv_y, scale, bias, allow_tf32):
     row_splits = triton.cdiv(num_row_blocks, row_blocks_per_split)
     col_splits = triton.cdiv(num_col_blocks, col_blocks_per_split)
 
-    row_lse_part = torch.empty(col_splits, n, dtype=torch.float32, device=x.device)
+    row_max_part = torch.empty(col_splits, n, dtype=torch.float32, device=x.device)
+    row_sum_part = torch.empty_like(row_max_part)
+    diag = torch.empty(n, dtype=torch.float32, device=x.device)
     col_max_part = torch.full((row_splits, n), float("-inf"), dtype=torch.float32, device=x.device)
     col_sum_part = torch.zeros(row_splits, n, dtype=torch.float32, device=x.device)
     _forward_tiles_kernel[(row_splits, col_splits)](
         x, y, inv_x, inv_y, scale, bias if bias is not None else scale,
-        row_lse_part, col_max_part, col_sum_part,
+        row_max_part, row_sum_part, col_max_part, col_sum_part, diag,
         n, d, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         row_blocks_per_split, col_blocks_per_split,
         HAS_BIAS=bias is not None,
@@ -367,9 +385,9 @@ def _forward_lse(x, y, inv_x, inv_y, scale, bias, allow_tf32):
         INPUT_PRECISION=_input_precision(dot_dtype, allow_tf32, interpret),
         **cfg,
     )
-    row_lse = torch.logsumexp(row_lse_part, dim=0)
-    col_lse = torch.logsumexp(col_max_part + torch.log(col_sum_part), dim=0)
-    return row_lse, col_lse
+    row_max, row_logsum = merge_split_stats(row_max_part, row_sum_part)
+    col_max, col_logsum = merge_split_stats(col_max_part, col_sum_part)
+    return row_max, row_logsum, col_max, col_logsum, diag
 
 
 def _panel_matmul(a, b, b_row_scale, c, dot_dtype, allow_tf32):
@@ -403,7 +421,7 @@ def _finish_feature_grad(acc, features, inv_norm, factor, normalize, out):
 
 
 def _backward(ctx_tensors, grad_loss, needs, normalize, allow_tf32, panel):
-    x, y, scale, bias, inv_x, inv_y, row_lse, col_lse = ctx_tensors
+    x, y, scale, bias, inv_x, inv_y, row_max, row_logsum, col_max, col_logsum = ctx_tensors
     need_x, need_y, need_scale = needs
     n, d = x.shape
     interpret = interpreter_active()
@@ -441,7 +459,7 @@ def _backward(ctx_tensors, grad_loss, needs, normalize, allow_tf32, panel):
             g = grad_panel[:rows, :cols]
             _grad_logits_kernel[grid](
                 x, y, inv_x, inv_y, scale, bias if bias is not None else scale,
-                row_lse, col_lse, g, scale_grad_part,
+                row_max, row_logsum, col_max, col_logsum, g, scale_grad_part,
                 n, d, row_start, col_start, rows, cols,
                 x.stride(0), x.stride(1), y.stride(0), y.stride(1),
                 g.stride(0), g.stride(1),
@@ -485,17 +503,15 @@ def _backward(ctx_tensors, grad_loss, needs, normalize, allow_tf32, panel):
 class TritonClipLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, scale, bias, normalize: bool, allow_tf32: bool, panel):
-        n = x.shape[0]
         scale_f32 = scale.detach().reshape(1).float().contiguous()
         bias_f32 = bias.detach().reshape(1).float().contiguous() if bias is not None else None
-        inv_x, inv_y, diag_dot = _row_stats(x, y, normalize)
-        row_lse, col_lse = _forward_lse(x, y, inv_x, inv_y, scale_f32, bias_f32, allow_tf32)
-        diag_logits = scale_f32 * inv_x * inv_y * diag_dot
-        if bias_f32 is not None:
-            diag_logits = diag_logits + bias_f32
-        loss = (row_lse.sum() + col_lse.sum() - 2 * diag_logits.sum()) / (2 * n)
+        inv_x, inv_y = _inverse_norms(x, y, normalize)
+        stats = _forward_stats(x, y, inv_x, inv_y, scale_f32, bias_f32, allow_tf32)
+        row_max, row_logsum, col_max, col_logsum, diag = stats
+        loss = clip_loss_from_stats(row_max, row_logsum, col_max, col_logsum, diag)
 
-        ctx.save_for_backward(x, y, scale_f32, bias_f32, inv_x, inv_y, row_lse, col_lse)
+        ctx.save_for_backward(
+            x, y, scale_f32, bias_f32, inv_x, inv_y, row_max, row_logsum, col_max, col_logsum)
         ctx.scale_meta = (scale.shape, scale.dtype)
         ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
         ctx.options = (normalize, allow_tf32, panel)
@@ -513,6 +529,6 @@ class TritonClipLossFunction(torch.autograd.Function):
             if grad_scale is not None:
                 grad_scale = grad_scale.reshape(ctx.scale_meta[0]).to(ctx.scale_meta[1])
         if need_bias:
-            row_lse, col_lse = saved[6], saved[7]
-            grad_bias = exact_zero_bias_grad(row_lse, col_lse, grad_loss.float(), *ctx.bias_meta)
+            row_logsum, col_logsum = saved[7], saved[9]
+            grad_bias = exact_zero_bias_grad(row_logsum, col_logsum, grad_loss.float(), *ctx.bias_meta)
         return grad_x, grad_y, grad_scale, grad_bias, None, None, None

@@ -1,0 +1,128 @@
+"""Shared parity check: a backend against an fp64 ground truth.
+
+The rule: a backend's error against the fp64 reference is at most twice the
+error of the plain-PyTorch reference computed in the same dtype, plus a small
+floor (a few ulps of the dtype, relative to the quantity's magnitude).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import pytest
+import torch
+
+import clipfast
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine")
+
+_FLOOR_ULPS = {torch.float32: 8, torch.float16: 2, torch.bfloat16: 2, torch.float64: 64}
+
+
+def floor_for(dtype: torch.dtype) -> float:
+    return _FLOOR_ULPS[dtype] * torch.finfo(dtype).eps
+
+
+def make_features(n, d, dtype, device, seed, correlated=True):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(n, d, generator=gen)
+    noise = torch.randn(n, d, generator=gen)
+    # Matching pairs share most of their direction, as trained CLIP features do.
+    y = x + 0.7 * noise if correlated else noise
+    return x.to(device=device, dtype=dtype), y.to(device=device, dtype=dtype)
+
+
+@contextlib.contextmanager
+def tf32_matmul(enabled: bool):
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _loss_and_grads(x, y, scale, bias, normalize, needs, backend, **kwargs):
+    leaves = []
+    for t, need in zip((x, y, scale, bias), needs):
+        if t is None:
+            leaves.append(None)
+            continue
+        t = t.detach().clone().requires_grad_(need)
+        leaves.append(t)
+    x_, y_, s_, b_ = leaves
+    loss = clipfast.clip_loss(x_, y_, s_, logit_bias=b_, normalize=normalize, backend=backend, **kwargs)
+    wrt = [t for t in leaves if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(loss, wrt) if wrt else ()
+    out = {"loss": loss.detach()}
+    names = ("grad_image", "grad_text", "grad_scale", "grad_bias")
+    it = iter(grads)
+    for name, t in zip(names, leaves):
+        if t is not None and t.requires_grad:
+            out[name] = next(it)
+    for t, g, name in zip(leaves, [out.get(n) for n in names], names):
+        if g is not None:
+            assert g.dtype == t.dtype, f"{name} dtype {g.dtype} != input dtype {t.dtype}"
+            assert g.shape == t.shape, f"{name} shape {tuple(g.shape)} != {tuple(t.shape)}"
+    return out
+
+
+def assert_parity(
+    backend: str,
+    n: int,
+    d: int,
+    *,
+    x_dtype=torch.float32,
+    y_dtype: Optional[torch.dtype] = None,
+    scale: float = 14.3,
+    bias: Optional[float] = None,
+    normalize: bool = True,
+    needs=(True, True, True, True),
+    device="cpu",
+    seed=0,
+    ref_tf32: bool = False,
+    **kwargs,
+):
+    y_dtype = y_dtype or x_dtype
+    x32, y32 = make_features(n, d, torch.float32, device, seed)
+    x = x32.to(x_dtype)
+    y = y32.to(y_dtype)
+    param_dtype = torch.float32
+    s = torch.tensor(scale, dtype=param_dtype, device=device)
+    b = None if bias is None else torch.tensor(bias, dtype=param_dtype, device=device)
+
+    got = _loss_and_grads(x, y, s, b, normalize, needs, backend, **kwargs)
+    truth = _loss_and_grads(
+        x.double(), y.double(), s.double(), None if b is None else b.double(),
+        normalize, needs, "reference")
+    with tf32_matmul(ref_tf32) if device != "cpu" else contextlib.nullcontext():
+        same = _loss_and_grads(x, y, s, b, normalize, needs, "reference")
+
+    assert set(got) == set(truth), f"gradients returned for {sorted(got)}, expected {sorted(truth)}"
+    assert torch.isfinite(got["loss"]), f"non-finite loss {got['loss']}"
+    for key in truth:
+        t = truth[key].double()
+        err = (got[key].double() - t).abs().max().item()
+        ref_err = (same[key].double() - t).abs().max().item()
+        if key in ("loss", "grad_scale", "grad_bias"):
+            # Scalars whose terms are O(1): measure the floor against 1.
+            magnitude = max(t.abs().max().item(), 1.0)
+        else:
+            # The gradient's natural size is s / N per unit-norm row, scaled by
+            # 1/|x| through the normalisation; the truth itself can be ~0
+            # (d = 1 with normalize: the sphere has no tangent directions).
+            feats = x if key == "grad_image" else y
+            inv = 1 / feats.double().norm(dim=1).clamp_min(1e-12).min().item() if normalize else 1.0
+            magnitude = max(t.abs().max().item(), scale / n * max(inv, 1.0))
+        # The floor follows the coarsest dtype that touched this quantity.
+        dtypes = {"grad_image": [x_dtype], "grad_text": [y_dtype]}.get(key, [x_dtype, y_dtype])
+        floor = max(floor_for(dt) for dt in dtypes) * magnitude
+        allowed = 2 * ref_err + floor
+        assert err <= allowed, (
+            f"{backend} {key}: error {err:.3e} vs fp64 exceeds 2 x reference error "
+            f"{ref_err:.3e} + floor {floor:.3e} (N={n}, d={d}, {x_dtype}/{y_dtype}, "
+            f"scale={scale}, bias={bias}, normalize={normalize})"
+        )
+    return got, truth
