@@ -111,9 +111,14 @@ class ChunkedClipLossFunction(torch.autograd.Function):
             if b is not None:
                 logits = logits + b
             # G = (P + Q - 2 I) / (2N), scaled by the incoming gradient.
+            # (P - 1) + (Q - 1) on the diagonal: each difference is exact, where
+            # P + Q - 2 would first round P + Q at ulp(2).
             grad_logits = torch.exp((logits - row_max[start:stop, None]) - row_logsum[start:stop, None])
-            grad_logits += torch.exp((logits - col_max[None, :]) - col_logsum[None, :])
-            grad_logits.diagonal(offset=start).sub_(2.0)
+            grad_logits.diagonal(offset=start).sub_(1.0)
+            prob_col = torch.exp((logits - col_max[None, :]) - col_logsum[None, :])
+            prob_col.diagonal(offset=start).sub_(1.0)
+            grad_logits += prob_col
+            del prob_col
             grad_logits *= g / (2 * n)
             if need_scale:
                 grad_s += (grad_logits * cos).sum()

@@ -230,9 +230,12 @@ def _grad_logits_kernel(
     col_max = tl.load(col_max_ptr + offs_n, mask=mask_n, other=0.0)
     col_logsum = tl.load(col_logsum_ptr + offs_n, mask=mask_n, other=0.0)
     # (L - max) first: exact near the max, as in PyTorch's softmax.
-    grad = (tl.exp((logits - row_max[:, None]) - row_logsum[:, None])
-            + tl.exp((logits - col_max[None, :]) - col_logsum[None, :]))
-    grad = tl.where(offs_m[:, None] == offs_n[None, :], grad - 2.0, grad)
+    prob_row = tl.exp((logits - row_max[:, None]) - row_logsum[:, None])
+    prob_col = tl.exp((logits - col_max[None, :]) - col_logsum[None, :])
+    # (P - 1) + (Q - 1) on the diagonal: each difference is exact, whereas
+    # P + Q - 2 would round P + Q at ulp(2) first.
+    on_diag = offs_m[:, None] == offs_n[None, :]
+    grad = tl.where(on_diag, prob_row - 1.0, prob_row) + tl.where(on_diag, prob_col - 1.0, prob_col)
     valid = mask_m[:, None] & mask_n[None, :]
     grad = tl.where(valid, grad, 0.0)
 

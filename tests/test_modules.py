@@ -1,0 +1,57 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipfast import ClipLoss
+
+
+def _open_clip_loss(image_features, text_features, logit_scale):
+    """open_clip's ClipLoss for world_size=1, written out."""
+    logits_per_image = logit_scale * image_features @ text_features.T
+    logits_per_text = logit_scale * text_features @ image_features.T
+    labels = torch.arange(image_features.shape[0])
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "chunked", "triton"])
+def test_module_matches_open_clip_on_normalised_features(backend):
+    torch.manual_seed(0)
+    # open_clip's model normalises its outputs; gradients are compared at the
+    # encoder outputs upstream of that normalisation, where the extra in-op
+    # normalisation (an idempotent projection) must change nothing.
+    img_raw = torch.randn(33, 16, requires_grad=True)
+    txt_raw = torch.randn(33, 16, requires_grad=True)
+    img, txt = F.normalize(img_raw, dim=-1), F.normalize(txt_raw, dim=-1)
+    logit_scale = torch.tensor(2.6592, requires_grad=True)  # log(1/0.07)
+
+    loss = ClipLoss(backend=backend)(img, txt, logit_scale.exp())
+    want = _open_clip_loss(F.normalize(img_raw, dim=-1), F.normalize(txt_raw, dim=-1),
+                           logit_scale.exp())
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    got = torch.autograd.grad(loss, (img_raw, txt_raw, logit_scale))
+    exp = torch.autograd.grad(want, (img_raw, txt_raw, logit_scale))
+    for g, e in zip(got, exp):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+def test_module_output_dict_and_model_out_kwargs():
+    torch.manual_seed(1)
+    model_out = {
+        "image_features": F.normalize(torch.randn(8, 4), dim=-1),
+        "text_features": F.normalize(torch.randn(8, 4), dim=-1),
+        "logit_scale": torch.tensor(10.0),
+    }
+    loss_fn = ClipLoss(local_loss=False, gather_with_grad=False, cache_labels=True,
+                       rank=0, world_size=1, use_horovod=False)
+    out = loss_fn(**model_out, output_dict=True)
+    assert set(out) == {"contrastive_loss"}
+    torch.testing.assert_close(out["contrastive_loss"], loss_fn(**model_out))
+
+
+def test_module_world_size_above_one_not_implemented():
+    with pytest.raises(NotImplementedError, match="world_size=2"):
+        ClipLoss(rank=0, world_size=2)
+
+
+def test_module_repr_names_backend():
+    assert "chunked" in repr(ClipLoss(backend="chunked"))

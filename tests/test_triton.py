@@ -1,0 +1,100 @@
+"""Triton backend. On CPU the kernels run through Triton's interpreter (fp32 /
+fp16, small shapes); with a GPU the same kernels run on CUDA in every dtype."""
+
+import pytest
+import torch
+
+from clipfast import clip_loss
+
+from .parity import HAS_CUDA, assert_parity, make_features, requires_cuda
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+# Interpreted kernels are slow: cover every listed N, d, scale and option, but
+# not their full product.
+INTERPRETER_CASES = [
+    # n, d, scale, bias, normalize
+    (1, 1, 1.0, None, True),
+    (2, 3, 100.0, -1.0, False),
+    (7, 65, 14.3, None, True),
+    (7, 1, 100.0, 3.0, True),
+    (97, 123, 100.0, None, True),
+    (97, 3, 1.0, 0.5, False),
+    (97, 512, 14.3, -2.0, True),
+    (257, 65, 14.3, 2.0, True),
+    (257, 123, 100.0, None, False),
+    (123, 1025, 100.0, None, True),
+]
+
+
+@pytest.mark.parametrize("n,d,scale,bias,normalize", INTERPRETER_CASES)
+def test_triton_parity_fp32(n, d, scale, bias, normalize):
+    assert_parity("triton", n, d, scale=scale, bias=bias, normalize=normalize, device=DEVICE,
+                  allow_tf32=False)
+
+
+@pytest.mark.parametrize("n,d", [(33, 65), (97, 123)])
+def test_triton_parity_fp16(n, d):
+    assert_parity("triton", n, d, x_dtype=torch.float16, scale=100.0, bias=1.0, device=DEVICE)
+
+
+@pytest.mark.parametrize("x_dtype,y_dtype", [(torch.float16, torch.float32), (torch.float32, torch.float16)])
+def test_triton_parity_mixed_dtypes(x_dtype, y_dtype):
+    assert_parity("triton", 41, 37, x_dtype=x_dtype, y_dtype=y_dtype, device=DEVICE, allow_tf32=False)
+
+
+@pytest.mark.parametrize("needs", [
+    (True, False, False, False), (False, True, False, False), (False, False, True, False),
+    (False, False, False, True), (True, True, False, True)])
+def test_triton_partial_requires_grad(needs):
+    assert_parity("triton", 37, 29, bias=0.5, needs=needs, device=DEVICE, allow_tf32=False)
+
+
+@pytest.mark.parametrize("panel", [16, 40, 64])
+def test_triton_panel_sizes(panel):
+    # Panels that do not divide N, smaller than a tile, or not a multiple of it.
+    assert_parity("triton", 101, 47, scale=30.0, device=DEVICE, panel_size=panel, allow_tf32=False)
+
+
+def test_triton_matches_chunked_non_contiguous():
+    big_x, big_y = make_features(70, 90, torch.float32, DEVICE, seed=3)
+    x = big_x[::2, 5:70]  # row and column strides both non-trivial
+    y = big_y.t().contiguous().t()[1::2, 3:68]
+    assert not x.is_contiguous() and not y.is_contiguous()
+    a = clip_loss(x, y, 20.0, backend="triton", allow_tf32=False)
+    b = clip_loss(x, y, 20.0, backend="chunked")
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------- GPU only ------------------------------------ #
+
+GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("n,d", [(1, 1), (97, 123), (257, 512), (1025, 768), (4099, 1024),
+                                 (8193, 1152), (3001, 1280)])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_triton_gpu_parity(n, d, dtype, normalize):
+    assert_parity("triton", n, d, x_dtype=dtype, scale=100.0, bias=-1.0, normalize=normalize,
+                  device="cuda", ref_tf32=True)
+
+
+@requires_cuda
+def test_triton_gpu_fp32_without_tf32():
+    assert_parity("triton", 2049, 512, x_dtype=torch.float32, device="cuda", allow_tf32=False)
+
+
+@requires_cuda
+@pytest.mark.parametrize("x_dtype,y_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)])
+def test_triton_gpu_mixed_dtypes(x_dtype, y_dtype):
+    assert_parity("triton", 1031, 768, x_dtype=x_dtype, y_dtype=y_dtype, device="cuda", ref_tf32=True)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_gpu_large_batch(dtype):
+    # N = 65536 is past where a block-size or int32-offset bug would hide; the
+    # plain reference still fits in 80 GB at this d.
+    assert_parity("triton", 65536, 256, x_dtype=dtype, scale=100.0, device="cuda", ref_tf32=True)
