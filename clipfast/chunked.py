@@ -23,7 +23,8 @@ _NORM_EPS = 1e-12  # as F.normalize
 
 
 def _rows_per_chunk(n: int, chunk_elements: int) -> int:
-    return max(1, min(n, chunk_elements // max(n, 1)))
+    # At most half the rows: the N x N logits never exist, even for small N.
+    return max(1, min(-(-n // 2), chunk_elements // max(n, 1)))
 
 
 def inverse_norms(features: torch.Tensor, normalize: bool, dtype: torch.dtype) -> torch.Tensor:

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs what the tests need into .venv and runs them. Works on a fresh
+# machine with only Python 3.10+. torch==2.13.0 is the CPU build here; on a
+# GPU machine with torch already installed, `pip install -e '.[test]'` and
+# `pytest tests` is all it takes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}" "triton==${TRITON_VERSION:-3.6.0}"
+.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" -q -p no:cacheprovider tests "$@"

@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="clipfast",
+    version="0.1.0",
+    description="Fused, linear-memory CLIP contrastive loss (Triton kernels, PyTorch autograd)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["clipfast", "clipfast.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.6",
+        # Triton ships with CUDA builds of torch; CPU builds need it for the
+        # interpreter. Only Linux wheels exist.
+        "triton>=3.2; platform_system == 'Linux'",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "bench": ["matplotlib>=3.7"],
+        # numpy<2.4: Triton 3.6's interpreter converts 1-element arrays to
+        # Python scalars, which numpy 2.4 turned into an error.
+        "test": ["pytest>=7", "pytest-xdist>=3", "numpy<2.4", "matplotlib>=3.7"],
+    },
+)
