@@ -295,7 +295,7 @@ def _defaults(device: torch.device) -> dict:
         return dict(providers="reference,compile,chunked,triton,gemm4_bound", dims="512,768,1024",
                     dtypes="bf16,fp32", min_n=4096, max_n=1 << 20, reps=5)
     return dict(providers="reference,compile,chunked,gemm4_bound", dims="512", dtypes="fp32",
-                min_n=256, max_n=4096, reps=3)
+                min_n=256, max_n=8192, reps=3)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

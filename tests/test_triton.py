@@ -98,3 +98,25 @@ def test_triton_gpu_large_batch(dtype):
     # N = 65536 is past where a block-size or int32-offset bug would hide; the
     # plain reference still fits in 80 GB at this d.
     assert_parity("triton", 65536, 256, x_dtype=dtype, scale=100.0, device="cuda", ref_tf32=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_triton_nan_reaches_every_gradient(dtype):
+    # fp16 text features take the split 16+8-bit accumulator path.
+    x, y = make_features(40, 24, dtype, DEVICE, seed=5)
+    x[7, 3] = float("nan")
+    x.requires_grad_()
+    y.requires_grad_()
+    s = torch.tensor(10.0, device=DEVICE, requires_grad=True)
+    loss = clip_loss(x, y, s, backend="triton", panel_size=16)
+    loss.backward()
+    assert torch.isnan(loss)
+    assert torch.isnan(x.grad).any() and torch.isnan(y.grad).any() and torch.isnan(s.grad)
+
+
+@pytest.mark.parametrize("panel", [16, 48])
+def test_triton_split_accumulator_over_many_panels(panel):
+    # fp16 text gradients accumulate over ceil(N / panel) row panels in the
+    # 24-bit split accumulator; the error must stay at the reference's level.
+    assert_parity("triton", 150, 40, x_dtype=torch.float16, scale=50.0, device=DEVICE,
+                  panel_size=panel)

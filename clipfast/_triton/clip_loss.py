@@ -20,18 +20,23 @@ Backward (recomputation from the saved LSEs):
     panels neither overflow nor flush) plus per-tile partial sums for the
     scale gradient. A panel is at most PANEL x PANEL (8192^2 by default) and
     never the whole N x N matrix.
-  * ``_panel_matmul_kernel`` accumulates dX^ += G @ Y^ and dY^ += G^T @ X^
-    into fp32 buffers, normalising the raw feature rows on load, so no
-    normalised copy of the features is ever stored.
+  * ``_panel_grads_kernel`` accumulates dX^ += G @ Y^ and dY^ += G^T @ X^
+    in one launch, normalising the raw feature rows on load, so no normalised
+    copy of the features is ever stored. dX^ of the current row panel lives in
+    a PANEL x d fp32 buffer; dY^ lives in the gradient output itself (fp32), or
+    for fp16/bf16 as a 24-bit float split over the 16-bit output and a byte
+    plane, which keeps accumulation error far below the final rounding.
   * The normalisation backward and the 1/(2N) * s * grad_out factor are
     applied row-chunk-wise in PyTorch.
 
-Extra memory: O(N) statistics, one G panel, a PANEL x d fp32 buffer, and
-(fp16/bf16 text features only) an fp32 N x d accumulator for dY^.
+Extra memory beyond the two gradients: O(N) statistics, one G panel (about
+N*d/4 elements, at most 8192^2), a PANEL x d fp32 buffer and, for fp16/bf16
+text features, an N x d byte plane.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -247,17 +252,23 @@ def _grad_logits_kernel(
 
 
 @triton.jit
-def _panel_matmul_kernel(
-    a_ptr, b_ptr, b_row_scale_ptr, c_ptr,
+def _accumulate_product_tile(
+    pid, a_ptr, b_ptr, b_row_scale_ptr, c_ptr, c_lo_ptr,
     M, K, D,
     stride_am, stride_ak, stride_bk, stride_bd, stride_cm, stride_cd,
-    SCALE_B_ROWS: tl.constexpr,
+    SCALE_B_ROWS: tl.constexpr, SPLIT_ACC: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """C (fp32, M x D) += A (M x K) @ diag(b_row_scale) B (K x D)."""
-    pid = tl.program_id(0)
+    """One BLOCK_M x BLOCK_D tile of C += A (M x K) @ diag(b_row_scale) B (K x D).
+
+    C is fp32, or (SPLIT_ACC) a 24-bit float held as two planes: the top 16
+    bits of the fp32 pattern in ``c_ptr`` (int16 view of the 16-bit gradient
+    output itself) and the next 8 bits in ``c_lo_ptr`` (uint8). 15 mantissa
+    bits keep the accumulation error far below the final fp16/bf16 rounding
+    at half the memory of an fp32 accumulator.
+    """
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_d = tl.cdiv(D, BLOCK_D)
     # Grouped ordering: neighbouring programs share B columns in L2.
@@ -286,9 +297,49 @@ def _panel_matmul_kernel(
             row_scale = tl.load(b_row_scale_ptr + offs_k, mask=mask_k, other=0.0)
             b = b.to(tl.float32) * row_scale[:, None]
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
-    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_d[None, :] * stride_cd
+
+    c_offs = offs_m[:, None] * stride_cm + offs_d[None, :] * stride_cd
     mask_c = mask_m[:, None] & mask_d[None, :]
-    tl.store(c_ptrs, tl.load(c_ptrs, mask=mask_c, other=0.0) + acc, mask=mask_c)
+    if SPLIT_ACC:
+        hi = tl.load(c_ptr + c_offs, mask=mask_c, other=0).to(tl.int32)
+        lo = tl.load(c_lo_ptr + c_offs, mask=mask_c, other=0).to(tl.int32)
+        total = ((hi << 16) | (lo << 8)).to(tl.float32, bitcast=True) + acc
+        bits = total.to(tl.int32, bitcast=True)
+        # Round the dropped byte to nearest, except for NaN: GPUs produce NaN as
+        # 0x7FFFFFFF, which the carry would wrap into -0.0.
+        bits = tl.where(total == total, bits + 0x80, bits)
+        tl.store(c_ptr + c_offs, (bits >> 16).to(tl.int16), mask=mask_c)
+        tl.store(c_lo_ptr + c_offs, ((bits >> 8) & 0xFF).to(tl.uint8), mask=mask_c)
+    else:
+        tl.store(c_ptr + c_offs, tl.load(c_ptr + c_offs, mask=mask_c, other=0.0) + acc, mask=mask_c)
+
+
+@triton.jit
+def _panel_grads_kernel(
+    grad_panel_ptr, stride_gm, stride_gn, rows, cols, D,
+    x_ptr, stride_xn, stride_xd, inv_x_ptr,
+    y_ptr, stride_yn, stride_yd, inv_y_ptr,
+    gx_ptr, stride_gxm, stride_gxd,
+    gy_ptr, gy_lo_ptr, stride_gym, stride_gyd,
+    x_tiles,
+    SCALE_ROWS: tl.constexpr, SPLIT_ACC_Y: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """Both products of one G panel in a single launch (twice the tiles to fill
+    the GPU): dX^[rows] += G @ Y^[cols] and dY^[cols] += G^T @ X^[rows]."""
+    pid = tl.program_id(0)
+    if pid < x_tiles:
+        _accumulate_product_tile(
+            pid, grad_panel_ptr, y_ptr, inv_y_ptr, gx_ptr, gx_ptr,
+            rows, cols, D, stride_gm, stride_gn, stride_yn, stride_yd, stride_gxm, stride_gxd,
+            SCALE_ROWS, False, DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_K, GROUP_M)
+    else:
+        _accumulate_product_tile(
+            pid - x_tiles, grad_panel_ptr, x_ptr, inv_x_ptr, gy_ptr, gy_lo_ptr,
+            cols, rows, D, stride_gn, stride_gm, stride_xn, stride_xd, stride_gym, stride_gyd,
+            SCALE_ROWS, SPLIT_ACC_Y, DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_K, GROUP_M)
 
 
 # --------------------------------------------------------------------------- #
@@ -298,7 +349,8 @@ def _panel_matmul_kernel(
 # One default config per dtype class; sizes chosen for H100-class GPUs. The
 # interpreter runs tiles as numpy arrays; small tiles keep the multi-tile,
 # multi-split and masked-edge paths exercised at the tiny sizes CI can afford.
-_DEFAULT_PANEL = 8192
+_MIN_PANEL = 2048
+_MAX_PANEL = 8192
 
 
 def _tile_config(dot_dtype: torch.dtype, interpret: bool) -> dict:
@@ -335,12 +387,16 @@ def _input_precision(dot_dtype: torch.dtype, allow_tf32: bool, interpret: bool) 
     return "tf32" if allow_tf32 else "ieee"
 
 
-def _panel_size(n: int, panel: Optional[int]) -> int:
+def _panel_size(n: int, d: int, panel: Optional[int]) -> int:
     if panel is not None:
         return max(1, int(panel))
-    # Always at least two panels per dimension, so G never exists as N x N.
+    # A G panel of about N*d/4 elements costs 1/8 of the input gradients'
+    # bytes; 2048 keeps the panel GEMMs large enough to fill an H100, 8192
+    # caps it; at most N/2, so G never exists as N x N.
+    side = int(math.sqrt(n * d / 4))
+    side = min(_MAX_PANEL, max(_MIN_PANEL, -(-side // 128) * 128))
     half = -(-n // 2)
-    return max(1, min(_DEFAULT_PANEL, -(-half // 64) * 64))
+    return max(1, min(side, -(-half // 64) * 64))
 
 
 def _inverse_norms(x, y, normalize):
@@ -393,30 +449,26 @@ def _forward_stats(x, y, inv_x, inv_y, scale, bias, allow_tf32):
     return row_max, row_logsum, col_max, col_logsum, diag
 
 
-def _panel_matmul(a, b, b_row_scale, c, dot_dtype, allow_tf32):
-    """c += a @ diag(b_row_scale) @ b; a: (M, K) any strides, b: (K, D), c fp32 (M, D)."""
-    m, k = a.shape
-    d = b.shape[1]
-    interpret = interpreter_active()
-    cfg = _matmul_config(dot_dtype, interpret)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(d, cfg["BLOCK_D"]),)
-    _panel_matmul_kernel[grid](
-        a, b, b_row_scale if b_row_scale is not None else c, c,
-        m, k, d,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        SCALE_B_ROWS=b_row_scale is not None,
-        DOT_DTYPE=_TORCH_TO_TL[dot_dtype],
-        INPUT_PRECISION=_input_precision(dot_dtype, allow_tf32, interpret),
-        **cfg,
-    )
+def _split_acc_value(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """fp32 value of the 16+8-bit split accumulator (see _accumulate_product_tile)."""
+    bits = (hi.to(torch.int32) << 16) | (lo.to(torch.int32) << 8)
+    return bits.view(torch.float32)
 
 
-def _finish_feature_grad(acc, features, inv_norm, factor, normalize, out):
-    """out = factor * normalize_backward(acc), row-chunked to bound fp32 temporaries."""
+def _finish_feature_grad(acc, features, inv_norm, factor, normalize, out, acc_lo=None):
+    """out = factor * normalize_backward(acc), row-chunked to bound fp32 temporaries.
+
+    ``acc`` is fp32, or with ``acc_lo`` the int16 high plane of a split
+    accumulator; ``out`` may share storage with ``acc`` (rows are finished in
+    place, each chunk read before it is written).
+    """
     rows = max(1, (1 << 24) // max(1, features.shape[1]))
     for start in range(0, features.shape[0], rows):
         stop = min(features.shape[0], start + rows)
-        grad_unit = acc[start:stop] * factor
+        if acc_lo is None:
+            grad_unit = acc[start:stop] * factor
+        else:
+            grad_unit = _split_acc_value(acc[start:stop], acc_lo[start:stop]) * factor
         if normalize:
             grad_unit = normalize_backward(
                 grad_unit, features[start:stop].float(), inv_norm[start:stop])
@@ -430,29 +482,32 @@ def _backward(ctx_tensors, grad_loss, needs, normalize, allow_tf32, panel):
     interpret = interpreter_active()
     dot_dtype = _dot_dtype(x, y)
     cfg = _tile_config(dot_dtype, interpret)
+    mm_cfg = _matmul_config(dot_dtype, interpret)
     precision = _input_precision(dot_dtype, allow_tf32, interpret)
-    panel = _panel_size(n, panel)
+    panel = _panel_size(n, d, panel)
     device = x.device
 
     # G @ Y^ and G^T @ X^ carry the common factor s * grad_loss / (2N).
     factor = (scale.detach().reshape(()).float() * grad_loss.float()) / (2 * n)
-    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
-    grad_y = None
-    grad_y_acc = None
-    if need_y:
-        if y.dtype == torch.float32:
-            grad_y = torch.zeros(n, d, dtype=torch.float32, device=device)
-            grad_y_acc = grad_y
-        else:
-            grad_y_acc = torch.zeros(n, d, dtype=torch.float32, device=device)
+    grad_x = torch.empty((n, d), dtype=x.dtype, device=device) if need_x else None
     grad_x_acc = torch.empty(min(panel, n), d, dtype=torch.float32, device=device) if need_x else None
+    grad_y = grad_y_lo = None
+    if need_y:
+        # dY^ accumulates over every row panel, so it lives as long as the loop:
+        # in the fp32 gradient itself, or split 16+8 bits over the 16-bit
+        # gradient and a byte plane (1.25x its size instead of 3x for fp32).
+        grad_y = torch.zeros((n, d), dtype=y.dtype, device=device)
+        if y.dtype != torch.float32:
+            grad_y_lo = torch.zeros((n, d), dtype=torch.uint8, device=device)
+    grad_y_acc = None if grad_y is None else (grad_y if grad_y_lo is None else grad_y.view(torch.int16))
     grad_panel = torch.empty(min(panel, n), min(panel, n), dtype=dot_dtype, device=device)
     scale_grad = torch.zeros((), dtype=torch.float32, device=device)
-    x_row_scale = inv_x if normalize else None
-    y_row_scale = inv_y if normalize else None
+    # Placeholders for pointer arguments a specialisation never reads.
+    unused = scale_grad
 
     for row_start in range(0, n, panel):
         rows = min(panel, n - row_start)
+        x_rows = x[row_start:row_start + rows]
         if need_x:
             grad_x_acc.zero_()
         for col_start in range(0, n, panel):
@@ -472,26 +527,34 @@ def _backward(ctx_tensors, grad_loss, needs, normalize, allow_tf32, panel):
             )
             if need_scale:
                 scale_grad += scale_grad_part.sum()
-            if need_x:
-                _panel_matmul(
-                    g, y[col_start:col_start + cols],
-                    None if y_row_scale is None else y_row_scale[col_start:col_start + cols],
-                    grad_x_acc[:rows], dot_dtype, allow_tf32)
-            if need_y:
-                _panel_matmul(
-                    g.t(), x[row_start:row_start + rows],
-                    None if x_row_scale is None else x_row_scale[row_start:row_start + rows],
-                    grad_y_acc[col_start:col_start + cols], dot_dtype, allow_tf32)
+            if not (need_x or need_y):
+                continue
+            tiles_d = triton.cdiv(d, mm_cfg["BLOCK_D"])
+            x_tiles = triton.cdiv(rows, mm_cfg["BLOCK_M"]) * tiles_d if need_x else 0
+            y_tiles = triton.cdiv(cols, mm_cfg["BLOCK_M"]) * tiles_d if need_y else 0
+            y_cols = y[col_start:col_start + cols]
+            gx = grad_x_acc[:rows] if need_x else unused.view(1, 1)
+            gy = grad_y_acc[col_start:col_start + cols] if need_y else unused.view(1, 1)
+            gy_lo = grad_y_lo[col_start:col_start + cols] if grad_y_lo is not None else gy
+            _panel_grads_kernel[(x_tiles + y_tiles,)](
+                g, g.stride(0), g.stride(1), rows, cols, d,
+                x_rows, x_rows.stride(0), x_rows.stride(1), inv_x[row_start:],
+                y_cols, y_cols.stride(0), y_cols.stride(1), inv_y[col_start:],
+                gx, gx.stride(0), gx.stride(1),
+                gy, gy_lo, gy.stride(0), gy.stride(1),
+                x_tiles,
+                SCALE_ROWS=normalize, SPLIT_ACC_Y=grad_y_lo is not None,
+                DOT_DTYPE=_TORCH_TO_TL[dot_dtype], INPUT_PRECISION=precision,
+                **mm_cfg,
+            )
         if need_x:
             _finish_feature_grad(
-                grad_x_acc[:rows], x[row_start:row_start + rows], inv_x[row_start:row_start + rows],
+                grad_x_acc[:rows], x_rows, inv_x[row_start:row_start + rows],
                 factor, normalize, grad_x[row_start:row_start + rows])
 
     if need_y:
-        if grad_y is None:
-            grad_y = torch.empty(n, d, dtype=y.dtype, device=device)
-        _finish_feature_grad(grad_y_acc, y, inv_y, factor, normalize, grad_y)
-        del grad_y_acc
+        _finish_feature_grad(grad_y_acc, y, inv_y, factor, normalize, grad_y, acc_lo=grad_y_lo)
+        del grad_y_lo
     grad_scale = None
     if need_scale:
         grad_scale = (scale_grad * grad_loss.float() / (2 * n)).reshape(scale.shape).to(scale.dtype)
