@@ -1,10 +1,14 @@
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+README = Path(__file__).with_name("README.md")
 
 setup(
     name="clipfast",
     version="0.1.0",
     description="Fused, linear-memory CLIP contrastive loss (Triton kernels, PyTorch autograd)",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=README.read_text(encoding="utf-8") if README.exists() else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["clipfast", "clipfast.*"]),
     python_requires=">=3.10",

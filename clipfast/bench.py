@@ -281,7 +281,7 @@ def plot(points: List[Point], path: Path, title: str) -> None:
             ax.grid(True, which="both", alpha=0.3)
             ax.set_title(f"{dtype}, d={d}")
         axes[0][col].legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(title.replace(" on ", "\n", 1), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

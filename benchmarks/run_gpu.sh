@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The GPU sweep of the core issue: bf16 and fp32, d = 512/768/1024, N from
+# 4096 doubling to 2^20 (each provider stops at its first out-of-memory).
+# Usage: bash benchmarks/run_gpu.sh [OUT_DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-benchmarks/results/gpu}"
+python3 -m clipfast.bench --device cuda \
+    --providers reference,compile,chunked,triton,gemm4_bound \
+    --dims 512,768,1024 --dtypes bf16,fp32 --min-n 4096 --max-n 1048576 \
+    --reps 5 --max-seconds 10 --out "$OUT"
