@@ -26,8 +26,8 @@ Backward (recomputation from the saved LSEs):
     a PANEL x d fp32 buffer; dY^ lives in the gradient output itself (fp32), or
     for fp16/bf16 as a 24-bit float split over the 16-bit output and a byte
     plane, which keeps accumulation error far below the final rounding.
-  * The normalisation backward and the 1/(2N) * s * grad_out factor are
-    applied row-chunk-wise in PyTorch.
+  * ``_finish_grad_kernel`` applies the normalisation backward and the
+    s * grad_out / (2N) factor in place, without N x d temporaries.
 
 Extra memory beyond the two gradients: O(N) statistics, one G panel (about
 N*d/4 elements, at most 8192^2), a PANEL x d fp32 buffer and, for fp16/bf16
@@ -44,12 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..chunked import (
-    clip_loss_from_stats,
-    exact_zero_bias_grad,
-    merge_split_stats,
-    normalize_backward,
-)
+from ..chunked import clip_loss_from_stats, exact_zero_bias_grad, merge_split_stats
 
 _NORM_EPS = 1e-12
 _TORCH_TO_TL = {
@@ -342,6 +337,62 @@ def _panel_grads_kernel(
             SCALE_ROWS, SPLIT_ACC_Y, DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_K, GROUP_M)
 
 
+@triton.jit
+def _load_accumulator(acc_ptr, acc_lo_ptr, offs, mask, SPLIT_ACC: tl.constexpr):
+    if SPLIT_ACC:
+        hi = tl.load(acc_ptr + offs, mask=mask, other=0).to(tl.int32)
+        lo = tl.load(acc_lo_ptr + offs, mask=mask, other=0).to(tl.int32)
+        return ((hi << 16) | (lo << 8)).to(tl.float32, bitcast=True)
+    return tl.load(acc_ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _finish_grad_kernel(
+    acc_ptr, acc_lo_ptr, stride_am, stride_ad,
+    feat_ptr, stride_fm, stride_fd, inv_norm_ptr,
+    out_ptr, stride_om, stride_od, factor_ptr,
+    M, D,
+    NORMALIZE: tl.constexpr, SPLIT_ACC: tl.constexpr, EPS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out = normalize_backward(factor * acc): (g - x^ <x^, g>) / max(|x|, eps).
+
+    Two sweeps over each row (the radial component first), so no N x d
+    temporaries. ``out`` may alias ``acc`` (the split accumulator's high plane
+    is the output): every element is read before the same thread writes it.
+    """
+    pid = tl.program_id(0)
+    offs_r = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    mask_r = offs_r < M
+    factor = tl.load(factor_ptr)
+    if NORMALIZE:
+        inv_norm = tl.load(inv_norm_ptr + offs_r, mask=mask_r, other=0.0)
+        radial = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_D):
+            offs_d = k0 + tl.arange(0, BLOCK_D)
+            mask = mask_r[:, None] & (offs_d[None, :] < D)
+            g = _load_accumulator(acc_ptr, acc_lo_ptr,
+                                  offs_r[:, None] * stride_am + offs_d[None, :] * stride_ad,
+                                  mask, SPLIT_ACC) * factor
+            unit = tl.load(feat_ptr + offs_r[:, None] * stride_fm + offs_d[None, :] * stride_fd,
+                           mask=mask, other=0.0).to(tl.float32) * inv_norm[:, None]
+            radial += tl.sum(g * unit, axis=1)
+        # Below eps the clamp is active: x^ = x / eps, a Jacobian of I / eps.
+        radial = tl.where(inv_norm * EPS < 1.0 - 1e-6, radial, 0.0)
+    for k0 in range(0, D, BLOCK_D):
+        offs_d = k0 + tl.arange(0, BLOCK_D)
+        mask = mask_r[:, None] & (offs_d[None, :] < D)
+        g = _load_accumulator(acc_ptr, acc_lo_ptr,
+                              offs_r[:, None] * stride_am + offs_d[None, :] * stride_ad,
+                              mask, SPLIT_ACC) * factor
+        if NORMALIZE:
+            unit = tl.load(feat_ptr + offs_r[:, None] * stride_fm + offs_d[None, :] * stride_fd,
+                           mask=mask, other=0.0).to(tl.float32) * inv_norm[:, None]
+            g = (g - unit * radial[:, None]) * inv_norm[:, None]
+        tl.store(out_ptr + offs_r[:, None] * stride_om + offs_d[None, :] * stride_od,
+                 g.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 # --------------------------------------------------------------------------- #
 # Launchers
 # --------------------------------------------------------------------------- #
@@ -390,10 +441,10 @@ def _input_precision(dot_dtype: torch.dtype, allow_tf32: bool, interpret: bool) 
 def _panel_size(n: int, d: int, panel: Optional[int]) -> int:
     if panel is not None:
         return max(1, int(panel))
-    # A G panel of about N*d/4 elements costs 1/8 of the input gradients'
+    # A G panel of about N*d/8 elements costs 1/16 of the input gradients'
     # bytes; 2048 keeps the panel GEMMs large enough to fill an H100, 8192
     # caps it; at most N/2, so G never exists as N x N.
-    side = int(math.sqrt(n * d / 4))
+    side = int(math.sqrt(n * d / 8))
     side = min(_MAX_PANEL, max(_MIN_PANEL, -(-side // 128) * 128))
     half = -(-n // 2)
     return max(1, min(side, -(-half // 64) * 64))
@@ -449,30 +500,23 @@ def _forward_stats(x, y, inv_x, inv_y, scale, bias, allow_tf32):
     return row_max, row_logsum, col_max, col_logsum, diag
 
 
-def _split_acc_value(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
-    """fp32 value of the 16+8-bit split accumulator (see _accumulate_product_tile)."""
-    bits = (hi.to(torch.int32) << 16) | (lo.to(torch.int32) << 8)
-    return bits.view(torch.float32)
-
-
 def _finish_feature_grad(acc, features, inv_norm, factor, normalize, out, acc_lo=None):
-    """out = factor * normalize_backward(acc), row-chunked to bound fp32 temporaries.
+    """out = normalize_backward(factor * acc) (see _finish_grad_kernel).
 
-    ``acc`` is fp32, or with ``acc_lo`` the int16 high plane of a split
-    accumulator; ``out`` may share storage with ``acc`` (rows are finished in
-    place, each chunk read before it is written).
+    ``acc`` is an fp32 (M, d) buffer, or with ``acc_lo`` the int16 high plane
+    of a split accumulator; ``factor`` is a 1-element fp32 tensor.
     """
-    rows = max(1, (1 << 24) // max(1, features.shape[1]))
-    for start in range(0, features.shape[0], rows):
-        stop = min(features.shape[0], start + rows)
-        if acc_lo is None:
-            grad_unit = acc[start:stop] * factor
-        else:
-            grad_unit = _split_acc_value(acc[start:stop], acc_lo[start:stop]) * factor
-        if normalize:
-            grad_unit = normalize_backward(
-                grad_unit, features[start:stop].float(), inv_norm[start:stop])
-        out[start:stop] = grad_unit.to(out.dtype)
+    m, d = features.shape
+    block_r = 16 if interpreter_active() else 8
+    block_d = min(256, max(16, triton.next_power_of_2(d)))
+    _finish_grad_kernel[(triton.cdiv(m, block_r),)](
+        acc, acc if acc_lo is None else acc_lo, acc.stride(0), acc.stride(1),
+        features, features.stride(0), features.stride(1), inv_norm,
+        out, out.stride(0), out.stride(1), factor,
+        m, d,
+        NORMALIZE=normalize, SPLIT_ACC=acc_lo is not None, EPS=_NORM_EPS,
+        BLOCK_R=block_r, BLOCK_D=block_d,
+    )
 
 
 def _backward(ctx_tensors, grad_loss, needs, normalize, allow_tf32, panel):
@@ -488,7 +532,7 @@ def _backward(ctx_tensors, grad_loss, needs, normalize, allow_tf32, panel):
     device = x.device
 
     # G @ Y^ and G^T @ X^ carry the common factor s * grad_loss / (2N).
-    factor = (scale.detach().reshape(()).float() * grad_loss.float()) / (2 * n)
+    factor = ((scale.detach().reshape(1).float() * grad_loss.float()) / (2 * n)).contiguous()
     grad_x = torch.empty((n, d), dtype=x.dtype, device=device) if need_x else None
     grad_x_acc = torch.empty(min(panel, n), d, dtype=torch.float32, device=device) if need_x else None
     grad_y = grad_y_lo = None
