@@ -21,8 +21,10 @@ Backward (recomputation from the saved LSEs):
     scale gradient. A panel is at most PANEL x PANEL (8192^2 by default) and
     never the whole N x N matrix.
   * ``_panel_grads_kernel`` accumulates dX^ += G @ Y^ and dY^ += G^T @ X^
-    in one launch, normalising the raw feature rows on load, so no normalised
-    copy of the features is ever stored. dX^ of the current row panel lives in
+    in one launch. The panel carries the inverse norms (G_ij inv_x_i inv_y_j),
+    so both products read the raw feature rows and no normalised copy is ever
+    stored; the 1/|x| of the normalisation backward cancels against them.
+    (fp16 panels instead normalise feature rows on load: see ``fold``.) dX^ of the current row panel lives in
     a PANEL x d fp32 buffer; dY^ lives in the gradient output itself (fp32), or
     for fp16/bf16 as a 24-bit float split over the 16-bit output and a byte
     plane, which keeps accumulation error far below the final rounding.
@@ -200,10 +202,12 @@ def _grad_logits_kernel(
     N, D, row_start, col_start, panel_rows, panel_cols,
     stride_xn, stride_xd, stride_yn, stride_yd,
     stride_gm, stride_gn,
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FOLD_INV_NORMS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """One tile of the gradient panel: P + Q - 2I (times inv_x_i * inv_y_j with
+    FOLD_INV_NORMS, so the panel products can take raw feature rows)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     local_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -241,6 +245,8 @@ def _grad_logits_kernel(
 
     tile_id = pid_m * tl.num_programs(1) + pid_n
     tl.store(scale_grad_part_ptr + tile_id, tl.sum(tl.sum(grad * cosine, axis=1), axis=0))
+    if FOLD_INV_NORMS:
+        grad = grad * inv_x[:, None] * inv_y[None, :]
     g_ptrs = (grad_panel_ptr + local_m[:, None].to(tl.int64) * stride_gm
               + local_n[None, :].to(tl.int64) * stride_gn)
     tl.store(g_ptrs, grad.to(grad_panel_ptr.dtype.element_ty), mask=valid)
@@ -352,12 +358,14 @@ def _finish_grad_kernel(
     feat_ptr, stride_fm, stride_fd, inv_norm_ptr,
     out_ptr, stride_om, stride_od, factor_ptr,
     M, D,
-    NORMALIZE: tl.constexpr, SPLIT_ACC: tl.constexpr, EPS: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    NORMALIZE: tl.constexpr, TIMES_INV_NORM: tl.constexpr, SPLIT_ACC: tl.constexpr,
+    EPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """out = normalize_backward(factor * acc): (g - x^ <x^, g>) / max(|x|, eps).
 
-    Two sweeps over each row (the radial component first), so no N x d
+    When the panel already carried the inverse norms (acc = inv_norm * dX^),
+    TIMES_INV_NORM is off: the projection is linear, so only (g - x^ <x^, g>)
+    remains. Two sweeps over each row (the radial component first), so no N x d
     temporaries. ``out`` may alias ``acc`` (the split accumulator's high plane
     is the output): every element is read before the same thread writes it.
     """
@@ -388,7 +396,9 @@ def _finish_grad_kernel(
         if NORMALIZE:
             unit = tl.load(feat_ptr + offs_r[:, None] * stride_fm + offs_d[None, :] * stride_fd,
                            mask=mask, other=0.0).to(tl.float32) * inv_norm[:, None]
-            g = (g - unit * radial[:, None]) * inv_norm[:, None]
+            g = g - unit * radial[:, None]
+            if TIMES_INV_NORM:
+                g = g * inv_norm[:, None]
         tl.store(out_ptr + offs_r[:, None] * stride_om + offs_d[None, :] * stride_od,
                  g.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -500,7 +510,7 @@ def _forward_stats(x, y, inv_x, inv_y, scale, bias, allow_tf32):
     return row_max, row_logsum, col_max, col_logsum, diag
 
 
-def _finish_feature_grad(acc, features, inv_norm, factor, normalize, out, acc_lo=None):
+def _finish_feature_grad(acc, features, inv_norm, factor, normalize, folded, out, acc_lo=None):
     """out = normalize_backward(factor * acc) (see _finish_grad_kernel).
 
     ``acc`` is an fp32 (M, d) buffer, or with ``acc_lo`` the int16 high plane
@@ -514,7 +524,8 @@ def _finish_feature_grad(acc, features, inv_norm, factor, normalize, out, acc_lo
         features, features.stride(0), features.stride(1), inv_norm,
         out, out.stride(0), out.stride(1), factor,
         m, d,
-        NORMALIZE=normalize, SPLIT_ACC=acc_lo is not None, EPS=_NORM_EPS,
+        NORMALIZE=normalize, TIMES_INV_NORM=normalize and not folded,
+        SPLIT_ACC=acc_lo is not None, EPS=_NORM_EPS,
         BLOCK_R=block_r, BLOCK_D=block_d,
     )
 
@@ -530,6 +541,10 @@ def _backward(ctx_tensors, grad_loss, needs, normalize, allow_tf32, panel):
     precision = _input_precision(dot_dtype, allow_tf32, interpret)
     panel = _panel_size(n, d, panel)
     device = x.device
+    # Folding the inverse norms into G lets both products read raw feature
+    # rows straight into the tensor cores. fp16 panels keep them out: a
+    # near-zero row (inv_norm up to 1e12) would overflow fp16's 65504.
+    fold = normalize and dot_dtype != torch.float16
 
     # G @ Y^ and G^T @ X^ carry the common factor s * grad_loss / (2N).
     factor = ((scale.detach().reshape(1).float() * grad_loss.float()) / (2 * n)).contiguous()
@@ -565,7 +580,7 @@ def _backward(ctx_tensors, grad_loss, needs, normalize, allow_tf32, panel):
                 n, d, row_start, col_start, rows, cols,
                 x.stride(0), x.stride(1), y.stride(0), y.stride(1),
                 g.stride(0), g.stride(1),
-                HAS_BIAS=bias is not None,
+                HAS_BIAS=bias is not None, FOLD_INV_NORMS=fold,
                 DOT_DTYPE=_TORCH_TO_TL[dot_dtype], INPUT_PRECISION=precision,
                 **cfg,
             )
@@ -587,17 +602,17 @@ def _backward(ctx_tensors, grad_loss, needs, normalize, allow_tf32, panel):
                 gx, gx.stride(0), gx.stride(1),
                 gy, gy_lo, gy.stride(0), gy.stride(1),
                 x_tiles,
-                SCALE_ROWS=normalize, SPLIT_ACC_Y=grad_y_lo is not None,
+                SCALE_ROWS=normalize and not fold, SPLIT_ACC_Y=grad_y_lo is not None,
                 DOT_DTYPE=_TORCH_TO_TL[dot_dtype], INPUT_PRECISION=precision,
                 **mm_cfg,
             )
         if need_x:
             _finish_feature_grad(
                 grad_x_acc[:rows], x_rows, inv_x[row_start:row_start + rows],
-                factor, normalize, grad_x[row_start:row_start + rows])
+                factor, normalize, fold, grad_x[row_start:row_start + rows])
 
     if need_y:
-        _finish_feature_grad(grad_y_acc, y, inv_y, factor, normalize, grad_y, acc_lo=grad_y_lo)
+        _finish_feature_grad(grad_y_acc, y, inv_y, factor, normalize, fold, grad_y, acc_lo=grad_y_lo)
         del grad_y_lo
     grad_scale = None
     if need_scale:
