@@ -1,10 +1,12 @@
 """Chunked CLIP loss in pure PyTorch: any device, extra memory O(chunk * N).
 
 Forward walks over row chunks of the logit matrix: each chunk gives its rows'
-log-sum-exp directly and is merged into the running column log-sum-exp with
-``logaddexp``. Backward recomputes each chunk from the saved statistics, so
-only the row/column LSEs (N floats each) and the inverse norms survive the
-forward pass. Arithmetic is done in fp32 (fp64 for fp64 inputs); gradients are
+statistics directly and is merged into running column statistics (online
+max / sum). Backward recomputes each chunk from the saved statistics, so only
+the row/column (max, log-sum) pairs (N floats each) and the inverse norms
+survive the forward pass. The block primitives (``block_forward``,
+``block_backward``) work on any M x K block, which is what the distributed
+modes build on. Arithmetic is done in fp32 (fp64 for fp64 inputs); gradients are
 returned in each input's dtype.
 """
 
@@ -49,38 +51,110 @@ def normalize_backward(
     return (grad_normalized - unit * radial) * inv_norm[:, None]
 
 
-class ChunkedClipLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, y, scale, bias, normalize: bool, chunk_elements: int):
-        n = x.shape[0]
-        dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
-        inv_x = inverse_norms(x, normalize, dtype)
-        inv_y = inverse_norms(y, normalize, dtype)
-        s = scale.detach().reshape(()).to(dtype)
-        b = bias.detach().reshape(()).to(dtype) if bias is not None else None
-        y_unit = y.to(dtype) * inv_y[:, None]
+def unit_rows(features: torch.Tensor, inv_norm: torch.Tensor) -> torch.Tensor:
+    """Normalised rows in the compute dtype of ``inv_norm``."""
+    return features.to(inv_norm.dtype) * inv_norm[:, None]
 
-        rows = _rows_per_chunk(n, chunk_elements)
-        row_max = torch.empty(n, dtype=dtype, device=x.device)
-        row_logsum = torch.empty(n, dtype=dtype, device=x.device)
-        col_max = torch.full((n,), float("-inf"), dtype=dtype, device=x.device)
-        col_sum = torch.zeros(n, dtype=dtype, device=x.device)
-        diag = torch.empty(n, dtype=dtype, device=x.device)
-        for start in range(0, n, rows):
-            stop = min(n, start + rows)
-            x_unit = x[start:stop].to(dtype) * inv_x[start:stop, None]
-            logits = s * (x_unit @ y_unit.t())
-            if b is not None:
-                logits = logits + b
-            chunk_row_max = logits.max(dim=1).values
-            row_max[start:stop] = chunk_row_max
-            row_logsum[start:stop] = torch.log(torch.exp(logits - chunk_row_max[:, None]).sum(dim=1))
+
+def block_forward(x_unit, y_unit, scale, bias, diag_offset: Optional[int], chunk_elements: int,
+                  with_cols: bool = True):
+    """Statistics of one block of logits L = s * X^ Y^T (+ b), M x K, in row chunks.
+
+    Returns (row_max, row_sum, col_max, col_sum, diag): per row and per column
+    the max and sum(exp(L - max)) over this block (col_* are None without
+    ``with_cols``), and ``diag[i] = L[i, i + diag_offset]`` (None when
+    ``diag_offset`` is None, i.e. the block holds no labels).
+    """
+    m, k = x_unit.shape[0], y_unit.shape[0]
+    rows = _rows_per_chunk(max(m, k), chunk_elements) if m == k else max(
+        1, min(m, chunk_elements // max(k, 1)))
+    dtype, device = x_unit.dtype, x_unit.device
+    row_max = torch.empty(m, dtype=dtype, device=device)
+    row_sum = torch.empty(m, dtype=dtype, device=device)
+    col_max = torch.full((k,), float("-inf"), dtype=dtype, device=device) if with_cols else None
+    col_sum = torch.zeros(k, dtype=dtype, device=device) if with_cols else None
+    diag = torch.empty(m, dtype=dtype, device=device) if diag_offset is not None else None
+    for start in range(0, m, rows):
+        stop = min(m, start + rows)
+        logits = scale * (x_unit[start:stop] @ y_unit.t())
+        if bias is not None:
+            logits = logits + bias
+        chunk_row_max = logits.max(dim=1).values
+        row_max[start:stop] = chunk_row_max
+        row_sum[start:stop] = torch.exp(logits - chunk_row_max[:, None]).sum(dim=1)
+        if with_cols:
             new_col_max = torch.maximum(col_max, logits.max(dim=0).values)
             col_sum = col_sum * torch.exp(col_max - new_col_max) + torch.exp(
                 logits - new_col_max[None, :]).sum(dim=0)
             col_max = new_col_max
-            diag[start:stop] = logits.diagonal(offset=start)
-        col_logsum = torch.log(col_sum)
+        if diag is not None:
+            diag[start:stop] = logits.diagonal(offset=start + diag_offset)
+    return row_max, row_sum, col_max, col_sum, diag
+
+
+def block_backward(x_unit, y_unit, scale, bias, row_stats, col_stats, diag_offset: Optional[int],
+                   row_coef, col_coef, chunk_elements: int, need_x=True, need_y=True):
+    """Gradients of one M x K block with G = row_coef (P - I) + col_coef (Q - I).
+
+    P = exp(L - row lse), Q = exp(L - col lse), from complete (max, log-sum)
+    statistics; I marks L[i, i + diag_offset] (absent when diag_offset is None).
+    A term whose coef is None is left out. Returns (dL/dX^ (M x d) or None,
+    dL/dY^ (K x d) or None, dL/ds): dX^ = s G Y^, dY^ = s G^T X^, ds = sum G cos.
+    """
+    m, k = x_unit.shape[0], y_unit.shape[0]
+    rows = _rows_per_chunk(max(m, k), chunk_elements) if m == k else max(
+        1, min(m, chunk_elements // max(k, 1)))
+    grad_x = torch.empty_like(x_unit) if need_x else None
+    grad_y = torch.zeros_like(y_unit) if need_y else None
+    grad_s = torch.zeros((), dtype=x_unit.dtype, device=x_unit.device)
+    for start in range(0, m, rows):
+        stop = min(m, start + rows)
+        cos = x_unit[start:stop] @ y_unit.t()
+        logits = scale * cos
+        if bias is not None:
+            logits = logits + bias
+        grad_logits = None
+        for stats, coef, is_row in ((row_stats, row_coef, True), (col_stats, col_coef, False)):
+            if coef is None:
+                continue
+            stat_max, stat_logsum = stats
+            if is_row:
+                prob = torch.exp((logits - stat_max[start:stop, None]) - stat_logsum[start:stop, None])
+            else:
+                prob = torch.exp((logits - stat_max[None, :]) - stat_logsum[None, :])
+            if diag_offset is not None:
+                # (P - 1) on the labels is exact, where P + Q - 2 would round
+                # P + Q at ulp(2) first.
+                prob.diagonal(offset=start + diag_offset).sub_(1.0)
+            prob *= coef
+            grad_logits = prob if grad_logits is None else grad_logits.add_(prob)
+        grad_s += (grad_logits * cos).sum()
+        if need_x:
+            grad_x[start:stop] = scale * (grad_logits @ y_unit)
+        if need_y:
+            grad_y += scale * (grad_logits.t() @ x_unit[start:stop])
+    return grad_x, grad_y, grad_s
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+class ChunkedClipLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, scale, bias, normalize: bool, chunk_elements: int):
+        n = x.shape[0]
+        dtype = compute_dtype(x, y)
+        inv_x = inverse_norms(x, normalize, dtype)
+        inv_y = inverse_norms(y, normalize, dtype)
+        s = scale.detach().reshape(()).to(dtype)
+        b = bias.detach().reshape(()).to(dtype) if bias is not None else None
+        row_max, row_sum, col_max, col_sum, diag = block_forward(
+            unit_rows(x, inv_x), unit_rows(y, inv_y), s, b, 0, chunk_elements)
+        row_logsum, col_logsum = torch.log(row_sum), torch.log(col_sum)
         loss = clip_loss_from_stats(row_max, row_logsum, col_max, col_logsum, diag)
 
         ctx.save_for_backward(x, y, scale, bias, inv_x, inv_y, row_max, row_logsum, col_max, col_logsum)
@@ -97,49 +171,69 @@ class ChunkedClipLossFunction(torch.autograd.Function):
         dtype = row_max.dtype
         s = scale.detach().reshape(()).to(dtype)
         b = bias.detach().reshape(()).to(dtype) if bias is not None else None
-        g = grad_loss.to(dtype)
-        y_unit = y.to(dtype) * inv_y[:, None]
-
-        rows = _rows_per_chunk(n, chunk_elements=ctx.chunk_elements)
-        grad_x_unit = torch.empty(n, x.shape[1], dtype=dtype, device=x.device) if need_x else None
-        grad_y_unit = torch.zeros(n, y.shape[1], dtype=dtype, device=y.device) if need_y else None
-        grad_s = torch.zeros((), dtype=dtype, device=x.device)
-        for start in range(0, n, rows):
-            stop = min(n, start + rows)
-            x_unit = x[start:stop].to(dtype) * inv_x[start:stop, None]
-            cos = x_unit @ y_unit.t()
-            logits = s * cos
-            if b is not None:
-                logits = logits + b
-            # G = (P + Q - 2 I) / (2N), scaled by the incoming gradient.
-            # (P - 1) + (Q - 1) on the diagonal: each difference is exact, where
-            # P + Q - 2 would first round P + Q at ulp(2).
-            grad_logits = torch.exp((logits - row_max[start:stop, None]) - row_logsum[start:stop, None])
-            grad_logits.diagonal(offset=start).sub_(1.0)
-            prob_col = torch.exp((logits - col_max[None, :]) - col_logsum[None, :])
-            prob_col.diagonal(offset=start).sub_(1.0)
-            grad_logits += prob_col
-            del prob_col
-            grad_logits *= g / (2 * n)
-            if need_scale:
-                grad_s += (grad_logits * cos).sum()
-            if need_x:
-                grad_x_unit[start:stop] = s * (grad_logits @ y_unit)
-            if need_y:
-                grad_y_unit += s * (grad_logits.t() @ x_unit)
-
+        coef = grad_loss.to(dtype) / (2 * n)
+        grad_x_unit, grad_y_unit, grad_s = block_backward(
+            unit_rows(x, inv_x), unit_rows(y, inv_y), s, b, (row_max, row_logsum),
+            (col_max, col_logsum), 0, coef, coef, ctx.chunk_elements, need_x, need_y)
         grad_x = grad_y = grad_scale = grad_bias = None
         if need_x:
-            grad_x = normalize_backward(grad_x_unit, x.to(dtype), inv_x) if ctx.normalize else grad_x_unit
-            grad_x = grad_x.to(x.dtype)
+            grad_x = features_grad(grad_x_unit, x, inv_x, ctx.normalize)
         if need_y:
-            grad_y = normalize_backward(grad_y_unit, y.to(dtype), inv_y) if ctx.normalize else grad_y_unit
-            grad_y = grad_y.to(y.dtype)
+            grad_y = features_grad(grad_y_unit, y, inv_y, ctx.normalize)
         if need_scale:
             grad_scale = grad_s.reshape(scale.shape).to(scale.dtype)
         if need_bias:
-            grad_bias = exact_zero_bias_grad(row_logsum, col_logsum, g, *ctx.bias_meta)
+            grad_bias = exact_zero_bias_grad(row_logsum, col_logsum, grad_loss.to(dtype), *ctx.bias_meta)
         return grad_x, grad_y, grad_scale, grad_bias, None, None
+
+
+def features_grad(grad_unit, features, inv_norm, normalize: bool) -> torch.Tensor:
+    """dL/dx from dL/dx^, in the features' dtype."""
+    if normalize:
+        grad_unit = normalize_backward(grad_unit, features.to(inv_norm.dtype), inv_norm)
+    return grad_unit.to(features.dtype)
+
+
+class ChunkedRowCrossEntropyFunction(torch.autograd.Function):
+    """mean_i CE(s Q^_i K^^T + b, label i + label_offset): one direction of the
+    CLIP loss over a rectangular block, as open_clip's ``local_loss`` uses it."""
+
+    @staticmethod
+    def forward(ctx, queries, keys, scale, bias, normalize: bool, label_offset: int, chunk_elements: int):
+        dtype = compute_dtype(queries, keys)
+        inv_q = inverse_norms(queries, normalize, dtype)
+        inv_k = inverse_norms(keys, normalize, dtype)
+        s = scale.detach().reshape(()).to(dtype)
+        b = bias.detach().reshape(()).to(dtype) if bias is not None else None
+        row_max, row_sum, _, _, diag = block_forward(
+            unit_rows(queries, inv_q), unit_rows(keys, inv_k), s, b, label_offset, chunk_elements,
+            with_cols=False)
+        row_logsum = torch.log(row_sum)
+        loss = ((row_max - diag) + row_logsum).mean()
+        ctx.save_for_backward(queries, keys, scale, bias, inv_q, inv_k, row_max, row_logsum)
+        ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
+        ctx.options = (normalize, label_offset, chunk_elements)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        queries, keys, scale, bias, inv_q, inv_k, row_max, row_logsum = ctx.saved_tensors
+        need_q, need_k, need_scale, need_bias = ctx.needs_input_grad[:4]
+        normalize, label_offset, chunk_elements = ctx.options
+        dtype = row_max.dtype
+        s = scale.detach().reshape(()).to(dtype)
+        b = bias.detach().reshape(()).to(dtype) if bias is not None else None
+        coef = grad_loss.to(dtype) / queries.shape[0]
+        grad_q_unit, grad_k_unit, grad_s = block_backward(
+            unit_rows(queries, inv_q), unit_rows(keys, inv_k), s, b, (row_max, row_logsum), None,
+            label_offset, coef, None, chunk_elements, need_q, need_k)
+        grad_q = features_grad(grad_q_unit, queries, inv_q, normalize) if need_q else None
+        grad_k = features_grad(grad_k_unit, keys, inv_k, normalize) if need_k else None
+        grad_scale = grad_s.reshape(scale.shape).to(scale.dtype) if need_scale else None
+        grad_bias = None
+        if need_bias:
+            grad_bias = exact_zero_bias_grad(row_logsum, row_logsum, grad_loss.to(dtype), *ctx.bias_meta)
+        return grad_q, grad_k, grad_scale, grad_bias, None, None, None
 
 
 def clip_loss_from_stats(row_max, row_logsum, col_max, col_logsum, diag_logits):
