@@ -48,9 +48,35 @@ def test_module_output_dict_and_model_out_kwargs():
     torch.testing.assert_close(out["contrastive_loss"], loss_fn(**model_out))
 
 
-def test_module_world_size_above_one_not_implemented():
-    with pytest.raises(NotImplementedError, match="world_size=2"):
-        ClipLoss(rank=0, world_size=2)
+def test_module_distributed_needs_an_initialised_process_group():
+    loss_fn = ClipLoss(rank=0, world_size=2, gather_with_grad=True)
+    x = torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        loss_fn(x, x, 1.0)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(local_loss=False, gather_with_grad=False), "scaled by 1/world_size"),
+    (dict(local_loss=True, gather_with_grad=False), "wrong gradients"),
+])
+def test_module_warns_about_inexact_modes(kwargs, match):
+    with pytest.warns(UserWarning, match=match):
+        ClipLoss(rank=1, world_size=2, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(gather_with_grad=True), dict(ring=True), dict()])
+def test_module_exact_or_single_process_modes_do_not_warn(kwargs, recwarn):
+    ClipLoss(rank=0, world_size=2 if kwargs else 1, **kwargs)
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(rank=2, world_size=2), ValueError, "rank < world_size"),
+    (dict(rank=0, world_size=2, ring=True, local_loss=True), ValueError, "ring=True"),
+])
+def test_module_bad_distributed_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        ClipLoss(**kwargs)
 
 
 def test_module_repr_names_backend():

@@ -1,0 +1,95 @@
+"""Worker side of the multi-process tests (imported by spawned processes).
+
+Every worker always reaches the end: exceptions are caught and written to its
+result file, the ranks meet at a barrier, and only then is the process group
+destroyed, so gloo's teardown never races a rank that is still communicating.
+A rank stuck in a collective because another failed times out (TIMEOUT) and
+reports that instead of hanging the test run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import traceback
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from clipfast import ClipLoss
+
+TIMEOUT = datetime.timedelta(seconds=90)
+
+
+@dataclass
+class Problem:
+    """A global batch produced by two linear 'encoders' shared by every rank."""
+
+    image_inputs: torch.Tensor
+    text_inputs: torch.Tensor
+    image_weight: torch.Tensor
+    text_weight: torch.Tensor
+    log_scale: torch.Tensor
+    bias: torch.Tensor
+
+
+def make_problem(global_n: int, d_in: int = 7, d: int = 6, seed: int = 0) -> Problem:
+    g = torch.Generator().manual_seed(seed)
+    image_inputs = torch.randn(global_n, d_in, generator=g, dtype=torch.float64)
+    text_inputs = image_inputs + 0.8 * torch.randn(global_n, d_in, generator=g, dtype=torch.float64)
+    return Problem(
+        image_inputs, text_inputs,
+        torch.randn(d_in, d, generator=g, dtype=torch.float64),
+        torch.randn(d_in, d, generator=g, dtype=torch.float64),
+        torch.tensor(2.3, dtype=torch.float64),
+        torch.tensor(-0.7, dtype=torch.float64),
+    )
+
+
+def loss_and_grads(problem: Problem, rows: slice, loss_fn, dtype=torch.float64):
+    """Loss on the given rows and the gradients of the shared parameters."""
+    params = [t.clone().to(dtype).requires_grad_() for t in (
+        problem.image_weight, problem.text_weight, problem.log_scale, problem.bias)]
+    image_weight, text_weight, log_scale, bias = params
+    image_features = problem.image_inputs[rows].to(dtype) @ image_weight
+    text_features = problem.text_inputs[rows].to(dtype) @ text_weight
+    loss = loss_fn(image_features, text_features, log_scale.exp(), logit_bias=bias)
+    loss.backward()
+    return loss.detach(), [p.grad.detach() for p in params]
+
+
+def worker(rank: int, world_size: int, store_path: str, out_path: str, scenarios, local_n: int):
+    results, error = {}, None
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
+                                world_size=world_size, timeout=TIMEOUT)
+        problem = make_problem(local_n * world_size)
+        rows = slice(rank * local_n, (rank + 1) * local_n)
+        for name, kwargs, dtype in scenarios:
+            loss_fn = ClipLoss(rank=rank, world_size=world_size, **kwargs)
+            loss, grads = loss_and_grads(problem, rows, loss_fn, dtype)
+            # What DistributedDataParallel does to replicated parameters.
+            for grad in grads:
+                dist.all_reduce(grad)
+                grad /= world_size
+            mean_loss = loss.clone()
+            dist.all_reduce(mean_loss)
+            mean_loss /= world_size
+            results[name] = dict(loss=loss, mean_loss=mean_loss, grads=grads)
+
+        # Unequal local batches: every rank must raise, none may hang.
+        uneven = slice(0, local_n + rank)
+        try:
+            loss_and_grads(problem, uneven, ClipLoss(rank=rank, world_size=world_size, ring=True))
+            results["uneven"] = "no error"
+        except ValueError as err:
+            results["uneven"] = str(err)
+    except BaseException:  # noqa: BLE001 - reported by the parent test
+        error = traceback.format_exc()
+    finally:
+        torch.save({"results": results, "error": error}, out_path)
+        if dist.is_initialized():
+            try:
+                dist.barrier()
+            finally:
+                dist.destroy_process_group()

@@ -1,0 +1,107 @@
+"""Distributed modes on 2 and 3 CPU ranks (gloo): every exact mode's
+DDP-averaged gradients equal the single-process gradients on the concatenated
+batch; the scaled mode is scaled exactly as documented."""
+
+import functools
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from clipfast import clip_loss
+
+from .distributed_harness import loss_and_grads, make_problem, worker
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+
+LOCAL_N = 5
+SCENARIOS = [
+    # name, ClipLoss kwargs, dtype
+    ("gather_with_grad", dict(gather_with_grad=True), torch.float64),
+    ("gather_with_grad_local", dict(gather_with_grad=True, local_loss=True), torch.float64),
+    ("gather_no_grad", dict(), torch.float64),
+    ("ring", dict(ring=True), torch.float64),
+    ("ring_fp32", dict(ring=True), torch.float32),
+    ("ring_unnormalized", dict(ring=True, normalize=False), torch.float64),
+    ("gather_with_grad_triton", dict(gather_with_grad=True, backend="triton"), torch.float32),
+]
+
+
+@functools.lru_cache(maxsize=None)
+def _run(world_size: int, tmp_root: str):
+    os.makedirs(tmp_root, exist_ok=True)
+    store = os.path.join(tmp_root, f"store_{world_size}")
+    outs = [os.path.join(tmp_root, f"rank{r}_of_{world_size}.pt") for r in range(world_size)]
+    for path in [store, *outs]:
+        if os.path.exists(path):
+            os.remove(path)
+
+    context = mp.start_processes(
+        _spawned, args=(world_size, store, tmp_root), nprocs=world_size, start_method="spawn",
+        join=False)
+    while not context.join(timeout=300):
+        pass
+    reports = [torch.load(path, weights_only=False) for path in outs]
+    errors = [f"rank {r}:\n{rep['error']}" for r, rep in enumerate(reports) if rep["error"]]
+    assert not errors, "\n".join(errors)
+    return [rep["results"] for rep in reports]
+
+
+def _spawned(rank, world_size, store, tmp_root):
+    worker(rank, world_size, store, os.path.join(tmp_root, f"rank{rank}_of_{world_size}.pt"),
+           SCENARIOS, LOCAL_N)
+
+
+@pytest.fixture(scope="module")
+def tmp_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("dist"))
+
+
+def _single_process(world_size, dtype, normalize=True):
+    problem = make_problem(LOCAL_N * world_size)
+    fn = functools.partial(clip_loss, backend="reference", normalize=normalize)
+    return loss_and_grads(problem, slice(None), fn, dtype)
+
+
+def _tol(dtype):
+    return dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("name,kwargs,dtype", [s for s in SCENARIOS if s[0] != "gather_no_grad"],
+                         ids=[s[0] for s in SCENARIOS if s[0] != "gather_no_grad"])
+def test_exact_modes_match_the_concatenated_batch(world_size, name, kwargs, dtype, tmp_root):
+    results = _run(world_size, tmp_root)
+    want_loss, want_grads = _single_process(world_size, dtype, kwargs.get("normalize", True))
+    for rank, per_rank in enumerate(results):
+        got = per_rank[name]
+        if kwargs.get("local_loss"):
+            # Each rank's loss is its own rows' share; their mean is the loss.
+            torch.testing.assert_close(got["mean_loss"], want_loss, **_tol(dtype))
+        else:
+            torch.testing.assert_close(got["loss"], want_loss, **_tol(dtype))
+        for label, g, w in zip(["image_weight", "text_weight", "log_scale", "bias"],
+                               got["grads"], want_grads):
+            torch.testing.assert_close(g, w, **_tol(dtype), msg=lambda m: f"rank {rank} {label}: {m}")
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_gather_without_grad_scales_feature_gradients_by_one_over_world_size(world_size, tmp_root):
+    results = _run(world_size, tmp_root)
+    want_loss, want_grads = _single_process(world_size, torch.float64)
+    got = results[0]["gather_no_grad"]
+    torch.testing.assert_close(got["loss"], want_loss, **_tol(torch.float64))
+    torch.testing.assert_close(got["grads"][0], want_grads[0] / world_size, **_tol(torch.float64))
+    torch.testing.assert_close(got["grads"][1], want_grads[1] / world_size, **_tol(torch.float64))
+    # The replicated scale sees the full loss on every rank: exact.
+    torch.testing.assert_close(got["grads"][2], want_grads[2], **_tol(torch.float64))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_unequal_batches_raise_on_every_rank(world_size, tmp_root):
+    results = _run(world_size, tmp_root)
+    for per_rank in results:
+        assert "same local batch size" in per_rank["uneven"], per_rank["uneven"]
+        assert str([LOCAL_N + r for r in range(world_size)]) in per_rank["uneven"]
