@@ -1,8 +1,7 @@
 """Fused CLIP loss in Triton: kernels, then launchers, then the autograd Function.
 
 Forward (one pass over the N x N tiles, 2*N^2*d FLOPs):
-  * ``_inverse_norms_kernel``: inverse L2 norms of both feature matrices in
-    one read of X and Y.
+  * ``_inverse_norms_kernel``: inverse L2 norms of the feature rows.
   * ``_forward_tiles_kernel``: the grid is a ROW_SPLITS x COL_SPLITS grid of
     "super-tiles"; each program sweeps its super-tile in BLOCK_M x BLOCK_N
     tiles computed on-chip (fp32 accumulation, norms and scale applied in the
@@ -46,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..chunked import clip_loss_from_stats, exact_zero_bias_grad, merge_split_stats
+from ..chunked import clip_loss_from_stats, exact_zero_bias_grad
 
 _NORM_EPS = 1e-12
 _TORCH_TO_TL = {
@@ -67,34 +66,25 @@ def interpreter_active() -> bool:
 
 @triton.jit
 def _inverse_norms_kernel(
-    x_ptr, y_ptr, inv_x_ptr, inv_y_ptr,
-    N, D,
-    stride_xn, stride_xd, stride_yn, stride_yd,
+    x_ptr, inv_ptr, N, D, stride_xn, stride_xd,
     NORMALIZE: tl.constexpr, EPS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_r = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     mask_r = offs_r < N
-    sq_x = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    sq_y = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_D):
-        offs_d = k0 + tl.arange(0, BLOCK_D)
-        mask = mask_r[:, None] & (offs_d[None, :] < D)
-        x = tl.load(x_ptr + offs_r[:, None] * stride_xn + offs_d[None, :] * stride_xd,
-                    mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + offs_r[:, None] * stride_yn + offs_d[None, :] * stride_yd,
-                    mask=mask, other=0.0).to(tl.float32)
-        sq_x += tl.sum(x * x, axis=1)
-        sq_y += tl.sum(y * y, axis=1)
     if NORMALIZE:
-        inv_x = 1.0 / tl.maximum(tl.sqrt(sq_x), EPS)
-        inv_y = 1.0 / tl.maximum(tl.sqrt(sq_y), EPS)
+        sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_D):
+            offs_d = k0 + tl.arange(0, BLOCK_D)
+            mask = mask_r[:, None] & (offs_d[None, :] < D)
+            x = tl.load(x_ptr + offs_r[:, None] * stride_xn + offs_d[None, :] * stride_xd,
+                        mask=mask, other=0.0).to(tl.float32)
+            sq += tl.sum(x * x, axis=1)
+        inv = 1.0 / tl.maximum(tl.sqrt(sq), EPS)
     else:
-        inv_x = tl.full((BLOCK_R,), 1.0, tl.float32)
-        inv_y = tl.full((BLOCK_R,), 1.0, tl.float32)
-    tl.store(inv_x_ptr + offs_r, inv_x, mask=mask_r)
-    tl.store(inv_y_ptr + offs_r, inv_y, mask=mask_r)
+        inv = tl.full((BLOCK_R,), 1.0, tl.float32)
+    tl.store(inv_ptr + offs_r, inv, mask=mask_r)
 
 
 @triton.jit
@@ -124,17 +114,22 @@ def _similarity_tile(
 def _forward_tiles_kernel(
     x_ptr, y_ptr, inv_x_ptr, inv_y_ptr, scale_ptr, bias_ptr,
     row_max_part_ptr, row_sum_part_ptr, col_max_part_ptr, col_sum_part_ptr, diag_ptr,
-    N, D,
+    M, K, D, diag_offset,
     stride_xn, stride_xd, stride_yn, stride_yd,
     row_blocks_per_split, col_blocks_per_split,
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DIAG: tl.constexpr, WITH_COLS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """Statistics of an M x K block of logits (rows from X, columns from Y).
+
+    The label of row i is column i + diag_offset (HAS_DIAG); WITH_COLS also
+    gathers column statistics. The square loss is M = K, diag_offset = 0.
+    """
     row_split = tl.program_id(0)
     col_split = tl.program_id(1)
-    num_row_blocks = tl.cdiv(N, BLOCK_M)
-    num_col_blocks = tl.cdiv(N, BLOCK_N)
+    num_row_blocks = tl.cdiv(M, BLOCK_M)
+    num_col_blocks = tl.cdiv(K, BLOCK_N)
     rb_start = row_split * row_blocks_per_split
     rb_stop = tl.minimum(rb_start + row_blocks_per_split, num_row_blocks)
     cb_start = col_split * col_blocks_per_split
@@ -143,18 +138,18 @@ def _forward_tiles_kernel(
     scale = tl.load(scale_ptr).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr).to(tl.float32)
-    col_part_base = row_split.to(tl.int64) * N
-    row_part_base = col_split.to(tl.int64) * N
+    col_part_base = row_split.to(tl.int64) * K
+    row_part_base = col_split.to(tl.int64) * M
 
     for rb in range(rb_start, rb_stop):
         offs_m = (rb * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        mask_m = offs_m < N
+        mask_m = offs_m < M
         row_factor = scale * tl.load(inv_x_ptr + offs_m, mask=mask_m, other=0.0)
         row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for cb in range(cb_start, cb_stop):
             offs_n = (cb * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-            mask_n = offs_n < N
+            mask_n = offs_n < K
             acc = _similarity_tile(
                 x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D,
                 stride_xn, stride_xd, stride_yn, stride_yd,
@@ -165,13 +160,17 @@ def _forward_tiles_kernel(
             if HAS_BIAS:
                 logits += bias
             logits = tl.where(mask_m[:, None] & mask_n[None, :], logits, float("-inf"))
-            if (rb * BLOCK_M < (cb + 1) * BLOCK_N) & (cb * BLOCK_N < (rb + 1) * BLOCK_M):
-                # The diagonal logit is taken from the very tile the statistics
-                # see, so max - L_ii is exact where the pair wins its row.
-                on_diag = offs_m[:, None] == offs_n[None, :]
-                diag = tl.sum(tl.where(on_diag, logits, 0.0), axis=1)
-                in_tile = mask_m & (offs_m >= cb * BLOCK_N) & (offs_m < (cb + 1) * BLOCK_N)
-                tl.store(diag_ptr + offs_m, diag, mask=in_tile)
+            if HAS_DIAG:
+                label_lo = rb * BLOCK_M + diag_offset
+                if (label_lo < (cb + 1) * BLOCK_N) & (cb * BLOCK_N < label_lo + BLOCK_M):
+                    # The label logit is taken from the very tile the statistics
+                    # see, so max - L_ii is exact where the pair wins its row.
+                    labels = offs_m + diag_offset
+                    on_diag = labels[:, None] == offs_n[None, :]
+                    diag = tl.sum(tl.where(on_diag, logits, 0.0), axis=1)
+                    in_tile = (mask_m & (labels >= cb * BLOCK_N) & (labels < (cb + 1) * BLOCK_N)
+                               & (labels < K))
+                    tl.store(diag_ptr + offs_m, diag, mask=in_tile)
 
             # Row statistics: online log-sum-exp kept in registers.
             new_row_max = tl.maximum(row_max, tl.max(logits, axis=1))
@@ -179,18 +178,19 @@ def _forward_tiles_kernel(
                 tl.exp(logits - new_row_max[:, None]), axis=1)
             row_max = new_row_max
 
-            # Column statistics: this program's private slot, so no atomics.
-            col_ptrs = col_part_base + offs_n
-            old_col_max = tl.load(col_max_part_ptr + col_ptrs, mask=mask_n, other=float("-inf"))
-            old_col_sum = tl.load(col_sum_part_ptr + col_ptrs, mask=mask_n, other=0.0)
-            new_col_max = tl.maximum(old_col_max, tl.max(logits, axis=0))
-            new_col_sum = old_col_sum * tl.exp(old_col_max - new_col_max) + tl.sum(
-                tl.exp(logits - new_col_max[None, :]), axis=0)
-            tl.store(col_max_part_ptr + col_ptrs, new_col_max, mask=mask_n)
-            tl.store(col_sum_part_ptr + col_ptrs, new_col_sum, mask=mask_n)
-            # The next row block re-reads these columns; the threads that load
-            # them need not be the ones that stored them.
-            tl.debug_barrier()
+            if WITH_COLS:
+                # Column statistics: this program's private slot, so no atomics.
+                col_ptrs = col_part_base + offs_n
+                old_col_max = tl.load(col_max_part_ptr + col_ptrs, mask=mask_n, other=float("-inf"))
+                old_col_sum = tl.load(col_sum_part_ptr + col_ptrs, mask=mask_n, other=0.0)
+                new_col_max = tl.maximum(old_col_max, tl.max(logits, axis=0))
+                new_col_sum = old_col_sum * tl.exp(old_col_max - new_col_max) + tl.sum(
+                    tl.exp(logits - new_col_max[None, :]), axis=0)
+                tl.store(col_max_part_ptr + col_ptrs, new_col_max, mask=mask_n)
+                tl.store(col_sum_part_ptr + col_ptrs, new_col_sum, mask=mask_n)
+                # The next row block re-reads these columns; the threads that load
+                # them need not be the ones that stored them.
+                tl.debug_barrier()
         tl.store(row_max_part_ptr + row_part_base + offs_m, row_max, mask=mask_m)
         tl.store(row_sum_part_ptr + row_part_base + offs_m, row_sum, mask=mask_m)
 
@@ -199,23 +199,25 @@ def _forward_tiles_kernel(
 def _grad_logits_kernel(
     x_ptr, y_ptr, inv_x_ptr, inv_y_ptr, scale_ptr, bias_ptr,
     row_max_ptr, row_logsum_ptr, col_max_ptr, col_logsum_ptr, grad_panel_ptr, scale_grad_part_ptr,
-    N, D, row_start, col_start, panel_rows, panel_cols,
+    M, K, D, diag_offset, row_start, col_start, panel_rows, panel_cols,
     stride_xn, stride_xd, stride_yn, stride_yd,
     stride_gm, stride_gn,
-    HAS_BIAS: tl.constexpr, FOLD_INV_NORMS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DIAG: tl.constexpr, USE_ROWS: tl.constexpr,
+    USE_COLS: tl.constexpr, FOLD_INV_NORMS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One tile of the gradient panel: P + Q - 2I (times inv_x_i * inv_y_j with
-    FOLD_INV_NORMS, so the panel products can take raw feature rows)."""
+    """One tile of the gradient panel: (P - I) [USE_ROWS] + (Q - I) [USE_COLS],
+    I marking column i + diag_offset of row i (HAS_DIAG); times inv_x_i * inv_y_j
+    with FOLD_INV_NORMS, so the panel products can take raw feature rows."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     local_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     local_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = (row_start + local_m).to(tl.int64)
     offs_n = (col_start + local_n).to(tl.int64)
-    mask_m = (local_m < panel_rows) & (offs_m < N)
-    mask_n = (local_n < panel_cols) & (offs_n < N)
+    mask_m = (local_m < panel_rows) & (offs_m < M)
+    mask_n = (local_n < panel_cols) & (offs_n < K)
 
     acc = _similarity_tile(
         x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D,
@@ -229,17 +231,26 @@ def _grad_logits_kernel(
     logits = cosine * scale
     if HAS_BIAS:
         logits += tl.load(bias_ptr).to(tl.float32)
-    row_max = tl.load(row_max_ptr + offs_m, mask=mask_m, other=0.0)
-    row_logsum = tl.load(row_logsum_ptr + offs_m, mask=mask_m, other=0.0)
-    col_max = tl.load(col_max_ptr + offs_n, mask=mask_n, other=0.0)
-    col_logsum = tl.load(col_logsum_ptr + offs_n, mask=mask_n, other=0.0)
-    # (L - max) first: exact near the max, as in PyTorch's softmax.
-    prob_row = tl.exp((logits - row_max[:, None]) - row_logsum[:, None])
-    prob_col = tl.exp((logits - col_max[None, :]) - col_logsum[None, :])
-    # (P - 1) + (Q - 1) on the diagonal: each difference is exact, whereas
-    # P + Q - 2 would round P + Q at ulp(2) first.
-    on_diag = offs_m[:, None] == offs_n[None, :]
-    grad = tl.where(on_diag, prob_row - 1.0, prob_row) + tl.where(on_diag, prob_col - 1.0, prob_col)
+    # (L - max) first: exact near the max, as in PyTorch's softmax. On the
+    # labels (P - 1) + (Q - 1): each difference is exact, whereas P + Q - 2
+    # would round P + Q at ulp(2) first.
+    if HAS_DIAG:
+        on_diag = (offs_m + diag_offset)[:, None] == offs_n[None, :]
+    grad = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if USE_ROWS:
+        row_max = tl.load(row_max_ptr + offs_m, mask=mask_m, other=0.0)
+        row_logsum = tl.load(row_logsum_ptr + offs_m, mask=mask_m, other=0.0)
+        prob_row = tl.exp((logits - row_max[:, None]) - row_logsum[:, None])
+        if HAS_DIAG:
+            prob_row = tl.where(on_diag, prob_row - 1.0, prob_row)
+        grad += prob_row
+    if USE_COLS:
+        col_max = tl.load(col_max_ptr + offs_n, mask=mask_n, other=0.0)
+        col_logsum = tl.load(col_logsum_ptr + offs_n, mask=mask_n, other=0.0)
+        prob_col = tl.exp((logits - col_max[None, :]) - col_logsum[None, :])
+        if HAS_DIAG:
+            prob_col = tl.where(on_diag, prob_col - 1.0, prob_col)
+        grad += prob_col
     valid = mask_m[:, None] & mask_n[None, :]
     grad = tl.where(valid, grad, 0.0)
 
@@ -460,28 +471,35 @@ def _panel_size(n: int, d: int, panel: Optional[int]) -> int:
     return max(1, min(side, -(-half // 64) * 64))
 
 
-def _inverse_norms(x, y, normalize):
-    n, d = x.shape
-    inv_x = torch.empty(n, dtype=torch.float32, device=x.device)
-    inv_y = torch.empty_like(inv_x)
+def inverse_norms(features, normalize: bool) -> torch.Tensor:
+    """fp32 1 / max(|row|, eps) (ones when normalize is False)."""
+    n, d = features.shape
+    inv = torch.empty(n, dtype=torch.float32, device=features.device)
     block_r = 16 if interpreter_active() else 32
     block_d = min(128, max(16, triton.next_power_of_2(d)))
     _inverse_norms_kernel[(triton.cdiv(n, block_r),)](
-        x, y, inv_x, inv_y, n, d,
-        x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        features, inv, n, d, features.stride(0), features.stride(1),
         NORMALIZE=normalize, EPS=_NORM_EPS, BLOCK_R=block_r, BLOCK_D=block_d,
     )
-    return inv_x, inv_y
+    return inv
 
 
-def _forward_stats(x, y, inv_x, inv_y, scale, bias, allow_tf32):
-    """Row and column (max, log-sum) and the diagonal logits, fp32, from one sweep."""
-    n, d = x.shape
+def block_stats(x, y, inv_x, inv_y, scale, bias, diag_offset: Optional[int], with_cols: bool,
+                allow_tf32: bool):
+    """Statistics of the M x K block of logits s * X^ Y^T (+ b), from one sweep.
+
+    Returns fp32 (row_max, row_sum, col_max, col_sum, diag): per row and per
+    column the max and sum(exp(L - max)) (col_* None without ``with_cols``),
+    and the label logits L[i, i + diag_offset] (None when diag_offset is None).
+    ``scale`` and ``bias`` are 1-element fp32 tensors (bias may be None).
+    """
+    m, d = x.shape
+    k = y.shape[0]
     interpret = interpreter_active()
     dot_dtype = _dot_dtype(x, y)
     cfg = _tile_config(dot_dtype, interpret)
-    num_row_blocks = triton.cdiv(n, cfg["BLOCK_M"])
-    num_col_blocks = triton.cdiv(n, cfg["BLOCK_N"])
+    num_row_blocks = triton.cdiv(m, cfg["BLOCK_M"])
+    num_col_blocks = triton.cdiv(k, cfg["BLOCK_N"])
     side = max(1, int(_num_programs_target(x.device, interpret) ** 0.5))
     row_splits = min(num_row_blocks, side)
     col_splits = min(num_col_blocks, side)
@@ -490,31 +508,36 @@ def _forward_stats(x, y, inv_x, inv_y, scale, bias, allow_tf32):
     row_splits = triton.cdiv(num_row_blocks, row_blocks_per_split)
     col_splits = triton.cdiv(num_col_blocks, col_blocks_per_split)
 
-    row_max_part = torch.empty(col_splits, n, dtype=torch.float32, device=x.device)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    row_max_part = torch.empty(col_splits, m, **f32)
     row_sum_part = torch.empty_like(row_max_part)
-    diag = torch.empty(n, dtype=torch.float32, device=x.device)
-    col_max_part = torch.full((row_splits, n), float("-inf"), dtype=torch.float32, device=x.device)
-    col_sum_part = torch.zeros(row_splits, n, dtype=torch.float32, device=x.device)
+    diag = torch.empty(m, **f32) if diag_offset is not None else None
+    col_max_part = torch.full((row_splits, k), float("-inf"), **f32) if with_cols else row_max_part
+    col_sum_part = torch.zeros(row_splits, k, **f32) if with_cols else row_sum_part
     _forward_tiles_kernel[(row_splits, col_splits)](
         x, y, inv_x, inv_y, scale, bias if bias is not None else scale,
-        row_max_part, row_sum_part, col_max_part, col_sum_part, diag,
-        n, d, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        row_max_part, row_sum_part, col_max_part, col_sum_part,
+        diag if diag is not None else row_max_part,
+        m, k, d, diag_offset or 0, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         row_blocks_per_split, col_blocks_per_split,
-        HAS_BIAS=bias is not None,
+        HAS_BIAS=bias is not None, HAS_DIAG=diag_offset is not None, WITH_COLS=with_cols,
         DOT_DTYPE=_TORCH_TO_TL[dot_dtype],
         INPUT_PRECISION=_input_precision(dot_dtype, allow_tf32, interpret),
         **cfg,
     )
-    row_max, row_logsum = merge_split_stats(row_max_part, row_sum_part)
-    col_max, col_logsum = merge_split_stats(col_max_part, col_sum_part)
-    return row_max, row_logsum, col_max, col_logsum, diag
+    row_max, row_sum = merge_partial_sums(row_max_part, row_sum_part)
+    col_max = col_sum = None
+    if with_cols:
+        col_max, col_sum = merge_partial_sums(col_max_part, col_sum_part)
+    return row_max, row_sum, col_max, col_sum, diag
 
 
-def _finish_feature_grad(acc, features, inv_norm, factor, normalize, folded, out, acc_lo=None):
+def finish_feature_grad(acc, features, inv_norm, factor, normalize, folded, out, acc_lo=None):
     """out = normalize_backward(factor * acc) (see _finish_grad_kernel).
 
     ``acc`` is an fp32 (M, d) buffer, or with ``acc_lo`` the int16 high plane
-    of a split accumulator; ``factor`` is a 1-element fp32 tensor.
+    of a split accumulator; ``factor`` is a 1-element fp32 tensor; ``folded``
+    says the accumulator carries the inverse norms (see ``block_grads``).
     """
     m, d = features.shape
     block_r = 16 if interpreter_active() else 8
@@ -530,109 +553,143 @@ def _finish_feature_grad(acc, features, inv_norm, factor, normalize, folded, out
     )
 
 
-def _backward(ctx_tensors, grad_loss, needs, normalize, allow_tf32, panel):
-    x, y, scale, bias, inv_x, inv_y, row_max, row_logsum, col_max, col_logsum = ctx_tensors
-    need_x, need_y, need_scale = needs
-    n, d = x.shape
+def folds_inv_norms(x, y, normalize: bool) -> bool:
+    """Whether ``block_grads`` folds the inverse norms into the gradient panel.
+
+    Folding lets both panel products read raw feature rows straight into the
+    tensor cores. fp16 panels keep them out: a near-zero row (inv_norm up to
+    1e12) would overflow fp16's 65504.
+    """
+    return normalize and _dot_dtype(x, y) != torch.float16
+
+
+def block_grads(x, y, inv_x, inv_y, scale, bias, row_stats, col_stats, diag_offset: Optional[int],
+                *, normalize: bool, allow_tf32: bool, panel: Optional[int],
+                x_out=None, x_factor=None, x_acc=None, y_acc=None, y_acc_lo=None):
+    """Accumulate the gradients of an M x K block, G = (P - I) + (Q - I).
+
+    ``row_stats`` / ``col_stats`` are complete (max, log-sum) pairs, or None to
+    leave that term out. On the X side either ``x_out`` (finished per row panel
+    with ``x_factor``, in x's dtype) or ``x_acc`` (an fp32 M x d running sum of
+    G @ Y^); on the Y side ``y_acc`` (fp32 K x d, or the int16 high plane with
+    ``y_acc_lo``) += G^T @ X^. With ``folds_inv_norms`` the running sums carry
+    the inverse norms (inv_x_i G Y^ rather than G Y^). Returns the fp32 0-dim
+    sum of G * cosine, the scale gradient before its factor.
+    """
+    m, d = x.shape
+    k = y.shape[0]
     interpret = interpreter_active()
     dot_dtype = _dot_dtype(x, y)
     cfg = _tile_config(dot_dtype, interpret)
     mm_cfg = _matmul_config(dot_dtype, interpret)
     precision = _input_precision(dot_dtype, allow_tf32, interpret)
-    panel = _panel_size(n, d, panel)
+    side = _panel_size(max(m, k), d, panel)
     device = x.device
-    # Folding the inverse norms into G lets both products read raw feature
-    # rows straight into the tensor cores. fp16 panels keep them out: a
-    # near-zero row (inv_norm up to 1e12) would overflow fp16's 65504.
-    fold = normalize and dot_dtype != torch.float16
+    fold = folds_inv_norms(x, y, normalize)
+    need_x = x_out is not None or x_acc is not None
+    need_y = y_acc is not None
 
-    # G @ Y^ and G^T @ X^ carry the common factor s * grad_loss / (2N).
-    factor = ((scale.detach().reshape(1).float() * grad_loss.float()) / (2 * n)).contiguous()
-    grad_x = torch.empty((n, d), dtype=x.dtype, device=device) if need_x else None
-    grad_x_acc = torch.empty(min(panel, n), d, dtype=torch.float32, device=device) if need_x else None
-    grad_y = grad_y_lo = None
-    if need_y:
-        # dY^ accumulates over every row panel, so it lives as long as the loop:
-        # in the fp32 gradient itself, or split 16+8 bits over the 16-bit
-        # gradient and a byte plane (1.25x its size instead of 3x for fp32).
-        grad_y = torch.zeros((n, d), dtype=y.dtype, device=device)
-        if y.dtype != torch.float32:
-            grad_y_lo = torch.zeros((n, d), dtype=torch.uint8, device=device)
-    grad_y_acc = None if grad_y is None else (grad_y if grad_y_lo is None else grad_y.view(torch.int16))
-    grad_panel = torch.empty(min(panel, n), min(panel, n), dtype=dot_dtype, device=device)
+    panel_acc = None
+    if x_out is not None:
+        panel_acc = torch.empty(min(side, m), d, dtype=torch.float32, device=device)
+    grad_panel = torch.empty(min(side, m), min(side, k), dtype=dot_dtype, device=device)
     scale_grad = torch.zeros((), dtype=torch.float32, device=device)
-    # Placeholders for pointer arguments a specialisation never reads.
-    unused = scale_grad
+    unused = scale_grad.view(1, 1)  # pointer arguments a specialisation never reads
+    row_max, row_logsum = row_stats if row_stats is not None else (scale_grad, scale_grad)
+    col_max, col_logsum = col_stats if col_stats is not None else (scale_grad, scale_grad)
 
-    for row_start in range(0, n, panel):
-        rows = min(panel, n - row_start)
+    for row_start in range(0, m, side):
+        rows = min(side, m - row_start)
         x_rows = x[row_start:row_start + rows]
-        if need_x:
-            grad_x_acc.zero_()
-        for col_start in range(0, n, panel):
-            cols = min(panel, n - col_start)
+        if panel_acc is not None:
+            gx_rows = panel_acc[:rows]
+            gx_rows.zero_()
+        elif x_acc is not None:
+            gx_rows = x_acc[row_start:row_start + rows]
+        else:
+            gx_rows = unused
+        for col_start in range(0, k, side):
+            cols = min(side, k - col_start)
             grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(cols, cfg["BLOCK_N"]))
             scale_grad_part = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=device)
             g = grad_panel[:rows, :cols]
             _grad_logits_kernel[grid](
                 x, y, inv_x, inv_y, scale, bias if bias is not None else scale,
                 row_max, row_logsum, col_max, col_logsum, g, scale_grad_part,
-                n, d, row_start, col_start, rows, cols,
+                m, k, d, diag_offset or 0, row_start, col_start, rows, cols,
                 x.stride(0), x.stride(1), y.stride(0), y.stride(1),
                 g.stride(0), g.stride(1),
-                HAS_BIAS=bias is not None, FOLD_INV_NORMS=fold,
+                HAS_BIAS=bias is not None, HAS_DIAG=diag_offset is not None,
+                USE_ROWS=row_stats is not None, USE_COLS=col_stats is not None,
+                FOLD_INV_NORMS=fold,
                 DOT_DTYPE=_TORCH_TO_TL[dot_dtype], INPUT_PRECISION=precision,
                 **cfg,
             )
-            if need_scale:
-                scale_grad += scale_grad_part.sum()
+            scale_grad += scale_grad_part.sum()
             if not (need_x or need_y):
                 continue
             tiles_d = triton.cdiv(d, mm_cfg["BLOCK_D"])
             x_tiles = triton.cdiv(rows, mm_cfg["BLOCK_M"]) * tiles_d if need_x else 0
             y_tiles = triton.cdiv(cols, mm_cfg["BLOCK_M"]) * tiles_d if need_y else 0
             y_cols = y[col_start:col_start + cols]
-            gx = grad_x_acc[:rows] if need_x else unused.view(1, 1)
-            gy = grad_y_acc[col_start:col_start + cols] if need_y else unused.view(1, 1)
-            gy_lo = grad_y_lo[col_start:col_start + cols] if grad_y_lo is not None else gy
+            gy = y_acc[col_start:col_start + cols] if need_y else unused
+            gy_lo = y_acc_lo[col_start:col_start + cols] if y_acc_lo is not None else gy
             _panel_grads_kernel[(x_tiles + y_tiles,)](
                 g, g.stride(0), g.stride(1), rows, cols, d,
                 x_rows, x_rows.stride(0), x_rows.stride(1), inv_x[row_start:],
                 y_cols, y_cols.stride(0), y_cols.stride(1), inv_y[col_start:],
-                gx, gx.stride(0), gx.stride(1),
+                gx_rows, gx_rows.stride(0), gx_rows.stride(1),
                 gy, gy_lo, gy.stride(0), gy.stride(1),
                 x_tiles,
-                SCALE_ROWS=normalize and not fold, SPLIT_ACC_Y=grad_y_lo is not None,
+                SCALE_ROWS=normalize and not fold, SPLIT_ACC_Y=y_acc_lo is not None,
                 DOT_DTYPE=_TORCH_TO_TL[dot_dtype], INPUT_PRECISION=precision,
                 **mm_cfg,
             )
-        if need_x:
-            _finish_feature_grad(
-                grad_x_acc[:rows], x_rows, inv_x[row_start:row_start + rows],
-                factor, normalize, fold, grad_x[row_start:row_start + rows])
+        if x_out is not None:
+            finish_feature_grad(
+                gx_rows, x_rows, inv_x[row_start:row_start + rows],
+                x_factor, normalize, fold, x_out[row_start:row_start + rows])
+    return scale_grad
 
-    if need_y:
-        _finish_feature_grad(grad_y_acc, y, inv_y, factor, normalize, fold, grad_y, acc_lo=grad_y_lo)
-        del grad_y_lo
-    grad_scale = None
-    if need_scale:
-        grad_scale = (scale_grad * grad_loss.float() / (2 * n)).reshape(scale.shape).to(scale.dtype)
-    return grad_x, grad_y, grad_scale
+
+def merge_partial_sums(part_max: torch.Tensor, part_sum: torch.Tensor):
+    """Merge (max, sum exp(L - max)) partials over dim 0 into one (max, sum)."""
+    total_max = part_max.max(dim=0).values
+    return total_max, (part_sum * torch.exp(part_max - total_max[None, :])).sum(dim=0)
+
+
+def _half_precision_accumulator(like: torch.Tensor):
+    """Zeroed gradient for ``like`` and the accumulator views that build it.
+
+    fp32: the gradient itself. fp16/bf16: a 24-bit float split over the 16-bit
+    gradient (int16 view) and a byte plane: 1.25x the gradient's bytes instead
+    of 3x for a separate fp32 buffer.
+    """
+    grad = torch.zeros(like.shape, dtype=like.dtype, device=like.device)
+    if like.dtype == torch.float32:
+        return grad, grad, None
+    return grad, grad.view(torch.int16), torch.zeros(like.shape, dtype=torch.uint8, device=like.device)
+
+
+def _scalars(scale, bias):
+    scale_f32 = scale.detach().reshape(1).float().contiguous()
+    bias_f32 = bias.detach().reshape(1).float().contiguous() if bias is not None else None
+    return scale_f32, bias_f32
 
 
 # --------------------------------------------------------------------------- #
-# Autograd Function
+# Autograd Functions
 # --------------------------------------------------------------------------- #
 
 
 class TritonClipLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, scale, bias, normalize: bool, allow_tf32: bool, panel):
-        scale_f32 = scale.detach().reshape(1).float().contiguous()
-        bias_f32 = bias.detach().reshape(1).float().contiguous() if bias is not None else None
-        inv_x, inv_y = _inverse_norms(x, y, normalize)
-        stats = _forward_stats(x, y, inv_x, inv_y, scale_f32, bias_f32, allow_tf32)
-        row_max, row_logsum, col_max, col_logsum, diag = stats
+        scale_f32, bias_f32 = _scalars(scale, bias)
+        inv_x, inv_y = inverse_norms(x, normalize), inverse_norms(y, normalize)
+        row_max, row_sum, col_max, col_sum, diag = block_stats(
+            x, y, inv_x, inv_y, scale_f32, bias_f32, 0, True, allow_tf32)
+        row_logsum, col_logsum = torch.log(row_sum), torch.log(col_sum)
         loss = clip_loss_from_stats(row_max, row_logsum, col_max, col_logsum, diag)
 
         ctx.save_for_backward(
@@ -644,16 +701,73 @@ class TritonClipLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        saved = ctx.saved_tensors
+        x, y, scale, bias, inv_x, inv_y, row_max, row_logsum, col_max, col_logsum = ctx.saved_tensors
         need_x, need_y, need_scale, need_bias = ctx.needs_input_grad[:4]
         normalize, allow_tf32, panel = ctx.options
+        n = x.shape[0]
+        coef = grad_loss.float().reshape(1) / (2 * n)
         grad_x = grad_y = grad_scale = grad_bias = None
         if need_x or need_y or need_scale:
-            grad_x, grad_y, grad_scale = _backward(
-                saved, grad_loss, (need_x, need_y, need_scale), normalize, allow_tf32, panel)
-            if grad_scale is not None:
-                grad_scale = grad_scale.reshape(ctx.scale_meta[0]).to(ctx.scale_meta[1])
+            grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
+            y_acc = y_acc_lo = None
+            if need_y:
+                grad_y, y_acc, y_acc_lo = _half_precision_accumulator(y)
+            factor = (scale * coef).contiguous()
+            scale_grad = block_grads(
+                x, y, inv_x, inv_y, scale, bias, (row_max, row_logsum), (col_max, col_logsum), 0,
+                normalize=normalize, allow_tf32=allow_tf32, panel=panel,
+                x_out=grad_x, x_factor=factor, y_acc=y_acc, y_acc_lo=y_acc_lo)
+            if need_y:
+                finish_feature_grad(y_acc, y, inv_y, factor, normalize,
+                                    folds_inv_norms(x, y, normalize), grad_y, acc_lo=y_acc_lo)
+            if need_scale:
+                grad_scale = (scale_grad * coef).reshape(ctx.scale_meta[0]).to(ctx.scale_meta[1])
         if need_bias:
-            row_logsum, col_logsum = saved[7], saved[9]
             grad_bias = exact_zero_bias_grad(row_logsum, col_logsum, grad_loss.float(), *ctx.bias_meta)
         return grad_x, grad_y, grad_scale, grad_bias, None, None, None
+
+
+class TritonRowCrossEntropyFunction(torch.autograd.Function):
+    """mean_i CE(s Q^_i K^^T + b, label i + label_offset) with the fused kernels:
+    one direction of the loss over a rectangular block (open_clip's local_loss)."""
+
+    @staticmethod
+    def forward(ctx, queries, keys, scale, bias, normalize: bool, label_offset: int,
+                allow_tf32: bool, panel):
+        scale_f32, bias_f32 = _scalars(scale, bias)
+        inv_q, inv_k = inverse_norms(queries, normalize), inverse_norms(keys, normalize)
+        row_max, row_sum, _, _, diag = block_stats(
+            queries, keys, inv_q, inv_k, scale_f32, bias_f32, label_offset, False, allow_tf32)
+        row_logsum = torch.log(row_sum)
+        loss = ((row_max - diag) + row_logsum).mean()
+        ctx.save_for_backward(queries, keys, scale_f32, bias_f32, inv_q, inv_k, row_max, row_logsum)
+        ctx.scale_meta = (scale.shape, scale.dtype)
+        ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
+        ctx.options = (normalize, label_offset, allow_tf32, panel)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        queries, keys, scale, bias, inv_q, inv_k, row_max, row_logsum = ctx.saved_tensors
+        need_q, need_k, need_scale, need_bias = ctx.needs_input_grad[:4]
+        normalize, label_offset, allow_tf32, panel = ctx.options
+        coef = grad_loss.float().reshape(1) / queries.shape[0]
+        grad_q = grad_k = grad_scale = grad_bias = None
+        if need_q or need_k or need_scale:
+            grad_q = torch.empty(queries.shape, dtype=queries.dtype, device=queries.device) if need_q else None
+            k_acc = k_acc_lo = None
+            if need_k:
+                grad_k, k_acc, k_acc_lo = _half_precision_accumulator(keys)
+            factor = (scale * coef).contiguous()
+            scale_grad = block_grads(
+                queries, keys, inv_q, inv_k, scale, bias, (row_max, row_logsum), None, label_offset,
+                normalize=normalize, allow_tf32=allow_tf32, panel=panel,
+                x_out=grad_q, x_factor=factor, y_acc=k_acc, y_acc_lo=k_acc_lo)
+            if need_k:
+                finish_feature_grad(k_acc, keys, inv_k, factor, normalize,
+                                    folds_inv_norms(queries, keys, normalize), grad_k, acc_lo=k_acc_lo)
+            if need_scale:
+                grad_scale = (scale_grad * coef).reshape(ctx.scale_meta[0]).to(ctx.scale_meta[1])
+        if need_bias:
+            grad_bias = exact_zero_bias_grad(row_logsum, row_logsum, grad_loss.float(), *ctx.bias_meta)
+        return grad_q, grad_k, grad_scale, grad_bias, None, None, None, None
