@@ -121,17 +121,23 @@ def gather_features(image_features, text_features, local_loss=False, gather_with
 
 
 def local_clip_loss(inputs: LossInputs, all_image, all_text, rank: int, normalize: bool,
-                    chunk_elements: Optional[int] = None) -> torch.Tensor:
+                    block_backend: str, chunk_elements: Optional[int] = None,
+                    allow_tf32: bool = True) -> torch.Tensor:
     """open_clip's ``local_loss``: this rank's rows against every column."""
     n = inputs.image_features.shape[0]
-    chunk = DEFAULT_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
-    image_to_text = ChunkedRowCrossEntropyFunction.apply(
-        inputs.image_features, all_text, inputs.logit_scale, inputs.logit_bias,
-        normalize, rank * n, chunk)
-    text_to_image = ChunkedRowCrossEntropyFunction.apply(
-        inputs.text_features, all_image, inputs.logit_scale, inputs.logit_bias,
-        normalize, rank * n, chunk)
-    return (image_to_text + text_to_image) / 2
+    terms = []
+    for queries, keys in ((inputs.image_features, all_text), (inputs.text_features, all_image)):
+        if block_backend == "triton":
+            from ._triton import TritonRowCrossEntropyFunction
+
+            terms.append(TritonRowCrossEntropyFunction.apply(
+                queries, keys, inputs.logit_scale, inputs.logit_bias, normalize, rank * n,
+                allow_tf32, None))
+        else:
+            chunk = DEFAULT_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
+            terms.append(ChunkedRowCrossEntropyFunction.apply(
+                queries, keys, inputs.logit_scale, inputs.logit_bias, normalize, rank * n, chunk))
+    return (terms[0] + terms[1]) / 2
 
 
 # ------------------------------- ring mode --------------------------------- #
@@ -154,25 +160,105 @@ def _wait(requests) -> None:
         request.wait()
 
 
+class ChunkedBlockOps:
+    """Block statistics and gradients with the chunked PyTorch primitives."""
+
+    def __init__(self, x, y, normalize: bool, chunk_elements: int, allow_tf32: bool = True):
+        self.dtype = compute_dtype(x, y)
+        self.normalize = normalize
+        self.chunk = chunk_elements
+
+    def inverse_norms(self, features):
+        return inverse_norms(features, self.normalize, self.dtype)
+
+    def scalars(self, scale, bias):
+        s = scale.detach().reshape(()).to(self.dtype)
+        return s, bias.detach().reshape(()).to(self.dtype) if bias is not None else None
+
+    def stats(self, x, inv_x, y, inv_y, s, b, diag_offset, with_cols=True):
+        return block_forward(unit_rows(x, inv_x), unit_rows(y, inv_y), s, b, diag_offset,
+                             self.chunk, with_cols)
+
+    def new_accumulator(self, rows, d, device):
+        return torch.zeros(rows, d, dtype=self.dtype, device=device)
+
+    def grads(self, x, inv_x, y, inv_y, s, b, row_stats, col_stats, diag_offset, x_acc, y_acc):
+        """x_acc += s G Y^, y_acc += s G^T X^ with unscaled G; returns sum G cos."""
+        one = torch.ones((), dtype=self.dtype, device=x.device)
+        gx, gy, gs = block_backward(
+            unit_rows(x, inv_x), unit_rows(y, inv_y), s, b, row_stats, col_stats, diag_offset,
+            one if row_stats is not None else None, one if col_stats is not None else None,
+            self.chunk, need_x=x_acc is not None, need_y=y_acc is not None)
+        if x_acc is not None:
+            x_acc += gx
+        if y_acc is not None:
+            y_acc += gy
+        return gs
+
+    def finish(self, acc, features, inv_norm, s, coef):
+        return features_grad(acc * coef, features, inv_norm, self.normalize)
+
+
+class TritonBlockOps:
+    """The same operations with the fused Triton kernels (CUDA, or the interpreter)."""
+
+    def __init__(self, x, y, normalize: bool, chunk_elements: int, allow_tf32: bool = True):
+        from . import _triton
+
+        self.kernels = _triton
+        self.dtype = torch.float32
+        self.normalize = normalize
+        self.allow_tf32 = allow_tf32
+        self.folded = _triton.folds_inv_norms(x, y, normalize)
+
+    def inverse_norms(self, features):
+        return self.kernels.inverse_norms(features, self.normalize)
+
+    def scalars(self, scale, bias):
+        s = scale.detach().reshape(1).float().contiguous()
+        return s, bias.detach().reshape(1).float().contiguous() if bias is not None else None
+
+    def stats(self, x, inv_x, y, inv_y, s, b, diag_offset, with_cols=True):
+        return self.kernels.block_stats(x, y, inv_x, inv_y, s, b, diag_offset, with_cols, self.allow_tf32)
+
+    def new_accumulator(self, rows, d, device):
+        return torch.zeros(rows, d, dtype=torch.float32, device=device)
+
+    def grads(self, x, inv_x, y, inv_y, s, b, row_stats, col_stats, diag_offset, x_acc, y_acc):
+        """x_acc += G Y^, y_acc += G^T X^ (carrying the inverse norms when folded)."""
+        return self.kernels.block_grads(
+            x, y, inv_x, inv_y, s, b, row_stats, col_stats, diag_offset,
+            normalize=self.normalize, allow_tf32=self.allow_tf32, panel=None,
+            x_acc=x_acc, y_acc=y_acc)
+
+    def finish(self, acc, features, inv_norm, s, coef):
+        out = torch.empty(features.shape, dtype=features.dtype, device=features.device)
+        factor = (s.reshape(1) * coef.reshape(1)).float().contiguous()
+        self.kernels.finish_feature_grad(acc, features, inv_norm, factor, self.normalize,
+                                         self.folded, out)
+        return out
+
+
+BLOCK_OPS = {"chunked": ChunkedBlockOps, "triton": TritonBlockOps}
+
+
 class RingClipLossFunction(torch.autograd.Function):
     """Global symmetric CLIP loss over every rank's batch, by ring exchange."""
 
     @staticmethod
-    def forward(ctx, x, y, scale, bias, normalize: bool, chunk_elements: int, group):
+    def forward(ctx, x, y, scale, bias, normalize: bool, block_backend: str, chunk_elements: int,
+                allow_tf32: bool, group):
         rank, world_size, nxt, prv = _peers(group)
         n = x.shape[0]
-        dtype = compute_dtype(x, y)
-        s = scale.detach().reshape(()).to(dtype)
-        b = bias.detach().reshape(()).to(dtype) if bias is not None else None
-        inv_x = inverse_norms(x, normalize, dtype)
-        inv_y = inverse_norms(y, normalize, dtype)
-        x_unit = unit_rows(x, inv_x)
+        ops = BLOCK_OPS[block_backend](x, y, normalize, chunk_elements, allow_tf32)
+        s, b = ops.scalars(scale, bias)
+        inv_x, inv_y = ops.inverse_norms(x), ops.inverse_norms(y)
 
         row_max_parts, row_sum_parts = [], []
         block, block_inv = y.detach().contiguous(), inv_y
         # The travelling block's column statistics, merged by every rank it visits.
-        col_max = torch.full((n,), float("-inf"), dtype=dtype, device=x.device)
-        col_sum = torch.zeros(n, dtype=dtype, device=x.device)
+        col_max = torch.full((n,), float("-inf"), dtype=inv_y.dtype, device=x.device)
+        col_sum = torch.zeros(n, dtype=inv_y.dtype, device=x.device)
         diag = None
         for step in range(world_size):
             data_requests = []
@@ -180,9 +266,8 @@ class RingClipLossFunction(torch.autograd.Function):
                 next_block, next_inv = torch.empty_like(block), torch.empty_like(block_inv)
                 data_requests = _exchange([block, block_inv], [next_block, next_inv], nxt, prv,
                                           group, _TAG_BLOCK)
-            rmax, rsum, cmax, csum, block_diag = block_forward(
-                x_unit, unit_rows(block, block_inv), s, b, 0 if step == 0 else None,
-                chunk_elements)
+            rmax, rsum, cmax, csum, block_diag = ops.stats(
+                x, inv_x, block, block_inv, s, b, 0 if step == 0 else None)
             if step == 0:
                 diag = block_diag
             row_max_parts.append(rmax)
@@ -205,57 +290,52 @@ class RingClipLossFunction(torch.autograd.Function):
 
         ctx.save_for_backward(x, y, scale, bias, inv_x, inv_y, row_max, row_logsum, col_max, col_logsum)
         ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
-        ctx.options = (normalize, chunk_elements, group)
+        ctx.options = (normalize, block_backend, chunk_elements, allow_tf32, group)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         x, y, scale, bias, inv_x, inv_y, row_max, row_logsum, col_max, col_logsum = ctx.saved_tensors
-        normalize, chunk_elements, group = ctx.options
+        normalize, block_backend, chunk_elements, allow_tf32, group = ctx.options
         need_x, need_y, need_scale, need_bias = ctx.needs_input_grad[:4]
         rank, world_size, nxt, prv = _peers(group)
-        n = x.shape[0]
-        dtype = row_max.dtype
-        s = scale.detach().reshape(()).to(dtype)
-        b = bias.detach().reshape(()).to(dtype) if bias is not None else None
+        n, d = x.shape
+        ops = BLOCK_OPS[block_backend](x, y, normalize, chunk_elements, allow_tf32)
+        s, b = ops.scalars(scale, bias)
         # G = (P + Q - 2I) / (2 N world) per block, times world_size (see the
         # module docstring): each rank returns world_size x its share.
-        coef = grad_loss.to(dtype) / (2 * n)
-        x_unit = unit_rows(x, inv_x)
+        coef = grad_loss.to(row_max.dtype) / (2 * n)
 
-        grad_x_unit = torch.zeros_like(x_unit)
-        grad_s = torch.zeros((), dtype=dtype, device=x.device)
+        grad_x_acc = ops.new_accumulator(n, d, x.device)
+        grad_s = torch.zeros((), dtype=row_max.dtype, device=x.device)
         packet = [y.detach().contiguous(), inv_y, col_max, col_logsum]
-        block_grad = torch.zeros(n, y.shape[1], dtype=dtype, device=y.device)
+        block_grad = ops.new_accumulator(n, d, y.device) if need_y else None
         for step in range(world_size):
             data_requests = []
             if step < world_size - 1:
                 next_packet = [torch.empty_like(t) for t in packet]
                 data_requests = _exchange(packet, next_packet, nxt, prv, group, _TAG_BLOCK)
             block, block_inv, block_col_max, block_col_logsum = packet
-            gx, gy, gs = block_backward(
-                x_unit, unit_rows(block, block_inv), s, b, (row_max, row_logsum),
-                (block_col_max, block_col_logsum), 0 if step == 0 else None, coef, coef,
-                chunk_elements, need_x=True, need_y=need_y)
-            grad_x_unit += gx
-            grad_s += gs
-            if need_y:
-                block_grad += gy
-                if world_size > 1:
-                    incoming = torch.empty_like(block_grad)
-                    _wait(_exchange([block_grad], [incoming], nxt, prv, group, _TAG_GRAD))
-                    block_grad = incoming
+            grad_s += ops.grads(
+                x, inv_x, block, block_inv, s, b, (row_max, row_logsum),
+                (block_col_max, block_col_logsum), 0 if step == 0 else None,
+                grad_x_acc, block_grad).reshape(())
+            if need_y and world_size > 1:
+                incoming = torch.empty_like(block_grad)
+                _wait(_exchange([block_grad], [incoming], nxt, prv, group, _TAG_GRAD))
+                block_grad = incoming
             _wait(data_requests)
             if step < world_size - 1:
                 packet = next_packet
 
-        grad_x = features_grad(grad_x_unit, x, inv_x, normalize) if need_x else None
-        grad_y = features_grad(block_grad, y, inv_y, normalize) if need_y else None
-        grad_scale = grad_s.reshape(scale.shape).to(scale.dtype) if need_scale else None
+        grad_x = ops.finish(grad_x_acc, x, inv_x, s, coef) if need_x else None
+        grad_y = ops.finish(block_grad, y, inv_y, s, coef) if need_y else None
+        grad_scale = (grad_s * coef).reshape(scale.shape).to(scale.dtype) if need_scale else None
         grad_bias = None
         if need_bias:
-            grad_bias = exact_zero_bias_grad(row_logsum, col_logsum, grad_loss.to(dtype), *ctx.bias_meta)
-        return grad_x, grad_y, grad_scale, grad_bias, None, None, None
+            grad_bias = exact_zero_bias_grad(row_logsum, col_logsum, grad_loss.to(row_max.dtype),
+                                             *ctx.bias_meta)
+        return grad_x, grad_y, grad_scale, grad_bias, None, None, None, None, None
 
 
 def _merge_pair(max_a, sum_a, max_b, sum_b):
@@ -267,7 +347,7 @@ def distributed_clip_loss(inputs: LossInputs, *, local_loss: bool, gather_with_g
                           ring: bool, rank: int, world_size: int, normalize: bool, backend: str,
                           group=None, chunk_elements: Optional[int] = None) -> torch.Tensor:
     """The loss of ``ClipLoss`` when world_size > 1 (see the module docstring)."""
-    from .api import clip_loss
+    from .api import clip_loss, resolve_backend
 
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
@@ -281,15 +361,19 @@ def distributed_clip_loss(inputs: LossInputs, *, local_loss: bool, gather_with_g
             f"group has rank {dist.get_rank(group)} of {actual}"
         )
     check_equal_batches(inputs.image_features.shape[0], inputs.image_features.device, group)
+    # The block-wise modes run on the fused kernels where clip_loss would, and
+    # on the chunked PyTorch primitives otherwise.
+    block_backend = "triton" if resolve_backend(backend, inputs) == "triton" else "chunked"
     if ring:
         chunk = DEFAULT_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
         return RingClipLossFunction.apply(
             inputs.image_features, inputs.text_features, inputs.logit_scale, inputs.logit_bias,
-            normalize, chunk, group)
+            normalize, block_backend, chunk, True, group)
     all_image, all_text = gather_features(
         inputs.image_features, inputs.text_features, local_loss, gather_with_grad,
         rank, world_size, group)
     if local_loss:
-        return local_clip_loss(inputs, all_image, all_text, rank, normalize, chunk_elements)
+        return local_clip_loss(inputs, all_image, all_text, rank, normalize, block_backend,
+                               chunk_elements)
     return clip_loss(all_image, all_text, inputs.logit_scale, logit_bias=inputs.logit_bias,
                      normalize=normalize, backend=backend)

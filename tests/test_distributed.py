@@ -26,6 +26,9 @@ SCENARIOS = [
     ("ring_fp32", dict(ring=True), torch.float32),
     ("ring_unnormalized", dict(ring=True, normalize=False), torch.float64),
     ("gather_with_grad_triton", dict(gather_with_grad=True, backend="triton"), torch.float32),
+    ("gather_with_grad_local_triton", dict(gather_with_grad=True, local_loss=True, backend="triton"),
+     torch.float32),
+    ("ring_triton", dict(ring=True, backend="triton"), torch.float32),
 ]
 
 
