@@ -101,7 +101,8 @@ def clip_loss(
             (10-bit mantissa products, fp32 accumulation). False gives full fp32.
         chunk_elements: chunked backend only: logits held at once (default 2^22).
         panel_size: triton backend only: side of the gradient panels of the
-            backward pass (default min(8192, N/2 rounded up to 64)).
+            backward pass, rounded up to a multiple of the tile size (default
+            about sqrt(N d / 8), between 2048 and 8192, at most about N/2).
 
     Returns:
         0-dim tensor: float32 for float16/bfloat16 features (as under autocast),

@@ -133,3 +133,51 @@ def assert_parity(
             f"scale={scale}, bias={bias}, normalize={normalize})"
         )
     return got, truth
+
+
+def reference_row_cross_entropy(queries, keys, scale, bias, normalize, label_offset):
+    """mean_i CE(s Q^_i K^^T + b, i + label_offset), plain PyTorch."""
+    import torch.nn.functional as F
+
+    if normalize:
+        queries, keys = F.normalize(queries, dim=-1), F.normalize(keys, dim=-1)
+    logits = scale * queries @ keys.t()
+    if bias is not None:
+        logits = logits + bias
+    labels = torch.arange(queries.shape[0], device=queries.device) + label_offset
+    return F.cross_entropy(logits, labels)
+
+
+def assert_row_ce_parity(function, m, k, d, label_offset, *, dtype=torch.float32, device="cpu",
+                         normalize=True, bias=0.5, extra_args=()):
+    """A row cross-entropy Function against the plain reference, by the same rule."""
+    gen = torch.Generator().manual_seed(m * 1000 + k)
+    q = torch.randn(m, d, generator=gen).to(device=device, dtype=dtype)
+    keys = torch.randn(k, d, generator=gen).to(device=device, dtype=dtype)
+    keys[label_offset:label_offset + m] += 1.5 * q.to(keys.dtype)  # the labels stand out
+    s = torch.tensor(30.0, device=device)
+    b = torch.tensor(bias, device=device)
+
+    def run(fn, cast):
+        leaves = [t.detach().clone().to(cast(t.dtype)).requires_grad_() for t in (q, keys, s, b)]
+        loss = fn(*leaves)
+        return [loss.detach(), *torch.autograd.grad(loss, leaves)]
+
+    got = run(lambda q_, k_, s_, b_: function.apply(q_, k_, s_, b_, normalize, label_offset,
+                                                    *extra_args), lambda dt: dt)
+    truth = run(lambda q_, k_, s_, b_: reference_row_cross_entropy(q_, k_, s_, b_, normalize,
+                                                                    label_offset), lambda dt: torch.float64)
+    same = run(lambda q_, k_, s_, b_: reference_row_cross_entropy(q_, k_, s_, b_, normalize,
+                                                                   label_offset), lambda dt: dt)
+    for name, g, t, r in zip(["loss", "grad_queries", "grad_keys", "grad_scale", "grad_bias"],
+                             got, truth, same):
+        err = (g.double() - t.double()).abs().max().item()
+        ref_err = (r.double() - t.double()).abs().max().item()
+        magnitude = max(t.abs().max().item(), 1.0 if name in ("loss", "grad_scale", "grad_bias")
+                        else 30.0 / m)
+        floor = floor_for(dtype) * magnitude
+        if name in ("loss", "grad_scale"):
+            floor += torch.finfo(dtype).eps * (30.0 + abs(bias))
+        assert err <= 2 * ref_err + floor, (
+            f"{name}: error {err:.3e} > 2 x {ref_err:.3e} + {floor:.3e} (M={m}, K={k}, d={d}, "
+            f"offset={label_offset})")

@@ -69,3 +69,26 @@ def test_chunked_gradcheck_zero_feature_row():
     want = torch.autograd.grad(clip_loss(x, y, s, backend="reference"), (x, y))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9 * w.abs().max().item())
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("m,k,d,offset", [(1, 1, 3, 0), (5, 15, 7, 10), (33, 97, 65, 31), (40, 40, 9, 0)])
+def test_chunked_row_cross_entropy_parity(m, k, d, offset, normalize):
+    from clipfast.chunked import ChunkedRowCrossEntropyFunction
+
+    from .parity import assert_row_ce_parity
+
+    assert_row_ce_parity(ChunkedRowCrossEntropyFunction, m, k, d, offset, normalize=normalize,
+                         extra_args=(max(1, k * 4),))
+
+
+def test_chunked_row_cross_entropy_gradcheck_fp64():
+    from clipfast.chunked import ChunkedRowCrossEntropyFunction
+
+    torch.manual_seed(3)
+    q = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda *a: ChunkedRowCrossEntropyFunction.apply(*a, True, 2, 8), (q, k, s, b))

@@ -51,9 +51,14 @@ def test_triton_partial_requires_grad(needs):
 
 
 @pytest.mark.parametrize("panel", [16, 40, 64])
-def test_triton_panel_sizes(panel):
-    # Panels that do not divide N, smaller than a tile, or not a multiple of it.
-    assert_parity("triton", 101, 47, scale=30.0, device=DEVICE, panel_size=panel, allow_tf32=False)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_triton_panel_sizes(panel, normalize):
+    # Panels that do not divide N; requested sizes that are not a multiple of
+    # the tile (rounded up to one). Unnormalised features at scale 100 give
+    # |L| ~ 1000 and one-hot softmaxes, where a recomputed logit one ulp off
+    # the forward's would show up as a spurious gradient.
+    assert_parity("triton", 101, 47, scale=100.0 if not normalize else 30.0, normalize=normalize,
+                  device=DEVICE, panel_size=panel, allow_tf32=False)
 
 
 def test_triton_matches_chunked_non_contiguous():
@@ -154,3 +159,25 @@ def test_triton_zero_and_tiny_rows_match_reference():
     want = torch.autograd.grad(clip_loss(x, y, 5.0, backend="reference"), (x, y))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * w.abs().max().item())
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("m,k,d,offset", [(1, 1, 3, 0), (5, 15, 7, 10), (33, 97, 65, 31), (40, 80, 9, 40)])
+def test_triton_row_cross_entropy_parity(m, k, d, offset, normalize):
+    # Rectangular blocks with a label offset: open_clip's local_loss rows.
+    from clipfast._triton import TritonRowCrossEntropyFunction
+
+    from .parity import assert_row_ce_parity
+
+    assert_row_ce_parity(TritonRowCrossEntropyFunction, m, k, d, offset, normalize=normalize,
+                         device=DEVICE, extra_args=(False, 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16])
+def test_triton_row_cross_entropy_half(dtype):
+    from clipfast._triton import TritonRowCrossEntropyFunction
+
+    from .parity import assert_row_ce_parity
+
+    assert_row_ce_parity(TritonRowCrossEntropyFunction, 33, 66, 40, 33, dtype=dtype, device=DEVICE,
+                         extra_args=(True, 16))

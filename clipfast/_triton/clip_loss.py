@@ -111,6 +111,22 @@ def _similarity_tile(
 
 
 @triton.jit
+def _logits_from_dots(acc, inv_x, inv_y, scale, bias_ptr, HAS_BIAS: tl.constexpr):
+    """(cosines, logits) of a tile of raw dot products.
+
+    Forward and backward both go through here, on the same tile grid, so the
+    backward pass recomputes bit-identical logits: where |L| is large and the
+    softmax one-hot, an ulp of difference against the saved max would show up
+    as a spurious gradient.
+    """
+    cosine = acc * inv_x[:, None] * inv_y[None, :]
+    logits = cosine * scale
+    if HAS_BIAS:
+        logits += tl.load(bias_ptr).to(tl.float32)
+    return cosine, logits
+
+
+@triton.jit
 def _forward_tiles_kernel(
     x_ptr, y_ptr, inv_x_ptr, inv_y_ptr, scale_ptr, bias_ptr,
     row_max_part_ptr, row_sum_part_ptr, col_max_part_ptr, col_sum_part_ptr, diag_ptr,
@@ -136,15 +152,13 @@ def _forward_tiles_kernel(
     cb_stop = tl.minimum(cb_start + col_blocks_per_split, num_col_blocks)
 
     scale = tl.load(scale_ptr).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr).to(tl.float32)
     col_part_base = row_split.to(tl.int64) * K
     row_part_base = col_split.to(tl.int64) * M
 
     for rb in range(rb_start, rb_stop):
         offs_m = (rb * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         mask_m = offs_m < M
-        row_factor = scale * tl.load(inv_x_ptr + offs_m, mask=mask_m, other=0.0)
+        inv_x = tl.load(inv_x_ptr + offs_m, mask=mask_m, other=0.0)
         row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for cb in range(cb_start, cb_stop):
@@ -156,9 +170,7 @@ def _forward_tiles_kernel(
                 DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
             )
             inv_y = tl.load(inv_y_ptr + offs_n, mask=mask_n, other=0.0)
-            logits = acc * row_factor[:, None] * inv_y[None, :]
-            if HAS_BIAS:
-                logits += bias
+            _, logits = _logits_from_dots(acc, inv_x, inv_y, scale, bias_ptr, HAS_BIAS)
             logits = tl.where(mask_m[:, None] & mask_n[None, :], logits, float("-inf"))
             if HAS_DIAG:
                 label_lo = rb * BLOCK_M + diag_offset
@@ -227,10 +239,7 @@ def _grad_logits_kernel(
     scale = tl.load(scale_ptr).to(tl.float32)
     inv_x = tl.load(inv_x_ptr + offs_m, mask=mask_m, other=0.0)
     inv_y = tl.load(inv_y_ptr + offs_n, mask=mask_n, other=0.0)
-    cosine = acc * inv_x[:, None] * inv_y[None, :]
-    logits = cosine * scale
-    if HAS_BIAS:
-        logits += tl.load(bias_ptr).to(tl.float32)
+    cosine, logits = _logits_from_dots(acc, inv_x, inv_y, scale, bias_ptr, HAS_BIAS)
     # (L - max) first: exact near the max, as in PyTorch's softmax. On the
     # labels (P - 1) + (Q - 1): each difference is exact, whereas P + Q - 2
     # would round P + Q at ulp(2) first.
@@ -459,16 +468,22 @@ def _input_precision(dot_dtype: torch.dtype, allow_tf32: bool, interpret: bool) 
     return "tf32" if allow_tf32 else "ieee"
 
 
-def _panel_size(n: int, d: int, panel: Optional[int]) -> int:
-    if panel is not None:
-        return max(1, int(panel))
-    # A G panel of about N*d/8 elements costs 1/16 of the input gradients'
-    # bytes; 2048 keeps the panel GEMMs large enough to fill an H100, 8192
-    # caps it; at most N/2, so G never exists as N x N.
-    side = int(math.sqrt(n * d / 8))
-    side = min(_MAX_PANEL, max(_MIN_PANEL, -(-side // 128) * 128))
-    half = -(-n // 2)
-    return max(1, min(side, -(-half // 64) * 64))
+def _panel_size(n: int, d: int, panel: Optional[int], tile: int) -> int:
+    """Side of the backward's gradient panels, a multiple of the tile size.
+
+    Panels start on the forward pass's tile grid, so every tile is recomputed
+    from the same rows and columns (see _logits_from_dots). By default a panel
+    holds about N*d/8 elements (1/16 of the input gradients' bytes), at least
+    2048 so the panel GEMMs fill an H100, at most 8192, and at most about N/2
+    so that G never exists as N x N.
+    """
+    if panel is None:
+        side = int(math.sqrt(n * d / 8))
+        side = min(_MAX_PANEL, max(_MIN_PANEL, side))
+        side = min(side, -(-n // 2))
+    else:
+        side = int(panel)
+    return max(tile, -(-side // tile) * tile)
 
 
 def inverse_norms(features, normalize: bool) -> torch.Tensor:
@@ -583,7 +598,7 @@ def block_grads(x, y, inv_x, inv_y, scale, bias, row_stats, col_stats, diag_offs
     cfg = _tile_config(dot_dtype, interpret)
     mm_cfg = _matmul_config(dot_dtype, interpret)
     precision = _input_precision(dot_dtype, allow_tf32, interpret)
-    side = _panel_size(max(m, k), d, panel)
+    side = _panel_size(max(m, k), d, panel, max(cfg["BLOCK_M"], cfg["BLOCK_N"]))
     device = x.device
     fold = folds_inv_norms(x, y, normalize)
     need_x = x_out is not None or x_acc is not None
