@@ -146,7 +146,6 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 class ChunkedClipLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, scale, bias, normalize: bool, chunk_elements: int):
-        n = x.shape[0]
         dtype = compute_dtype(x, y)
         inv_x = inverse_norms(x, normalize, dtype)
         inv_y = inverse_norms(y, normalize, dtype)
@@ -248,13 +247,6 @@ def clip_loss_from_stats(row_max, row_logsum, col_max, col_logsum, diag_logits):
     row_ce = (row_max - diag_logits) + row_logsum
     col_ce = (col_max - diag_logits) + col_logsum
     return (row_ce.sum() + col_ce.sum()) / (2 * n)
-
-
-def merge_split_stats(part_max: torch.Tensor, part_sum: torch.Tensor):
-    """Merge (max, sum exp(L - max)) partials over dim 0 into (max, log-sum)."""
-    total_max = part_max.max(dim=0).values
-    total_sum = (part_sum * torch.exp(part_max - total_max[None, :])).sum(dim=0)
-    return total_max, torch.log(total_sum)
 
 
 def exact_zero_bias_grad(row_stat, col_stat, grad_loss, shape, dtype) -> torch.Tensor:

@@ -41,7 +41,6 @@ from .chunked import (
     exact_zero_bias_grad,
     features_grad,
     inverse_norms,
-    merge_split_stats,
     unit_rows,
 )
 
@@ -254,9 +253,11 @@ class RingClipLossFunction(torch.autograd.Function):
         s, b = ops.scalars(scale, bias)
         inv_x, inv_y = ops.inverse_norms(x), ops.inverse_norms(y)
 
-        row_max_parts, row_sum_parts = [], []
+        # Running statistics: row ones for this rank's rows, and the travelling
+        # block's column ones, merged by every rank it visits.
+        row_max = torch.full((n,), float("-inf"), dtype=inv_x.dtype, device=x.device)
+        row_sum = torch.zeros(n, dtype=inv_x.dtype, device=x.device)
         block, block_inv = y.detach().contiguous(), inv_y
-        # The travelling block's column statistics, merged by every rank it visits.
         col_max = torch.full((n,), float("-inf"), dtype=inv_y.dtype, device=x.device)
         col_sum = torch.zeros(n, dtype=inv_y.dtype, device=x.device)
         diag = None
@@ -270,8 +271,7 @@ class RingClipLossFunction(torch.autograd.Function):
                 x, inv_x, block, block_inv, s, b, 0 if step == 0 else None)
             if step == 0:
                 diag = block_diag
-            row_max_parts.append(rmax)
-            row_sum_parts.append(rsum)
+            row_max, row_sum = _merge_pair(row_max, row_sum, rmax, rsum)
             col_max, col_sum = _merge_pair(col_max, col_sum, cmax, csum)
             if world_size > 1:
                 # Hand the block's statistics on; after the last hop they are home.
@@ -282,7 +282,7 @@ class RingClipLossFunction(torch.autograd.Function):
             if step < world_size - 1:
                 block, block_inv = next_block, next_inv
 
-        row_max, row_logsum = merge_split_stats(torch.stack(row_max_parts), torch.stack(row_sum_parts))
+        row_logsum = torch.log(row_sum)
         col_logsum = torch.log(col_sum)
         local_sum = ((row_max - diag) + row_logsum).sum() + ((col_max - diag) + col_logsum).sum()
         dist.all_reduce(local_sum, group=group)

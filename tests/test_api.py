@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import clipfast
-from clipfast import ClipLoss, clip_loss
+from clipfast import clip_loss
 
 BACKENDS = ["reference", "chunked", "triton"]
 
