@@ -143,14 +143,21 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
+def scalar_in(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """A scale/bias tensor as a detached 0-dim tensor of ``dtype`` (None stays None)."""
+    return None if t is None else t.detach().reshape(()).to(dtype)
+
+
+def _prepare(x, y, scale, bias, normalize):
+    dtype = compute_dtype(x, y)
+    return (dtype, inverse_norms(x, normalize, dtype), inverse_norms(y, normalize, dtype),
+            scalar_in(scale, dtype), scalar_in(bias, dtype))
+
+
 class ChunkedClipLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, scale, bias, normalize: bool, chunk_elements: int):
-        dtype = compute_dtype(x, y)
-        inv_x = inverse_norms(x, normalize, dtype)
-        inv_y = inverse_norms(y, normalize, dtype)
-        s = scale.detach().reshape(()).to(dtype)
-        b = bias.detach().reshape(()).to(dtype) if bias is not None else None
+        dtype, inv_x, inv_y, s, b = _prepare(x, y, scale, bias, normalize)
         row_max, row_sum, col_max, col_sum, diag = block_forward(
             unit_rows(x, inv_x), unit_rows(y, inv_y), s, b, 0, chunk_elements)
         row_logsum, col_logsum = torch.log(row_sum), torch.log(col_sum)
@@ -168,8 +175,7 @@ class ChunkedClipLossFunction(torch.autograd.Function):
         need_x, need_y, need_scale, need_bias = ctx.needs_input_grad[:4]
         n = x.shape[0]
         dtype = row_max.dtype
-        s = scale.detach().reshape(()).to(dtype)
-        b = bias.detach().reshape(()).to(dtype) if bias is not None else None
+        s, b = scalar_in(scale, dtype), scalar_in(bias, dtype)
         coef = grad_loss.to(dtype) / (2 * n)
         grad_x_unit, grad_y_unit, grad_s = block_backward(
             unit_rows(x, inv_x), unit_rows(y, inv_y), s, b, (row_max, row_logsum),
@@ -199,11 +205,7 @@ class ChunkedRowCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, queries, keys, scale, bias, normalize: bool, label_offset: int, chunk_elements: int):
-        dtype = compute_dtype(queries, keys)
-        inv_q = inverse_norms(queries, normalize, dtype)
-        inv_k = inverse_norms(keys, normalize, dtype)
-        s = scale.detach().reshape(()).to(dtype)
-        b = bias.detach().reshape(()).to(dtype) if bias is not None else None
+        dtype, inv_q, inv_k, s, b = _prepare(queries, keys, scale, bias, normalize)
         row_max, row_sum, _, _, diag = block_forward(
             unit_rows(queries, inv_q), unit_rows(keys, inv_k), s, b, label_offset, chunk_elements,
             with_cols=False)
@@ -220,8 +222,7 @@ class ChunkedRowCrossEntropyFunction(torch.autograd.Function):
         need_q, need_k, need_scale, need_bias = ctx.needs_input_grad[:4]
         normalize, label_offset, chunk_elements = ctx.options
         dtype = row_max.dtype
-        s = scale.detach().reshape(()).to(dtype)
-        b = bias.detach().reshape(()).to(dtype) if bias is not None else None
+        s, b = scalar_in(scale, dtype), scalar_in(bias, dtype)
         coef = grad_loss.to(dtype) / queries.shape[0]
         grad_q_unit, grad_k_unit, grad_s = block_backward(
             unit_rows(queries, inv_q), unit_rows(keys, inv_k), s, b, (row_max, row_logsum), None,

@@ -41,6 +41,7 @@ from .chunked import (
     exact_zero_bias_grad,
     features_grad,
     inverse_norms,
+    scalar_in,
     unit_rows,
 )
 
@@ -171,8 +172,7 @@ class ChunkedBlockOps:
         return inverse_norms(features, self.normalize, self.dtype)
 
     def scalars(self, scale, bias):
-        s = scale.detach().reshape(()).to(self.dtype)
-        return s, bias.detach().reshape(()).to(self.dtype) if bias is not None else None
+        return scalar_in(scale, self.dtype), scalar_in(bias, self.dtype)
 
     def stats(self, x, inv_x, y, inv_y, s, b, diag_offset, with_cols=True):
         return block_forward(unit_rows(x, inv_x), unit_rows(y, inv_y), s, b, diag_offset,

@@ -373,6 +373,23 @@ def _load_accumulator(acc_ptr, acc_lo_ptr, offs, mask, SPLIT_ACC: tl.constexpr):
 
 
 @triton.jit
+def _grad_and_unit_chunk(acc_ptr, acc_lo_ptr, stride_am, stride_ad, feat_ptr, stride_fm, stride_fd,
+                         inv_norm, factor, offs_r, mask_r, k0, D,
+                         WITH_UNIT: tl.constexpr, SPLIT_ACC: tl.constexpr, BLOCK_D: tl.constexpr):
+    """factor * accumulator and (WITH_UNIT) the unit feature rows, for columns k0 + [0, BLOCK_D)."""
+    offs_d = k0 + tl.arange(0, BLOCK_D)
+    mask = mask_r[:, None] & (offs_d[None, :] < D)
+    g = _load_accumulator(acc_ptr, acc_lo_ptr,
+                          offs_r[:, None] * stride_am + offs_d[None, :] * stride_ad,
+                          mask, SPLIT_ACC) * factor
+    unit = g
+    if WITH_UNIT:
+        unit = tl.load(feat_ptr + offs_r[:, None] * stride_fm + offs_d[None, :] * stride_fd,
+                       mask=mask, other=0.0).to(tl.float32) * inv_norm[:, None]
+    return g, unit, mask
+
+
+@triton.jit
 def _finish_grad_kernel(
     acc_ptr, acc_lo_ptr, stride_am, stride_ad,
     feat_ptr, stride_fm, stride_fd, inv_norm_ptr,
@@ -393,29 +410,22 @@ def _finish_grad_kernel(
     offs_r = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     mask_r = offs_r < M
     factor = tl.load(factor_ptr)
+    inv_norm = tl.load(inv_norm_ptr + offs_r, mask=mask_r, other=0.0)
     if NORMALIZE:
-        inv_norm = tl.load(inv_norm_ptr + offs_r, mask=mask_r, other=0.0)
         radial = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for k0 in range(0, D, BLOCK_D):
-            offs_d = k0 + tl.arange(0, BLOCK_D)
-            mask = mask_r[:, None] & (offs_d[None, :] < D)
-            g = _load_accumulator(acc_ptr, acc_lo_ptr,
-                                  offs_r[:, None] * stride_am + offs_d[None, :] * stride_ad,
-                                  mask, SPLIT_ACC) * factor
-            unit = tl.load(feat_ptr + offs_r[:, None] * stride_fm + offs_d[None, :] * stride_fd,
-                           mask=mask, other=0.0).to(tl.float32) * inv_norm[:, None]
+            g, unit, _ = _grad_and_unit_chunk(
+                acc_ptr, acc_lo_ptr, stride_am, stride_ad, feat_ptr, stride_fm, stride_fd,
+                inv_norm, factor, offs_r, mask_r, k0, D, True, SPLIT_ACC, BLOCK_D)
             radial += tl.sum(g * unit, axis=1)
         # Below eps the clamp is active: x^ = x / eps, a Jacobian of I / eps.
         radial = tl.where(inv_norm * EPS < 1.0 - 1e-6, radial, 0.0)
     for k0 in range(0, D, BLOCK_D):
+        g, unit, mask = _grad_and_unit_chunk(
+            acc_ptr, acc_lo_ptr, stride_am, stride_ad, feat_ptr, stride_fm, stride_fd,
+            inv_norm, factor, offs_r, mask_r, k0, D, NORMALIZE, SPLIT_ACC, BLOCK_D)
         offs_d = k0 + tl.arange(0, BLOCK_D)
-        mask = mask_r[:, None] & (offs_d[None, :] < D)
-        g = _load_accumulator(acc_ptr, acc_lo_ptr,
-                              offs_r[:, None] * stride_am + offs_d[None, :] * stride_ad,
-                              mask, SPLIT_ACC) * factor
         if NORMALIZE:
-            unit = tl.load(feat_ptr + offs_r[:, None] * stride_fm + offs_d[None, :] * stride_fd,
-                           mask=mask, other=0.0).to(tl.float32) * inv_norm[:, None]
             g = g - unit * radial[:, None]
             if TIMES_INV_NORM:
                 g = g * inv_norm[:, None]
@@ -686,6 +696,27 @@ def _half_precision_accumulator(like: torch.Tensor):
     return grad, grad.view(torch.int16), torch.zeros(like.shape, dtype=torch.uint8, device=like.device)
 
 
+def _feature_and_scale_grads(x, y, inv_x, inv_y, scale, bias, row_stats, col_stats, diag_offset,
+                             coef, need_x, need_y, need_scale, scale_meta, normalize, allow_tf32,
+                             panel):
+    """Input gradients of a loss that is ``coef`` x the sum over one block's G."""
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
+    grad_y = y_acc = y_acc_lo = grad_scale = None
+    if need_y:
+        grad_y, y_acc, y_acc_lo = _half_precision_accumulator(y)
+    factor = (scale * coef).contiguous()
+    scale_grad = block_grads(
+        x, y, inv_x, inv_y, scale, bias, row_stats, col_stats, diag_offset,
+        normalize=normalize, allow_tf32=allow_tf32, panel=panel,
+        x_out=grad_x, x_factor=factor, y_acc=y_acc, y_acc_lo=y_acc_lo)
+    if need_y:
+        finish_feature_grad(y_acc, y, inv_y, factor, normalize, folds_inv_norms(x, y, normalize),
+                            grad_y, acc_lo=y_acc_lo)
+    if need_scale:
+        grad_scale = (scale_grad * coef).reshape(scale_meta[0]).to(scale_meta[1])
+    return grad_x, grad_y, grad_scale
+
+
 def _scalars(scale, bias):
     scale_f32 = scale.detach().reshape(1).float().contiguous()
     bias_f32 = bias.detach().reshape(1).float().contiguous() if bias is not None else None
@@ -723,20 +754,9 @@ class TritonClipLossFunction(torch.autograd.Function):
         coef = grad_loss.float().reshape(1) / (2 * n)
         grad_x = grad_y = grad_scale = grad_bias = None
         if need_x or need_y or need_scale:
-            grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
-            y_acc = y_acc_lo = None
-            if need_y:
-                grad_y, y_acc, y_acc_lo = _half_precision_accumulator(y)
-            factor = (scale * coef).contiguous()
-            scale_grad = block_grads(
+            grad_x, grad_y, grad_scale = _feature_and_scale_grads(
                 x, y, inv_x, inv_y, scale, bias, (row_max, row_logsum), (col_max, col_logsum), 0,
-                normalize=normalize, allow_tf32=allow_tf32, panel=panel,
-                x_out=grad_x, x_factor=factor, y_acc=y_acc, y_acc_lo=y_acc_lo)
-            if need_y:
-                finish_feature_grad(y_acc, y, inv_y, factor, normalize,
-                                    folds_inv_norms(x, y, normalize), grad_y, acc_lo=y_acc_lo)
-            if need_scale:
-                grad_scale = (scale_grad * coef).reshape(ctx.scale_meta[0]).to(ctx.scale_meta[1])
+                coef, need_x, need_y, need_scale, ctx.scale_meta, normalize, allow_tf32, panel)
         if need_bias:
             grad_bias = exact_zero_bias_grad(row_logsum, col_logsum, grad_loss.float(), *ctx.bias_meta)
         return grad_x, grad_y, grad_scale, grad_bias, None, None, None
@@ -769,20 +789,9 @@ class TritonRowCrossEntropyFunction(torch.autograd.Function):
         coef = grad_loss.float().reshape(1) / queries.shape[0]
         grad_q = grad_k = grad_scale = grad_bias = None
         if need_q or need_k or need_scale:
-            grad_q = torch.empty(queries.shape, dtype=queries.dtype, device=queries.device) if need_q else None
-            k_acc = k_acc_lo = None
-            if need_k:
-                grad_k, k_acc, k_acc_lo = _half_precision_accumulator(keys)
-            factor = (scale * coef).contiguous()
-            scale_grad = block_grads(
+            grad_q, grad_k, grad_scale = _feature_and_scale_grads(
                 queries, keys, inv_q, inv_k, scale, bias, (row_max, row_logsum), None, label_offset,
-                normalize=normalize, allow_tf32=allow_tf32, panel=panel,
-                x_out=grad_q, x_factor=factor, y_acc=k_acc, y_acc_lo=k_acc_lo)
-            if need_k:
-                finish_feature_grad(k_acc, keys, inv_k, factor, normalize,
-                                    folds_inv_norms(queries, keys, normalize), grad_k, acc_lo=k_acc_lo)
-            if need_scale:
-                grad_scale = (scale_grad * coef).reshape(ctx.scale_meta[0]).to(ctx.scale_meta[1])
+                coef, need_q, need_k, need_scale, ctx.scale_meta, normalize, allow_tf32, panel)
         if need_bias:
             grad_bias = exact_zero_bias_grad(row_logsum, row_logsum, grad_loss.float(), *ctx.bias_meta)
         return grad_q, grad_k, grad_scale, grad_bias, None, None, None, None
