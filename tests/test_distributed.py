@@ -22,6 +22,7 @@ SCENARIOS = [
     ("gather_with_grad", dict(gather_with_grad=True), torch.float64),
     ("gather_with_grad_local", dict(gather_with_grad=True, local_loss=True), torch.float64),
     ("gather_no_grad", dict(), torch.float64),
+    ("gather_no_grad_local", dict(local_loss=True), torch.float64),
     ("ring", dict(ring=True), torch.float64),
     ("ring_fp32", dict(ring=True), torch.float32),
     ("ring_unnormalized", dict(ring=True, normalize=False), torch.float64),
@@ -73,8 +74,10 @@ def _tol(dtype):
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-@pytest.mark.parametrize("name,kwargs,dtype", [s for s in SCENARIOS if s[0] != "gather_no_grad"],
-                         ids=[s[0] for s in SCENARIOS if s[0] != "gather_no_grad"])
+EXACT = [s for s in SCENARIOS if not s[0].startswith("gather_no_grad")]
+
+
+@pytest.mark.parametrize("name,kwargs,dtype", EXACT, ids=[s[0] for s in EXACT])
 def test_exact_modes_match_the_concatenated_batch(world_size, name, kwargs, dtype, tmp_root):
     results = _run(world_size, tmp_root)
     want_loss, want_grads = _single_process(world_size, dtype, kwargs.get("normalize", True))
@@ -108,3 +111,16 @@ def test_unequal_batches_raise_on_every_rank(world_size, tmp_root):
     for per_rank in results:
         assert "same local batch size" in per_rank["uneven"], per_rank["uneven"]
         assert str([LOCAL_N + r for r in range(world_size)]) in per_rank["uneven"]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_local_loss_without_gather_grad_is_wrong_as_documented(world_size, tmp_root):
+    # The loss and the replicated scale's gradient are right; the encoders miss
+    # the gradient of the other ranks' losses, so they must differ.
+    results = _run(world_size, tmp_root)
+    want_loss, want_grads = _single_process(world_size, torch.float64)
+    got = results[0]["gather_no_grad_local"]
+    torch.testing.assert_close(got["mean_loss"], want_loss, **_tol(torch.float64))
+    torch.testing.assert_close(got["grads"][2], want_grads[2], **_tol(torch.float64))
+    for g, w in zip(got["grads"][:2], want_grads[:2]):
+        assert not torch.allclose(g, w, rtol=1e-3, atol=1e-6)
