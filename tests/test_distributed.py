@@ -73,10 +73,10 @@ def _tol(dtype):
     return dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
 EXACT = [s for s in SCENARIOS if not s[0].startswith("gather_no_grad")]
 
 
+@pytest.mark.parametrize("world_size", [2, 3])
 @pytest.mark.parametrize("name,kwargs,dtype", EXACT, ids=[s[0] for s in EXACT])
 def test_exact_modes_match_the_concatenated_batch(world_size, name, kwargs, dtype, tmp_root):
     results = _run(world_size, tmp_root)
