@@ -19,6 +19,7 @@ import torch
 
 from . import digits
 from .evaluation import retrieval_metrics, zero_shot_classifier, zero_shot_metrics
+from .api import BACKENDS
 from .gradcache import cached_contrastive_backward
 from .models import CaptionTokenizer, build_clip
 from .modules import ClipLoss
@@ -36,6 +37,7 @@ class TrainConfig:
     embed_dim: int = 64
     width: int = 64
     seed: int = 0
+    dtype: str = "float32"  # float64 for backend comparisons free of rounding drift
     grad_cache_chunk: int = 0  # > 0: run the encoders in chunks of this many rows
     out: Optional[str] = "train_out"
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
@@ -57,14 +59,20 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
+    dtype = {"float32": torch.float32, "float64": torch.float64}.get(config.dtype)
+    if dtype is None:
+        raise ValueError(f"dtype must be float32 or float64, got {config.dtype!r}")
     train_set, held_out = digits.load_digits_splits(seed=config.seed)
+    train_set.images, held_out.images = train_set.images.to(dtype), held_out.images.to(dtype)
     tokenizer = CaptionTokenizer.train(digits.caption_corpus())
     model = build_clip(config.image_encoder, tokenizer, embed_dim=config.embed_dim,
-                       width=config.width).to(device)
+                       width=config.width).to(device=device, dtype=dtype)
     steps_per_epoch = -(-len(train_set.labels) // config.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.15)
+    if config.backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {config.backend!r}")
     loss_fn = ClipLoss(backend=config.backend)
     generator = torch.Generator().manual_seed(config.seed)
     result = TrainResult(config=asdict(config))
@@ -98,15 +106,15 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
 
     model.eval()
     with torch.no_grad():
-        image_features = model.encode_image(held_out.images.to(device)).cpu()
+        image_features = model.encode_image(held_out.images.to(device)).float().cpu()
         classifier = zero_shot_classifier(
-            lambda texts: model.encode_text(tokenizer(texts).to(device)).cpu(),
+            lambda texts: model.encode_text(tokenizer(texts).to(device)).float().cpu(),
             digits.CLASS_NAMES, digits.HELD_OUT_TEMPLATES)
         result.zero_shot = zero_shot_metrics(image_features, classifier, held_out.labels)
         # Retrieval: each held-out image with one held-out-template caption.
         caption_texts = digits.captions(held_out.labels, digits.HELD_OUT_TEMPLATES,
                                         torch.Generator().manual_seed(config.seed + 1))
-        text_features = model.encode_text(tokenizer(caption_texts).to(device)).cpu()
+        text_features = model.encode_text(tokenizer(caption_texts).to(device)).float().cpu()
         result.retrieval = retrieval_metrics(image_features, text_features)
     if config.out:
         _write_outputs(Path(config.out), result, image_features, classifier, held_out.labels)
@@ -193,6 +201,7 @@ def main(argv=None) -> TrainResult:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--dtype", default=defaults.dtype, choices=["float32", "float64"])
     parser.add_argument("--grad-cache-chunk", type=int, default=0,
                         help="run the encoders in chunks of this many rows (gradient caching)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
@@ -202,6 +211,7 @@ def main(argv=None) -> TrainResult:
     args = parser.parse_args(argv)
     config = TrainConfig(device=args.device, backend=args.backend, image_encoder=args.image_encoder,
                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         dtype=args.dtype,
                          grad_cache_chunk=args.grad_cache_chunk, out=args.out, threads=args.threads)
     if args.compare_backends:
         diffs = compare_backends(config, args.compare_backends.split(","), Path(args.out))

@@ -82,7 +82,8 @@ class TinyResNet(nn.Module):
 
 
 class TextTransformer(nn.Module):
-    """Token + position embeddings, pre-norm Transformer, the end-of-text token's state."""
+    """Token + position embeddings, a causal pre-norm Transformer (as CLIP's), and
+    the end-of-text token's state: what follows it cannot reach it."""
 
     def __init__(self, vocab_size: int, context_length: int, pad_id: int, eos_id: int,
                  width: int = 64, layers: int = 2, heads: int = 4, dropout: float = 0.0):
@@ -99,7 +100,8 @@ class TextTransformer(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, L) int64 -> (B, width), read at each sequence's end-of-text token."""
         x = self.token(tokens) + self.pos[:, :tokens.shape[1]]
-        x = self.norm(self.blocks(x, src_key_padding_mask=tokens == self.pad_id))
+        causal = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1], device=tokens.device)
+        x = self.norm(self.blocks(x, mask=causal, is_causal=True))
         eos = (tokens == self.eos_id).int().argmax(dim=1)
         return x[torch.arange(tokens.shape[0], device=tokens.device), eos]
 
