@@ -21,8 +21,12 @@ setup(
     ],
     extras_require={
         "bench": ["matplotlib>=3.7"],
+        # python -m clipfast.train: scikit-learn ships the digits, tokenizers
+        # trains the BPE vocabulary offline.
+        "train": ["scikit-learn>=1.2", "tokenizers>=0.15", "matplotlib>=3.7"],
         # numpy<2.4: Triton 3.6's interpreter converts 1-element arrays to
         # Python scalars, which numpy 2.4 turned into an error.
-        "test": ["pytest>=7", "pytest-xdist>=3", "numpy<2.4", "matplotlib>=3.7"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "numpy<2.4", "matplotlib>=3.7",
+                 "scikit-learn>=1.2", "tokenizers>=0.15"],
     },
 )
