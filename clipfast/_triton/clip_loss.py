@@ -403,8 +403,9 @@ def _finish_grad_kernel(
     When the panel already carried the inverse norms (acc = inv_norm * dX^),
     TIMES_INV_NORM is off: the projection is linear, so only (g - x^ <x^, g>)
     remains. Two sweeps over each row (the radial component first), so no N x d
-    temporaries. ``out`` may alias ``acc`` (the split accumulator's high plane
-    is the output): every element is read before the same thread writes it.
+    temporaries. ``out`` may alias ``acc`` (the split accumulator's high plane,
+    or the fp32 gradient itself): a barrier separates each chunk's loads from
+    its stores.
     """
     pid = tl.program_id(0)
     offs_r = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
@@ -425,6 +426,9 @@ def _finish_grad_kernel(
             acc_ptr, acc_lo_ptr, stride_am, stride_ad, feat_ptr, stride_fm, stride_fd,
             inv_norm, factor, offs_r, mask_r, k0, D, NORMALIZE, SPLIT_ACC, BLOCK_D)
         offs_d = k0 + tl.arange(0, BLOCK_D)
+        # ``out`` may alias the accumulator: every thread's loads of this chunk
+        # must land before any thread's stores.
+        tl.debug_barrier()
         if NORMALIZE:
             g = g - unit * radial[:, None]
             if TIMES_INV_NORM:
