@@ -1,8 +1,35 @@
+import os
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 README = Path(__file__).with_name("README.md")
+
+
+def cpp_extensions():
+    """The C++ CPU backend (clipfast._cpu); CLIPFAST_SKIP_CPP=1 leaves it out.
+
+    CLIPFAST_NATIVE=1 adds -march=native (faster, not portable to older CPUs).
+    """
+    if os.environ.get("CLIPFAST_SKIP_CPP", "0") == "1":
+        return [], {}
+    from pybind11.setup_helpers import Pybind11Extension, build_ext
+
+    flags = ["-O3", "-fopenmp"]
+    if os.environ.get("CLIPFAST_NATIVE", "0") == "1":
+        flags.append("-march=native")
+    ext = Pybind11Extension(
+        "clipfast._cpu",
+        sources=["csrc/bindings.cpp", "csrc/cpu/clip_loss_cpu.cpp"],
+        include_dirs=["csrc", "csrc/include"],
+        extra_compile_args=flags,
+        extra_link_args=["-fopenmp"],
+        cxx_std=17,
+    )
+    return [ext], {"build_ext": build_ext}
+
+
+EXTENSIONS, CMDCLASS = cpp_extensions()
 
 setup(
     name="clipfast",
@@ -12,6 +39,8 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["clipfast", "clipfast.*"]),
     python_requires=">=3.10",
+    ext_modules=EXTENSIONS,
+    cmdclass=CMDCLASS,
     install_requires=[
         "torch>=2.6",
         # Triton ships with CUDA builds of torch; CPU builds need it for the

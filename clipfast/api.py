@@ -11,7 +11,7 @@ from ._inputs import LossInputs, ScaleLike, check_inputs
 from .chunked import chunked_clip_loss
 from .reference import reference_clip_loss
 
-BACKENDS = ("auto", "reference", "chunked", "triton")
+BACKENDS = ("auto", "reference", "chunked", "triton", "cpu")
 
 
 def triton_available() -> bool:
@@ -59,6 +59,18 @@ def resolve_backend(backend: str, inputs: LossInputs) -> str:
                 f"image_features {dtypes[0]} and text_features {dtypes[1]}; use "
                 "backend='chunked' or 'reference' for float64"
             )
+    if backend == "cpu":
+        from .cpu_backend import extension
+
+        extension()  # ImportError with the build instructions when absent
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors, got features on {device}")
+        dtypes = (inputs.image_features.dtype, inputs.text_features.dtype)
+        if any(dt not in (torch.float32, torch.float64) for dt in dtypes):
+            raise TypeError(
+                f"backend='cpu' supports float32 and float64 features, got image_features "
+                f"{dtypes[0]} and text_features {dtypes[1]}; use backend='chunked' for half precision"
+            )
     return backend
 
 
@@ -96,7 +108,8 @@ def clip_loss(
             are already normalised.
         backend: "auto" (triton for CUDA tensors, chunked otherwise),
             "reference" (plain PyTorch, N x N memory), "chunked" (PyTorch,
-            O(chunk * N) memory, any device) or "triton" (fused kernels).
+            O(chunk * N) memory, any device), "triton" (fused kernels) or
+            "cpu" (the C++ backend, float32/float64 CPU tensors).
         allow_tf32: triton backend only: fp32 features use TF32 tensor cores
             (10-bit mantissa products, fp32 accumulation). False gives full fp32.
         chunk_elements: chunked backend only: logits held at once (default 2^22).
@@ -116,6 +129,10 @@ def clip_loss(
             inputs.logit_bias, normalize)
     elif chosen == "chunked":
         loss = chunked_clip_loss(inputs, normalize=normalize, chunk_elements=chunk_elements)
+    elif chosen == "cpu":
+        from .cpu_backend import cpu_clip_loss
+
+        loss = cpu_clip_loss(inputs, normalize=normalize)
     else:
         from ._triton import TritonClipLossFunction
 

@@ -1,0 +1,95 @@
+// Python bindings of the C++ backends. The module does not link libtorch: it
+// takes data pointers, sizes and dtype codes; the Python side validates the
+// tensors and keeps them alive for the duration of each call. So one build
+// serves every torch version.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "cpu/clip_loss_cpu.h"
+
+namespace py = pybind11;
+using clipfast::cpu::Problem;
+using clipfast::cpu::Stats;
+
+namespace {
+
+enum DType : int { kFloat32 = 0, kFloat64 = 1 };
+
+template <typename T>
+T* ptr(std::uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+template <typename T>
+Problem<T> problem(std::uintptr_t x, std::uintptr_t y, int64_t n, int64_t d, double scale,
+                   double bias, bool normalize, std::uintptr_t inv_x, std::uintptr_t inv_y) {
+  return Problem<T>{ptr<const T>(x), ptr<const T>(y), n, d, static_cast<T>(scale),
+                    static_cast<T>(bias), normalize, ptr<T>(inv_x), ptr<T>(inv_y)};
+}
+
+template <typename T>
+Stats<T> stats(std::uintptr_t row_max, std::uintptr_t row_logsum, std::uintptr_t col_max,
+               std::uintptr_t col_logsum, std::uintptr_t diag) {
+  return Stats<T>{ptr<T>(row_max), ptr<T>(row_logsum), ptr<T>(col_max), ptr<T>(col_logsum),
+                  ptr<T>(diag)};
+}
+
+void check(int64_t n, int64_t d, int dtype) {
+  if (n < 1 || d < 1) {
+    throw std::invalid_argument("clipfast._cpu: need n >= 1 and d >= 1, got n=" +
+                                std::to_string(n) + ", d=" + std::to_string(d));
+  }
+  if (dtype != kFloat32 && dtype != kFloat64) {
+    throw std::invalid_argument("clipfast._cpu: dtype code must be 0 (float32) or 1 (float64), got " +
+                                std::to_string(dtype));
+  }
+}
+
+double cpu_forward(int dtype, std::uintptr_t x, std::uintptr_t y, int64_t n, int64_t d,
+                   double scale, double bias, bool normalize, std::uintptr_t inv_x,
+                   std::uintptr_t inv_y, std::uintptr_t row_max, std::uintptr_t row_logsum,
+                   std::uintptr_t col_max, std::uintptr_t col_logsum, std::uintptr_t diag) {
+  check(n, d, dtype);
+  py::gil_scoped_release release;
+  if (dtype == kFloat32) {
+    auto p = problem<float>(x, y, n, d, scale, bias, normalize, inv_x, inv_y);
+    auto s = stats<float>(row_max, row_logsum, col_max, col_logsum, diag);
+    return clipfast::cpu::forward(p, s);
+  }
+  auto p = problem<double>(x, y, n, d, scale, bias, normalize, inv_x, inv_y);
+  auto s = stats<double>(row_max, row_logsum, col_max, col_logsum, diag);
+  return clipfast::cpu::forward(p, s);
+}
+
+double cpu_backward(int dtype, std::uintptr_t x, std::uintptr_t y, int64_t n, int64_t d,
+                    double scale, double bias, bool normalize, std::uintptr_t inv_x,
+                    std::uintptr_t inv_y, std::uintptr_t row_max, std::uintptr_t row_logsum,
+                    std::uintptr_t col_max, std::uintptr_t col_logsum, double grad_loss,
+                    std::uintptr_t grad_x, std::uintptr_t grad_y, bool need_x, bool need_y,
+                    bool need_scale) {
+  check(n, d, dtype);
+  py::gil_scoped_release release;
+  if (dtype == kFloat32) {
+    auto p = problem<float>(x, y, n, d, scale, bias, normalize, inv_x, inv_y);
+    auto s = stats<float>(row_max, row_logsum, col_max, col_logsum, 0);
+    return clipfast::cpu::backward(p, s, static_cast<float>(grad_loss), ptr<float>(grad_x),
+                                   ptr<float>(grad_y), need_x, need_y, need_scale);
+  }
+  auto p = problem<double>(x, y, n, d, scale, bias, normalize, inv_x, inv_y);
+  auto s = stats<double>(row_max, row_logsum, col_max, col_logsum, 0);
+  return clipfast::cpu::backward(p, s, grad_loss, ptr<double>(grad_x), ptr<double>(grad_y),
+                                 need_x, need_y, need_scale);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu, m) {
+  m.doc() = "clipfast's C++ CPU backend (no libtorch: pointers, sizes and dtype codes)";
+  m.def("forward", &cpu_forward, "Fused CLIP loss forward; returns the loss");
+  m.def("backward", &cpu_backward, "Fused CLIP loss backward; returns dL/dscale");
+  m.attr("FLOAT32") = static_cast<int>(kFloat32);
+  m.attr("FLOAT64") = static_cast<int>(kFloat64);
+}

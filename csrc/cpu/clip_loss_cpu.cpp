@@ -1,0 +1,241 @@
+// C++ CPU backend of the fused CLIP loss: the same tile arithmetic as the
+// GPU kernels (tile_math.h), parallel over cores with OpenMP, O(N d) memory.
+//
+// Forward: row blocks are spread over threads; each computes its tiles' dot
+// products, keeps its rows' running (max, sum) and merges the columns into a
+// per-thread (max, sum) row of N (O(threads * N)); the partials are merged at
+// the end. Backward recomputes the tiles twice: once by row blocks for dX^
+// and the scale gradient, once by column blocks for dY^, so no thread ever
+// shares an output row and no N x d partial exists per thread.
+#include "cpu/clip_loss_cpu.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "clipfast/tile_math.h"
+
+namespace clipfast {
+namespace cpu {
+namespace {
+
+constexpr int64_t kBlockRows = 32;
+constexpr int64_t kBlockCols = 128;
+
+int num_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+template <typename T>
+T dot(const T* a, const T* b, int64_t d) {
+  T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+  for (int64_t k = 0; k < d; ++k) acc += a[k] * b[k];
+  return acc;
+}
+
+template <typename T>
+void inverse_norms(const T* x, int64_t n, int64_t d, bool normalize, T* inv) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) inv[i] = inverse_norm<T>(dot(x + i * d, x + i * d, d), normalize);
+}
+
+// Logits of the tile rows [i0, i1) x columns [j0, j1), row-major in `tile`,
+// with their cosines in `cosines`.
+template <typename T>
+void tile_logits(const Problem<T>& p, int64_t i0, int64_t i1, int64_t j0, int64_t j1, T* tile,
+                 T* cosines) {
+  const int64_t width = j1 - j0;
+  for (int64_t i = i0; i < i1; ++i) {
+    const T* xi = p.x + i * p.d;
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t at = (i - i0) * width + (j - j0);
+      tile[at] = pair_logit<T>(dot(xi, p.y + j * p.d, p.d), p.inv_x[i], p.inv_y[j], p.scale,
+                               p.bias, &cosines[at]);
+    }
+  }
+}
+
+}  // namespace
+
+template <typename T>
+double forward(Problem<T>& p, Stats<T>& s) {
+  const int64_t n = p.n;
+  inverse_norms(p.x, n, p.d, p.normalize, p.inv_x);
+  inverse_norms(p.y, n, p.d, p.normalize, p.inv_y);
+  const int threads = num_threads();
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  std::vector<T> part_max(static_cast<size_t>(threads) * n, neg_inf);
+  std::vector<T> part_sum(static_cast<size_t>(threads) * n, T(0));
+
+#pragma omp parallel
+  {
+    T* my_max = part_max.data() + static_cast<int64_t>(thread_id()) * n;
+    T* my_sum = part_sum.data() + static_cast<int64_t>(thread_id()) * n;
+    std::vector<T> tile(kBlockRows * kBlockCols), cosines(kBlockRows * kBlockCols);
+#pragma omp for schedule(dynamic)
+    for (int64_t i0 = 0; i0 < n; i0 += kBlockRows) {
+      const int64_t i1 = std::min(n, i0 + kBlockRows);
+      T row_max[kBlockRows], row_sum[kBlockRows];
+      std::fill(row_max, row_max + kBlockRows, neg_inf);
+      std::fill(row_sum, row_sum + kBlockRows, T(0));
+      for (int64_t j0 = 0; j0 < n; j0 += kBlockCols) {
+        const int64_t j1 = std::min(n, j0 + kBlockCols), width = j1 - j0;
+        tile_logits(p, i0, i1, j0, j1, tile.data(), cosines.data());
+        for (int64_t i = i0; i < i1; ++i) {
+          for (int64_t j = j0; j < j1; ++j) {
+            const T logit = tile[(i - i0) * width + (j - j0)];
+            lse_push(row_max[i - i0], row_sum[i - i0], logit);
+            lse_push(my_max[j], my_sum[j], logit);
+            if (i == j) s.diag[i] = logit;
+          }
+        }
+      }
+      for (int64_t i = i0; i < i1; ++i) {
+        s.row_max[i] = row_max[i - i0];
+        s.row_logsum[i] = log(row_sum[i - i0]);
+      }
+    }
+  }
+
+#pragma omp parallel for schedule(static)
+  for (int64_t j = 0; j < n; ++j) {
+    T m = neg_inf, sum = T(0);
+    for (int t = 0; t < threads; ++t) lse_merge(m, sum, part_max[t * n + j], part_sum[t * n + j]);
+    s.col_max[j] = m;
+    s.col_logsum[j] = log(sum);
+  }
+
+  double total = 0.0;
+#pragma omp parallel for reduction(+ : total) schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    total += static_cast<double>((s.row_max[i] - s.diag[i]) + s.row_logsum[i]);
+    total += static_cast<double>((s.col_max[i] - s.diag[i]) + s.col_logsum[i]);
+  }
+  return total / (2.0 * static_cast<double>(n));
+}
+
+namespace {
+
+// out_row = factor * (g - x^ <x^, g>) * inv_norm (the normalisation backward),
+// or factor * g without normalisation. g is overwritten.
+template <typename T>
+void finish_row(T* g, const T* features, T inv_norm, T factor, bool normalize, int64_t d) {
+  if (!normalize) {
+    for (int64_t k = 0; k < d; ++k) g[k] *= factor;
+    return;
+  }
+  T radial = T(0);
+  if (!norm_is_clamped(inv_norm)) {
+    for (int64_t k = 0; k < d; ++k) radial += g[k] * factor * (features[k] * inv_norm);
+  }
+  for (int64_t k = 0; k < d; ++k) {
+    g[k] = (g[k] * factor - features[k] * inv_norm * radial) * inv_norm;
+  }
+}
+
+}  // namespace
+
+template <typename T>
+T backward(const Problem<T>& p, const Stats<T>& s, T grad_loss, T* grad_x, T* grad_y,
+           bool need_x, bool need_y, bool need_scale) {
+  const int64_t n = p.n, d = p.d;
+  const T coef = grad_loss / T(2 * n);
+  const T factor = coef * p.scale;
+  double scale_grad = 0.0;
+
+  // Pass 1, by row blocks: dX^ rows (complete within one thread) and the
+  // scale gradient.
+  if (need_x || need_scale) {
+#pragma omp parallel reduction(+ : scale_grad)
+    {
+      std::vector<T> tile(kBlockRows * kBlockCols), cosines(kBlockRows * kBlockCols);
+#pragma omp for schedule(dynamic)
+      for (int64_t i0 = 0; i0 < n; i0 += kBlockRows) {
+        const int64_t i1 = std::min(n, i0 + kBlockRows);
+        if (need_x) std::fill(grad_x + i0 * d, grad_x + i1 * d, T(0));
+        for (int64_t j0 = 0; j0 < n; j0 += kBlockCols) {
+          const int64_t j1 = std::min(n, j0 + kBlockCols), width = j1 - j0;
+          tile_logits(p, i0, i1, j0, j1, tile.data(), cosines.data());
+          for (int64_t i = i0; i < i1; ++i) {
+            T* gx = need_x ? grad_x + i * d : nullptr;
+            for (int64_t j = j0; j < j1; ++j) {
+              const int64_t at = (i - i0) * width + (j - j0);
+              const T g = grad_weight<T>(tile[at], s.row_max[i], s.row_logsum[i], s.col_max[j],
+                                         s.col_logsum[j], i == j);
+              scale_grad += static_cast<double>(g * cosines[at]);
+              if (need_x) {
+                const T w = g * p.inv_y[j];
+                const T* yj = p.y + j * d;
+#pragma omp simd
+                for (int64_t k = 0; k < d; ++k) gx[k] += w * yj[k];
+              }
+            }
+          }
+        }
+        if (need_x) {
+          for (int64_t i = i0; i < i1; ++i)
+            finish_row(grad_x + i * d, p.x + i * d, p.inv_x[i], factor, p.normalize, d);
+        }
+      }
+    }
+  }
+
+  // Pass 2, by column blocks: dY^ columns, recomputing the same tiles.
+  if (need_y) {
+#pragma omp parallel
+    {
+      std::vector<T> tile(kBlockRows * kBlockCols), cosines(kBlockRows * kBlockCols);
+#pragma omp for schedule(dynamic)
+      for (int64_t j0 = 0; j0 < n; j0 += kBlockCols) {
+        const int64_t j1 = std::min(n, j0 + kBlockCols), width = j1 - j0;
+        std::fill(grad_y + j0 * d, grad_y + j1 * d, T(0));
+        for (int64_t i0 = 0; i0 < n; i0 += kBlockRows) {
+          const int64_t i1 = std::min(n, i0 + kBlockRows);
+          tile_logits(p, i0, i1, j0, j1, tile.data(), cosines.data());
+          for (int64_t i = i0; i < i1; ++i) {
+            const T* xi = p.x + i * d;
+            for (int64_t j = j0; j < j1; ++j) {
+              const int64_t at = (i - i0) * width + (j - j0);
+              const T w = grad_weight<T>(tile[at], s.row_max[i], s.row_logsum[i], s.col_max[j],
+                                         s.col_logsum[j], i == j) * p.inv_x[i];
+              T* gy = grad_y + j * d;
+#pragma omp simd
+              for (int64_t k = 0; k < d; ++k) gy[k] += w * xi[k];
+            }
+          }
+        }
+        for (int64_t j = j0; j < j1; ++j)
+          finish_row(grad_y + j * d, p.y + j * d, p.inv_y[j], factor, p.normalize, d);
+      }
+    }
+  }
+  return static_cast<T>(scale_grad) * coef;
+}
+
+template double forward<float>(Problem<float>&, Stats<float>&);
+template double forward<double>(Problem<double>&, Stats<double>&);
+template float backward<float>(const Problem<float>&, const Stats<float>&, float, float*, float*,
+                               bool, bool, bool);
+template double backward<double>(const Problem<double>&, const Stats<double>&, double, double*,
+                                 double*, bool, bool, bool);
+
+}  // namespace cpu
+}  // namespace clipfast
