@@ -43,12 +43,81 @@ int thread_id() {
 #endif
 }
 
+// Hot loops are compiled for AVX2+FMA and for the baseline, picked at run
+// time (GCC function multi-versioning), so one build is fast and portable.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define CLIPFAST_DISPATCH __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define CLIPFAST_DISPATCH
+#endif
+
 template <typename T>
-T dot(const T* a, const T* b, int64_t d) {
+CLIPFAST_DISPATCH T dot(const T* a, const T* b, int64_t d) {
   T acc = T(0);
 #pragma omp simd reduction(+ : acc)
   for (int64_t k = 0; k < d; ++k) acc += a[k] * b[k];
   return acc;
+}
+
+// dst += w * src
+template <typename T>
+CLIPFAST_DISPATCH void axpy(T w, const T* src, T* dst, int64_t d) {
+#pragma omp simd
+  for (int64_t k = 0; k < d; ++k) dst[k] += w * src[k];
+}
+
+// Row statistics of one tile row: merge max and sum exp(L - max) of
+// values[0, width) into (running_max, running_sum). Split in a max pass and
+// a sum pass so both vectorise; equal to lse_push over each value. A NaN is
+// skipped by the max but makes the sum NaN, so it stays visible.
+template <typename T>
+CLIPFAST_DISPATCH void lse_push_row(const T* values, int64_t width, T& running_max, T& running_sum) {
+  T m = running_max;
+  for (int64_t j = 0; j < width; ++j) m = values[j] > m ? values[j] : m;
+  T sum = T(0);
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < width; ++j) sum += exp(values[j] - m);
+  running_sum = running_sum * exp(running_max - m) + sum;
+  running_max = m;
+}
+
+// Column statistics of a tile: for each column j of the (rows x width) tile,
+// merge its values into (col_max[j], col_sum[j]).
+template <typename T>
+CLIPFAST_DISPATCH void lse_push_cols(const T* tile, int64_t rows, int64_t width, T* col_max,
+                                     T* col_sum, T* scratch_max) {
+  for (int64_t j = 0; j < width; ++j) scratch_max[j] = col_max[j];
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* row = tile + i * width;
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) scratch_max[j] = row[j] > scratch_max[j] ? row[j] : scratch_max[j];
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < width; ++j) {
+    col_sum[j] = scratch_max[j] == -INFINITY ? col_sum[j] : col_sum[j] * exp(col_max[j] - scratch_max[j]);
+    col_max[j] = scratch_max[j];
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* row = tile + i * width;
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) col_sum[j] += exp(row[j] - col_max[j]);
+  }
+}
+
+// Gradient weights of one tile row: out[j] = (P - [label]) + (Q - [label]).
+template <typename T>
+CLIPFAST_DISPATCH void grad_weights_row(const T* logits, int64_t width, T row_max, T row_logsum,
+                                        const T* col_max, const T* col_logsum, int64_t label,
+                                        T* out) {
+#pragma omp simd
+  for (int64_t j = 0; j < width; ++j) {
+    out[j] = exp((logits[j] - row_max) - row_logsum) + exp((logits[j] - col_max[j]) - col_logsum[j]);
+  }
+  if (label >= 0 && label < width) {
+    // The label's (P - 1) + (Q - 1), each difference exact (tile_math.h).
+    out[label] = grad_weight<T>(logits[label], row_max, row_logsum, col_max[label],
+                                col_logsum[label], true);
+  }
 }
 
 template <typename T>
@@ -90,6 +159,7 @@ double forward(Problem<T>& p, Stats<T>& s) {
     T* my_max = part_max.data() + static_cast<int64_t>(thread_id()) * n;
     T* my_sum = part_sum.data() + static_cast<int64_t>(thread_id()) * n;
     std::vector<T> tile(kBlockRows * kBlockCols), cosines(kBlockRows * kBlockCols);
+    std::vector<T> scratch(kBlockCols);
 #pragma omp for schedule(dynamic)
     for (int64_t i0 = 0; i0 < n; i0 += kBlockRows) {
       const int64_t i1 = std::min(n, i0 + kBlockRows);
@@ -100,13 +170,11 @@ double forward(Problem<T>& p, Stats<T>& s) {
         const int64_t j1 = std::min(n, j0 + kBlockCols), width = j1 - j0;
         tile_logits(p, i0, i1, j0, j1, tile.data(), cosines.data());
         for (int64_t i = i0; i < i1; ++i) {
-          for (int64_t j = j0; j < j1; ++j) {
-            const T logit = tile[(i - i0) * width + (j - j0)];
-            lse_push(row_max[i - i0], row_sum[i - i0], logit);
-            lse_push(my_max[j], my_sum[j], logit);
-            if (i == j) s.diag[i] = logit;
-          }
+          const T* row = tile.data() + (i - i0) * width;
+          lse_push_row(row, width, row_max[i - i0], row_sum[i - i0]);
+          if (i >= j0 && i < j1) s.diag[i] = row[i - j0];
         }
+        lse_push_cols(tile.data(), i1 - i0, width, my_max + j0, my_sum + j0, scratch.data());
       }
       for (int64_t i = i0; i < i1; ++i) {
         s.row_max[i] = row_max[i - i0];
@@ -167,6 +235,7 @@ T backward(const Problem<T>& p, const Stats<T>& s, T grad_loss, T* grad_x, T* gr
 #pragma omp parallel reduction(+ : scale_grad)
     {
       std::vector<T> tile(kBlockRows * kBlockCols), cosines(kBlockRows * kBlockCols);
+      std::vector<T> weights(kBlockCols);
 #pragma omp for schedule(dynamic)
       for (int64_t i0 = 0; i0 < n; i0 += kBlockRows) {
         const int64_t i1 = std::min(n, i0 + kBlockRows);
@@ -175,18 +244,15 @@ T backward(const Problem<T>& p, const Stats<T>& s, T grad_loss, T* grad_x, T* gr
           const int64_t j1 = std::min(n, j0 + kBlockCols), width = j1 - j0;
           tile_logits(p, i0, i1, j0, j1, tile.data(), cosines.data());
           for (int64_t i = i0; i < i1; ++i) {
-            T* gx = need_x ? grad_x + i * d : nullptr;
-            for (int64_t j = j0; j < j1; ++j) {
-              const int64_t at = (i - i0) * width + (j - j0);
-              const T g = grad_weight<T>(tile[at], s.row_max[i], s.row_logsum[i], s.col_max[j],
-                                         s.col_logsum[j], i == j);
-              scale_grad += static_cast<double>(g * cosines[at]);
-              if (need_x) {
-                const T w = g * p.inv_y[j];
-                const T* yj = p.y + j * d;
-#pragma omp simd
-                for (int64_t k = 0; k < d; ++k) gx[k] += w * yj[k];
-              }
+            const int64_t at = (i - i0) * width;
+            grad_weights_row(tile.data() + at, width, s.row_max[i], s.row_logsum[i],
+                             s.col_max + j0, s.col_logsum + j0, i - j0, weights.data());
+            T tile_scale_grad = T(0);
+            for (int64_t j = 0; j < width; ++j) tile_scale_grad += weights[j] * cosines[at + j];
+            scale_grad += static_cast<double>(tile_scale_grad);
+            if (need_x) {
+              T* gx = grad_x + i * d;
+              for (int64_t j = j0; j < j1; ++j) axpy(weights[j - j0] * p.inv_y[j], p.y + j * d, gx, d);
             }
           }
         }
@@ -203,6 +269,7 @@ T backward(const Problem<T>& p, const Stats<T>& s, T grad_loss, T* grad_x, T* gr
 #pragma omp parallel
     {
       std::vector<T> tile(kBlockRows * kBlockCols), cosines(kBlockRows * kBlockCols);
+      std::vector<T> weights(kBlockCols);
 #pragma omp for schedule(dynamic)
       for (int64_t j0 = 0; j0 < n; j0 += kBlockCols) {
         const int64_t j1 = std::min(n, j0 + kBlockCols), width = j1 - j0;
@@ -211,15 +278,10 @@ T backward(const Problem<T>& p, const Stats<T>& s, T grad_loss, T* grad_x, T* gr
           const int64_t i1 = std::min(n, i0 + kBlockRows);
           tile_logits(p, i0, i1, j0, j1, tile.data(), cosines.data());
           for (int64_t i = i0; i < i1; ++i) {
+            grad_weights_row(tile.data() + (i - i0) * width, width, s.row_max[i], s.row_logsum[i],
+                             s.col_max + j0, s.col_logsum + j0, i - j0, weights.data());
             const T* xi = p.x + i * d;
-            for (int64_t j = j0; j < j1; ++j) {
-              const int64_t at = (i - i0) * width + (j - j0);
-              const T w = grad_weight<T>(tile[at], s.row_max[i], s.row_logsum[i], s.col_max[j],
-                                         s.col_logsum[j], i == j) * p.inv_x[i];
-              T* gy = grad_y + j * d;
-#pragma omp simd
-              for (int64_t k = 0; k < d; ++k) gy[k] += w * xi[k];
-            }
+            for (int64_t j = j0; j < j1; ++j) axpy(weights[j - j0] * p.inv_x[i], xi, grad_y + j * d, d);
           }
         }
         for (int64_t j = j0; j < j1; ++j)
