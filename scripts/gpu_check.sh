@@ -10,6 +10,8 @@ OUT="${1:-gpu_check}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+# The C++ extension (no downloads there: the machine's own pybind11).
+python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { echo "build failed, see $OUT/build.log"; }
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" \
     | tee "$OUT/versions.txt"
 python3 -m pytest -q -x -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log"
