@@ -6,10 +6,36 @@ from setuptools import find_packages, setup
 README = Path(__file__).with_name("README.md")
 
 
-def cpp_extensions():
-    """The C++ CPU backend (clipfast._cpu); CLIPFAST_SKIP_CPP=1 leaves it out.
+def _nvcc():
+    """Path of nvcc (CUDA_HOME/bin, then PATH), or None."""
+    import shutil
 
-    CLIPFAST_NATIVE=1 adds -march=native (faster, not portable to older CPUs).
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and Path(home, "bin", "nvcc").exists():
+        return str(Path(home, "bin", "nvcc"))
+    return shutil.which("nvcc")
+
+
+def _cuda_root(nvcc):
+    """The toolkit folder: CUDA_HOME, the folder above nvcc's bin (nvcc may be
+    a wrapper script elsewhere on PATH), or /usr/local/cuda."""
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+             str(Path(nvcc).resolve().parent.parent), "/usr/local/cuda"]
+    for root in filter(None, roots):
+        for lib in ("lib64", "lib", "targets/x86_64-linux/lib"):
+            if Path(root, lib, "libcudart_static.a").exists():
+                return root, str(Path(root, lib))
+    raise RuntimeError(f"found {nvcc} but no CUDA toolkit with libcudart_static.a; set CUDA_HOME")
+
+
+def cpp_extensions():
+    """clipfast._cpu always (CLIPFAST_SKIP_CPP=1 leaves both out); clipfast._cuda
+    whenever nvcc is found (CLIPFAST_CUDA=0 skips it, =1 requires it).
+
+    CUDA code is built for explicit architectures (CLIPFAST_CUDA_ARCHS, default
+    "80;90") plus PTX of the newest, never for whatever GPU happens to be
+    present; cudart is linked statically, so the module loads on machines
+    without a GPU (calls then raise). CLIPFAST_NATIVE=1 adds -march=native.
     """
     if os.environ.get("CLIPFAST_SKIP_CPP", "0") == "1":
         return [], {}
@@ -20,15 +46,54 @@ def cpp_extensions():
     flags = ["-O3", "-fopenmp", "-fno-math-errno"]
     if os.environ.get("CLIPFAST_NATIVE", "0") == "1":
         flags.append("-march=native")
-    ext = Pybind11Extension(
+    extensions = [Pybind11Extension(
         "clipfast._cpu",
         sources=["csrc/bindings.cpp", "csrc/cpu/clip_loss_cpu.cpp"],
         include_dirs=["csrc", "csrc/include"],
         extra_compile_args=flags,
         extra_link_args=["-fopenmp"],
         cxx_std=17,
-    )
-    return [ext], {"build_ext": build_ext}
+    )]
+
+    mode = os.environ.get("CLIPFAST_CUDA", "auto")
+    nvcc = _nvcc() if mode != "0" else None
+    if mode == "1" and nvcc is None:
+        raise RuntimeError("CLIPFAST_CUDA=1 but nvcc was not found (set CUDA_HOME or PATH)")
+    if nvcc is not None:
+        cuda_root, cuda_lib = _cuda_root(nvcc)
+        extensions.append(Pybind11Extension(
+            "clipfast._cuda",
+            sources=["csrc/cuda_bindings.cpp", "csrc/cuda/clip_loss_cuda.cu"],
+            include_dirs=["csrc", "csrc/include", str(Path(cuda_root, "include"))],
+            library_dirs=[cuda_lib],
+            libraries=["cudart_static", "dl", "rt", "pthread"],
+            extra_compile_args=["-O3"],
+            cxx_std=17,
+        ))
+
+    class BuildExt(build_ext):
+        """build_ext that hands .cu sources to nvcc and links the objects."""
+
+        def build_extension(self, ext):
+            cu_sources = [src for src in ext.sources if src.endswith(".cu")]
+            if cu_sources:
+                archs = os.environ.get("CLIPFAST_CUDA_ARCHS", "80;90").split(";")
+                gencode = []
+                for arch in archs:
+                    gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+                gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+                build_dir = Path(self.build_temp)
+                build_dir.mkdir(parents=True, exist_ok=True)
+                for src in cu_sources:
+                    obj = build_dir / (Path(src).stem + ".o")
+                    cmd = [nvcc, "-std=c++17", "-O3", "-Xcompiler", "-fPIC", *gencode,
+                           *[f"-I{inc}" for inc in ext.include_dirs], "-c", src, "-o", str(obj)]
+                    self.spawn(cmd)
+                    ext.extra_objects.append(str(obj))
+                ext.sources = [src for src in ext.sources if not src.endswith(".cu")]
+            super().build_extension(ext)
+
+    return extensions, {"build_ext": BuildExt}
 
 
 EXTENSIONS, CMDCLASS = cpp_extensions()

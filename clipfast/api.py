@@ -11,7 +11,7 @@ from ._inputs import LossInputs, ScaleLike, check_inputs
 from .chunked import chunked_clip_loss
 from .reference import reference_clip_loss
 
-BACKENDS = ("auto", "reference", "chunked", "triton", "cpu")
+BACKENDS = ("auto", "reference", "chunked", "triton", "cpu", "cuda")
 
 
 def triton_available() -> bool:
@@ -71,6 +71,18 @@ def resolve_backend(backend: str, inputs: LossInputs) -> str:
                 f"backend='cpu' supports float32 and float64 features, got image_features "
                 f"{dtypes[0]} and text_features {dtypes[1]}; use backend='chunked' for half precision"
             )
+    if backend == "cuda":
+        from .cuda_backend import extension
+
+        extension()  # ImportError with the build instructions when absent
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors, got features on {device}")
+        dtypes = (inputs.image_features.dtype, inputs.text_features.dtype)
+        if torch.float64 in dtypes:
+            raise TypeError(
+                f"backend='cuda' supports float16, bfloat16 and float32 features, got "
+                f"image_features {dtypes[0]} and text_features {dtypes[1]}"
+            )
     return backend
 
 
@@ -109,7 +121,8 @@ def clip_loss(
         backend: "auto" (triton for CUDA tensors, chunked otherwise),
             "reference" (plain PyTorch, N x N memory), "chunked" (PyTorch,
             O(chunk * N) memory, any device), "triton" (fused kernels) or
-            "cpu" (the C++ backend, float32/float64 CPU tensors).
+            "cpu" (the C++ backend, float32/float64 CPU tensors) or "cuda"
+            (the CUDA C++ backend, not yet run on a GPU).
         allow_tf32: triton backend only: fp32 features use TF32 tensor cores
             (10-bit mantissa products, fp32 accumulation). False gives full fp32.
         chunk_elements: chunked backend only: logits held at once (default 2^22).
@@ -133,6 +146,10 @@ def clip_loss(
         from .cpu_backend import cpu_clip_loss
 
         loss = cpu_clip_loss(inputs, normalize=normalize)
+    elif chosen == "cuda":
+        from .cuda_backend import cuda_clip_loss
+
+        loss = cuda_clip_loss(inputs, normalize=normalize)
     else:
         from ._triton import TritonClipLossFunction
 

@@ -12,6 +12,7 @@ Providers:
   compile      the same function under torch.compile
   chunked      clipfast's PyTorch chunked backend
   triton       clipfast's fused Triton kernels (CUDA; or interpreter, slow)
+  cuda         clipfast's CUDA C++ backend
   cpu          clipfast's C++ CPU backend (OpenMP)
   gemm4_bound  four N x d x N matmuls (cuBLAS / CPU BLAS): the work floor
 """
@@ -36,7 +37,7 @@ import torch
 from .api import clip_loss
 from .reference import reference_clip_loss
 
-PROVIDERS = ("reference", "compile", "chunked", "triton", "cpu", "gemm4_bound")
+PROVIDERS = ("reference", "compile", "chunked", "triton", "cuda", "cpu", "gemm4_bound")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -154,7 +155,7 @@ def make_step(provider: str) -> Callable:
             _COMPILED["fn"] = torch.compile(reference_clip_loss, dynamic=True)
         compiled = _COMPILED["fn"]
         return _loss_step(lambda x, y, s: compiled(x, y, s))
-    if provider in ("chunked", "triton", "cpu"):
+    if provider in ("chunked", "triton", "cuda", "cpu"):
         return _loss_step(lambda x, y, s: clip_loss(x, y, s, backend=provider))
     if provider == "gemm4_bound":
         return _gemm4_step
@@ -293,7 +294,7 @@ def plot(points: List[Point], path: Path, title: str) -> None:
 
 def _defaults(device: torch.device) -> dict:
     if device.type == "cuda":
-        return dict(providers="reference,compile,chunked,triton,gemm4_bound", dims="512,768,1024",
+        return dict(providers="reference,compile,chunked,triton,cuda,gemm4_bound", dims="512,768,1024",
                     dtypes="bf16,fp32", min_n=4096, max_n=1 << 20, reps=5)
     return dict(providers="reference,compile,chunked,cpu,gemm4_bound", dims="512", dtypes="fp32",
                 min_n=256, max_n=8192, reps=3)

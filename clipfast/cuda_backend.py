@@ -1,0 +1,107 @@
+"""The CUDA backend (``backend="cuda"``): thin Python side of ``clipfast._cuda``.
+
+The extension takes raw pointers and the current stream's handle; this module
+makes the inputs contiguous in one dtype (the common one, fp32 for a mix),
+allocates every buffer with torch (so the caching allocator and its memory
+statistics see them) and keeps them alive across each call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._inputs import LossInputs
+from .chunked import clip_loss_from_stats, exact_zero_bias_grad
+
+_BUILD_HINT = (
+    "the CUDA extension clipfast._cuda is not built; it is built by `pip install -e .` "
+    "whenever nvcc is found (set CUDA_HOME, or CLIPFAST_CUDA=1 to make its absence an error)"
+)
+_CODES = {torch.float32: "FLOAT32", torch.float16: "FLOAT16", torch.bfloat16: "BFLOAT16"}
+
+
+def extension():
+    """The compiled module, or an ImportError that says how to build it."""
+    try:
+        from . import _cuda
+    except ImportError as err:
+        raise ImportError(f"backend='cuda': {_BUILD_HINT} ({err})") from err
+    return _cuda
+
+
+def available() -> bool:
+    try:
+        extension()
+    except ImportError:
+        return False
+    return True
+
+
+def _splits(device: torch.device, n: int, tile: int) -> int:
+    blocks = -(-n // tile)
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(blocks, int(target ** 0.5)))
+
+
+class CudaClipLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, scale, bias, normalize: bool):
+        ext = extension()
+        dtype = x.dtype if x.dtype == y.dtype else torch.float32
+        xc, yc = x.detach().to(dtype).contiguous(), y.detach().to(dtype).contiguous()
+        n, d = xc.shape
+        f32 = dict(dtype=torch.float32, device=xc.device)
+        inv = torch.empty(2, n, **f32)
+        stats = torch.empty(5, n, **f32)  # row max / log-sum, col max / log-sum, diag
+        splits = _splits(xc.device, n, ext.TILE)
+        row_part = torch.empty(2, splits, n, **f32)
+        col_part = torch.stack([torch.full((splits, n), float("-inf"), **f32), torch.zeros(splits, n, **f32)])
+        s_value = float(scale.detach().reshape(()))
+        b_value = float(bias.detach().reshape(())) if bias is not None else 0.0
+        stream = torch.cuda.current_stream(xc.device).cuda_stream
+        ext.forward(getattr(ext, _CODES[dtype]), xc.data_ptr(), yc.data_ptr(), n, d, s_value,
+                    b_value, bool(normalize), inv[0].data_ptr(), inv[1].data_ptr(),
+                    *(row.data_ptr() for row in stats), splits, splits,
+                    row_part[0].data_ptr(), row_part[1].data_ptr(),
+                    col_part[0].data_ptr(), col_part[1].data_ptr(), stream)
+        loss = clip_loss_from_stats(stats[0], stats[1], stats[2], stats[3], stats[4])
+        ctx.save_for_backward(xc, yc, inv, stats)
+        ctx.meta = (s_value, b_value, bool(normalize), x.dtype, y.dtype, scale.shape, scale.dtype,
+                    None if bias is None else (bias.shape, bias.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        ext = extension()
+        xc, yc, inv, stats = ctx.saved_tensors
+        s_value, b_value, normalize, x_dtype, y_dtype, scale_shape, scale_dtype, bias_meta = ctx.meta
+        need_x, need_y, need_scale, need_bias = ctx.needs_input_grad[:4]
+        n, d = xc.shape
+        grad_x = grad_y = grad_scale = grad_bias = None
+        if need_x or need_y or need_scale:
+            coef = grad_loss.float() / (2 * n)
+            # The kernels take the factor by value: one host sync per backward.
+            factor = float(coef) * s_value
+            acc_x = torch.zeros(n, d, dtype=torch.float32, device=xc.device)
+            acc_y = torch.zeros(n, d, dtype=torch.float32, device=xc.device) if need_y else None
+            scale_part = torch.zeros(-(-n // ext.TILE), dtype=torch.float32, device=xc.device)
+            gx = torch.empty_like(xc) if need_x else None
+            gy = torch.empty_like(yc) if need_y else None
+            ext.backward(getattr(ext, _CODES[xc.dtype]), xc.data_ptr(), yc.data_ptr(), n, d,
+                         s_value, b_value, normalize, inv[0].data_ptr(), inv[1].data_ptr(),
+                         *(row.data_ptr() for row in stats[:4]), factor, acc_x.data_ptr(),
+                         0 if acc_y is None else acc_y.data_ptr(), scale_part.data_ptr(),
+                         0 if gx is None else gx.data_ptr(), 0 if gy is None else gy.data_ptr(),
+                         torch.cuda.current_stream(xc.device).cuda_stream)
+            grad_x = None if gx is None else gx.to(x_dtype)
+            grad_y = None if gy is None else gy.to(y_dtype)
+            if need_scale:
+                grad_scale = (scale_part.sum() * coef).reshape(scale_shape).to(scale_dtype)
+        if need_bias:
+            grad_bias = exact_zero_bias_grad(stats[1], stats[3], grad_loss.float(), *bias_meta)
+        return grad_x, grad_y, grad_scale, grad_bias, None
+
+
+def cuda_clip_loss(inputs: LossInputs, normalize: bool = True) -> torch.Tensor:
+    return CudaClipLossFunction.apply(inputs.image_features, inputs.text_features,
+                                      inputs.logit_scale, inputs.logit_bias, normalize)

@@ -1,0 +1,120 @@
+// Python bindings of the CUDA backend: pointers, sizes, dtype codes and the
+// caller's stream handle; no libtorch. Launch failures raise RuntimeError.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "cuda/clip_loss_cuda.h"
+
+namespace py = pybind11;
+namespace cu = clipfast::cuda;
+
+namespace {
+
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+template <typename T>
+T* ptr(std::uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+void check(int64_t n, int64_t d, int dtype) {
+  if (n < 1 || d < 1) {
+    throw std::invalid_argument("clipfast._cuda: need n >= 1 and d >= 1, got n=" +
+                                std::to_string(n) + ", d=" + std::to_string(d));
+  }
+  if (dtype < kFloat32 || dtype > kBFloat16) {
+    throw std::invalid_argument(
+        "clipfast._cuda: dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16), got " +
+        std::to_string(dtype));
+  }
+}
+
+template <typename In>
+cu::Params<In> params(std::uintptr_t x, std::uintptr_t y, int64_t n, int64_t d, double scale,
+                      double bias, bool normalize, std::uintptr_t inv_x, std::uintptr_t inv_y) {
+  return cu::Params<In>{ptr<const In>(x), ptr<const In>(y), n, d, static_cast<float>(scale),
+                        static_cast<float>(bias), normalize, ptr<float>(inv_x), ptr<float>(inv_y)};
+}
+
+cu::Stats stats(std::uintptr_t row_max, std::uintptr_t row_logsum, std::uintptr_t col_max,
+                std::uintptr_t col_logsum, std::uintptr_t diag) {
+  return cu::Stats{ptr<float>(row_max), ptr<float>(row_logsum), ptr<float>(col_max),
+                   ptr<float>(col_logsum), ptr<float>(diag)};
+}
+
+template <typename In>
+void forward_typed(const py::tuple& a, cudaStream_t stream) {
+  auto p = params<In>(a[1].cast<std::uintptr_t>(), a[2].cast<std::uintptr_t>(),
+                      a[3].cast<int64_t>(), a[4].cast<int64_t>(), a[5].cast<double>(),
+                      a[6].cast<double>(), a[7].cast<bool>(), a[8].cast<std::uintptr_t>(),
+                      a[9].cast<std::uintptr_t>());
+  auto s = stats(a[10].cast<std::uintptr_t>(), a[11].cast<std::uintptr_t>(),
+                 a[12].cast<std::uintptr_t>(), a[13].cast<std::uintptr_t>(),
+                 a[14].cast<std::uintptr_t>());
+  cu::Workspace w{a[15].cast<int64_t>(), a[16].cast<int64_t>(), ptr<float>(a[17].cast<std::uintptr_t>()),
+                  ptr<float>(a[18].cast<std::uintptr_t>()), ptr<float>(a[19].cast<std::uintptr_t>()),
+                  ptr<float>(a[20].cast<std::uintptr_t>())};
+  py::gil_scoped_release release;
+  cu::forward<In>(p, s, w, stream);
+}
+
+template <typename In>
+void backward_typed(const py::tuple& a, cudaStream_t stream) {
+  auto p = params<In>(a[1].cast<std::uintptr_t>(), a[2].cast<std::uintptr_t>(),
+                      a[3].cast<int64_t>(), a[4].cast<int64_t>(), a[5].cast<double>(),
+                      a[6].cast<double>(), a[7].cast<bool>(), a[8].cast<std::uintptr_t>(),
+                      a[9].cast<std::uintptr_t>());
+  auto s = stats(a[10].cast<std::uintptr_t>(), a[11].cast<std::uintptr_t>(),
+                 a[12].cast<std::uintptr_t>(), a[13].cast<std::uintptr_t>(), 0);
+  const float factor = static_cast<float>(a[14].cast<double>());
+  float* acc_x = ptr<float>(a[15].cast<std::uintptr_t>());
+  float* acc_y = ptr<float>(a[16].cast<std::uintptr_t>());
+  float* scale_part = ptr<float>(a[17].cast<std::uintptr_t>());
+  In* grad_x = ptr<In>(a[18].cast<std::uintptr_t>());
+  In* grad_y = ptr<In>(a[19].cast<std::uintptr_t>());
+  py::gil_scoped_release release;
+  cu::backward<In>(p, s, factor, acc_x, acc_y, scale_part, grad_x, grad_y, stream);
+}
+
+// forward(dtype, x, y, n, d, scale, bias, normalize, inv_x, inv_y, row_max,
+//         row_logsum, col_max, col_logsum, diag, row_splits, col_splits,
+//         row_max_part, row_sum_part, col_max_part, col_sum_part, stream)
+void forward(py::args args) {
+  if (args.size() != 22) throw std::invalid_argument("clipfast._cuda.forward takes 22 arguments");
+  const int dtype = args[0].cast<int>();
+  check(args[3].cast<int64_t>(), args[4].cast<int64_t>(), dtype);
+  auto stream = reinterpret_cast<cudaStream_t>(args[21].cast<std::uintptr_t>());
+  if (dtype == kFloat32) forward_typed<float>(args, stream);
+  else if (dtype == kFloat16) forward_typed<__half>(args, stream);
+  else forward_typed<__nv_bfloat16>(args, stream);
+}
+
+// backward(dtype, x, y, n, d, scale, bias, normalize, inv_x, inv_y, row_max,
+//          row_logsum, col_max, col_logsum, factor, acc_x, acc_y,
+//          scale_grad_part, grad_x, grad_y, stream)
+void backward(py::args args) {
+  if (args.size() != 21) throw std::invalid_argument("clipfast._cuda.backward takes 21 arguments");
+  const int dtype = args[0].cast<int>();
+  check(args[3].cast<int64_t>(), args[4].cast<int64_t>(), dtype);
+  auto stream = reinterpret_cast<cudaStream_t>(args[20].cast<std::uintptr_t>());
+  if (dtype == kFloat32) backward_typed<float>(args, stream);
+  else if (dtype == kFloat16) backward_typed<__half>(args, stream);
+  else backward_typed<__nv_bfloat16>(args, stream);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "clipfast's CUDA backend (no libtorch: pointers, sizes, dtype codes, stream handle)";
+  m.def("forward", &forward, "Fused CLIP loss forward statistics");
+  m.def("backward", &backward, "Fused CLIP loss gradients");
+  m.attr("FLOAT32") = static_cast<int>(kFloat32);
+  m.attr("FLOAT16") = static_cast<int>(kFloat16);
+  m.attr("BFLOAT16") = static_cast<int>(kBFloat16);
+  m.attr("TILE") = 64;
+}
