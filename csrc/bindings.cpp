@@ -3,11 +3,15 @@
 // tensors and keeps them alive for the duration of each call. So one build
 // serves every torch version.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
+#include <vector>
 #include <string>
 
+#include "clipfast/tile_math.h"
 #include "cpu/clip_loss_cpu.h"
 
 namespace py = pybind11;
@@ -90,6 +94,23 @@ PYBIND11_MODULE(_cpu, m) {
   m.doc() = "clipfast's C++ CPU backend (no libtorch: pointers, sizes and dtype codes)";
   m.def("forward", &cpu_forward, "Fused CLIP loss forward; returns the loss");
   m.def("backward", &cpu_backward, "Fused CLIP loss backward; returns dL/dscale");
+  // The shared tile math as the GPU kernels use it, for tests on any machine.
+  m.def("logsumexp_by_push", [](const std::vector<float>& values) {
+    float running_max = -INFINITY, running_sum = 0.f;
+    for (float v : values) clipfast::lse_push(running_max, running_sum, v);
+    return running_max + std::log(running_sum);
+  }, "log-sum-exp of the values through lse_push (tile_math.h)");
+  m.def("logsumexp_by_merge", [](const std::vector<float>& values, int parts) {
+    // Each part pushes a strided subset; the partials are merged, as the
+    // kernels merge tiles and thread groups.
+    float total_max = -INFINITY, total_sum = 0.f;
+    for (int part = 0; part < parts; ++part) {
+      float m = -INFINITY, s = 0.f;
+      for (size_t i = part; i < values.size(); i += parts) clipfast::lse_push(m, s, values[i]);
+      clipfast::lse_merge(total_max, total_sum, m, s);
+    }
+    return total_max + std::log(total_sum);
+  }, "log-sum-exp through per-part lse_push and lse_merge (tile_math.h)");
   m.attr("FLOAT32") = static_cast<int>(kFloat32);
   m.attr("FLOAT64") = static_cast<int>(kFloat64);
 }

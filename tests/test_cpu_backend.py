@@ -80,3 +80,26 @@ def test_cpu_non_contiguous_inputs():
     x, y = big[::2, 5:50], big.t().contiguous().t()[1::2, 7:52]
     torch.testing.assert_close(clip_loss(x, y, 20.0, backend="cpu"),
                                clip_loss(x, y, 20.0, backend="chunked"), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("values", [
+    [0.5], [1.0, 3.0, -2.0], [float("-inf"), 2.0, float("-inf"), 5.0], [100.0, -100.0, 99.5],
+    [float(v) for v in torch.randn(97) * 30]])
+@pytest.mark.parametrize("parts", [1, 4, 16])
+def test_shared_tile_math_logsumexp(values, parts):
+    # lse_push / lse_merge are what the CUDA kernels run per tile and thread
+    # group, masked (-inf) entries and empty groups included.
+    from clipfast import _cpu
+
+    want = torch.logsumexp(torch.tensor(values, dtype=torch.float64), 0).item()
+    assert _cpu.logsumexp_by_push(values) == pytest.approx(want, rel=1e-6, abs=1e-5)
+    assert _cpu.logsumexp_by_merge(values, parts) == pytest.approx(want, rel=1e-6, abs=1e-5)
+
+
+def test_shared_tile_math_keeps_nan_visible():
+    import math
+
+    from clipfast import _cpu
+
+    assert math.isnan(_cpu.logsumexp_by_push([1.0, float("nan"), 2.0]))
+    assert math.isnan(_cpu.logsumexp_by_merge([1.0, float("nan"), 2.0, 0.0], 2))

@@ -47,9 +47,12 @@ CLIPFAST_HD T pair_logit(T dot, T inv_x, T inv_y, T scale, T bias, T* cosine) {
 }
 
 // Online log-sum-exp: push one value into (max, sum exp(v - max)). A NaN
-// value makes the sum NaN, so NaN is never hidden behind a finite loss.
+// value makes the sum NaN, so NaN is never hidden behind a finite loss; -inf
+// (a masked entry) adds nothing, and must not meet a -inf max: exp(-inf + inf)
+// would be NaN.
 template <typename T>
 CLIPFAST_HD void lse_push(T& running_max, T& running_sum, T value) {
+  if (value == -INFINITY) return;
   if (value > running_max) {
     running_sum = running_sum * exp(running_max - value) + T(1);
     running_max = value;
