@@ -124,3 +124,14 @@ def check_inputs(
         if not math.isfinite(bias_value):
             raise ValueError(f"logit_bias must be finite, got {bias_value}")
     return LossInputs(image_features, text_features, scale, bias)
+
+
+def load_extension(module: str, backend: str, hint: str):
+    """Import ``clipfast.<module>`` or raise an ImportError naming the backend and
+    how to build the extension."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"clipfast.{module}")
+    except ImportError as err:
+        raise ImportError(f"backend={backend!r}: {hint} ({err})") from err

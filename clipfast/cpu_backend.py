@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._inputs import LossInputs
+from ._inputs import LossInputs, load_extension
 from .chunked import exact_zero_bias_grad
 
 _BUILD_HINT = (
@@ -21,11 +21,7 @@ _BUILD_HINT = (
 
 def extension():
     """The compiled module, or an ImportError that says how to build it."""
-    try:
-        from . import _cpu
-    except ImportError as err:
-        raise ImportError(f"backend='cpu': {_BUILD_HINT} ({err})") from err
-    return _cpu
+    return load_extension("_cpu", "cpu", _BUILD_HINT)
 
 
 def available() -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._inputs import LossInputs
+from ._inputs import LossInputs, load_extension
 from .chunked import clip_loss_from_stats, exact_zero_bias_grad
 
 _BUILD_HINT = (
@@ -22,11 +22,7 @@ _CODES = {torch.float32: "FLOAT32", torch.float16: "FLOAT16", torch.bfloat16: "B
 
 def extension():
     """The compiled module, or an ImportError that says how to build it."""
-    try:
-        from . import _cuda
-    except ImportError as err:
-        raise ImportError(f"backend='cuda': {_BUILD_HINT} ({err})") from err
-    return _cuda
+    return load_extension("_cuda", "cuda", _BUILD_HINT)
 
 
 def available() -> bool:
