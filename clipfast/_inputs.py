@@ -126,6 +126,15 @@ def check_inputs(
     return LossInputs(image_features, text_features, scale, bias)
 
 
+def extension_available(load) -> bool:
+    """Whether ``load()`` (a backend's ``extension``) imports its compiled module."""
+    try:
+        load()
+    except ImportError:
+        return False
+    return True
+
+
 def load_extension(module: str, backend: str, hint: str):
     """Import ``clipfast.<module>`` or raise an ImportError naming the backend and
     how to build the extension."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._inputs import LossInputs, load_extension
+from ._inputs import LossInputs, extension_available, load_extension
 from .chunked import exact_zero_bias_grad
 
 _BUILD_HINT = (
@@ -25,11 +25,7 @@ def extension():
 
 
 def available() -> bool:
-    try:
-        extension()
-    except ImportError:
-        return False
-    return True
+    return extension_available(extension)
 
 
 def _code(dtype: torch.dtype, ext) -> int:

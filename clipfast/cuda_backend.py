@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._inputs import LossInputs, load_extension
+from ._inputs import LossInputs, extension_available, load_extension
 from .chunked import clip_loss_from_stats, exact_zero_bias_grad
 
 _BUILD_HINT = (
@@ -26,11 +26,7 @@ def extension():
 
 
 def available() -> bool:
-    try:
-        extension()
-    except ImportError:
-        return False
-    return True
+    return extension_available(extension)
 
 
 def _splits(device: torch.device, n: int, tile: int) -> int:

@@ -167,6 +167,14 @@ class ChunkedBlockOps:
         self.dtype = compute_dtype(x, y)
         self.normalize = normalize
         self.chunk = chunk_elements
+        self._own = None  # (features, inv_norm, unit rows) of the rank's own rows
+
+    def _unit(self, features, inv_norm):
+        # The rank's own rows meet every block of the ring: normalise them once.
+        if self._own is not None and self._own[0] is features and self._own[1] is inv_norm:
+            return self._own[2]
+        self._own = (features, inv_norm, unit_rows(features, inv_norm))
+        return self._own[2]
 
     def inverse_norms(self, features):
         return inverse_norms(features, self.normalize, self.dtype)
@@ -175,7 +183,7 @@ class ChunkedBlockOps:
         return scalar_in(scale, self.dtype), scalar_in(bias, self.dtype)
 
     def stats(self, x, inv_x, y, inv_y, s, b, diag_offset, with_cols=True):
-        return block_forward(unit_rows(x, inv_x), unit_rows(y, inv_y), s, b, diag_offset,
+        return block_forward(self._unit(x, inv_x), unit_rows(y, inv_y), s, b, diag_offset,
                              self.chunk, with_cols)
 
     def new_accumulator(self, rows, d, device):
@@ -185,7 +193,7 @@ class ChunkedBlockOps:
         """x_acc += s G Y^, y_acc += s G^T X^ with unscaled G; returns sum G cos."""
         one = torch.ones((), dtype=self.dtype, device=x.device)
         gx, gy, gs = block_backward(
-            unit_rows(x, inv_x), unit_rows(y, inv_y), s, b, row_stats, col_stats, diag_offset,
+            self._unit(x, inv_x), unit_rows(y, inv_y), s, b, row_stats, col_stats, diag_offset,
             one if row_stats is not None else None, one if col_stats is not None else None,
             self.chunk, need_x=x_acc is not None, need_y=y_acc is not None)
         if x_acc is not None:
