@@ -63,7 +63,8 @@ def cpp_extensions():
         cuda_root, cuda_lib = _cuda_root(nvcc)
         extensions.append(Pybind11Extension(
             "clipfast._cuda",
-            sources=["csrc/cuda_bindings.cpp", "csrc/cuda/clip_loss_cuda.cu"],
+            sources=["csrc/cuda_bindings.cpp", "csrc/cuda/clip_loss_cuda.cu",
+                     "csrc/cuda/tensor_core_tiles.cu"],
             include_dirs=["csrc", "csrc/include", str(Path(cuda_root, "include"))],
             library_dirs=[cuda_lib],
             libraries=["cudart_static", "dl", "rt", "pthread"],
@@ -105,6 +106,8 @@ setup(
     long_description=README.read_text(encoding="utf-8") if README.exists() else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["clipfast", "clipfast.*"]),
+    # backend="auto"'s measured choices (clipfast/autoselect.py).
+    package_data={"clipfast": ["auto_table.json"]},
     python_requires=">=3.10",
     ext_modules=EXTENSIONS,
     cmdclass=CMDCLASS,

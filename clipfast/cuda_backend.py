@@ -71,27 +71,69 @@ class CudaClipLossFunction(torch.autograd.Function):
         n, d = xc.shape
         grad_x = grad_y = grad_scale = grad_bias = None
         if need_x or need_y or need_scale:
-            coef = grad_loss.float() / (2 * n)
-            # The kernels take the factor by value: one host sync per backward.
-            factor = float(coef) * s_value
-            acc_x = torch.zeros(n, d, dtype=torch.float32, device=xc.device)
-            acc_y = torch.zeros(n, d, dtype=torch.float32, device=xc.device) if need_y else None
-            scale_part = torch.zeros(-(-n // ext.TILE), dtype=torch.float32, device=xc.device)
+            # grad_loss / (2N) stays on the device (the kernels read it): no host sync.
+            coef = (grad_loss.float() / (2 * n)).reshape(1).contiguous()
             gx = torch.empty_like(xc) if need_x else None
             gy = torch.empty_like(yc) if need_y else None
-            ext.backward(getattr(ext, _CODES[xc.dtype]), xc.data_ptr(), yc.data_ptr(), n, d,
-                         s_value, b_value, normalize, inv[0].data_ptr(), inv[1].data_ptr(),
-                         *(row.data_ptr() for row in stats[:4]), factor, acc_x.data_ptr(),
-                         0 if acc_y is None else acc_y.data_ptr(), scale_part.data_ptr(),
-                         0 if gx is None else gx.data_ptr(), 0 if gy is None else gy.data_ptr(),
-                         torch.cuda.current_stream(xc.device).cuda_stream)
+            common = (getattr(ext, _CODES[xc.dtype]), xc.data_ptr(), yc.data_ptr(), n, d, s_value,
+                      b_value, normalize, inv[0].data_ptr(), inv[1].data_ptr(),
+                      *(row.data_ptr() for row in stats[:4]), s_value, coef.data_ptr())
+            outputs = (0 if gx is None else gx.data_ptr(), 0 if gy is None else gy.data_ptr(),
+                       torch.cuda.current_stream(xc.device).cuda_stream)
+            if xc.dtype == torch.float32:
+                scale_sums = _simt_backward(ext, common, outputs, xc, need_y)
+            else:
+                scale_sums = _strip_backward(ext, common, outputs, xc, need_scale)
             grad_x = None if gx is None else gx.to(x_dtype)
             grad_y = None if gy is None else gy.to(y_dtype)
             if need_scale:
-                grad_scale = (scale_part.sum() * coef).reshape(scale_shape).to(scale_dtype)
+                grad_scale = (scale_sums.sum() * coef[0]).reshape(scale_shape).to(scale_dtype)
         if need_bias:
             grad_bias = exact_zero_bias_grad(stats[1], stats[3], grad_loss.float(), *bias_meta)
         return grad_x, grad_y, grad_scale, grad_bias, None
+
+
+def _simt_backward(ext, common, outputs, xc, need_y):
+    """fp32: SIMT tiles accumulating into fp32 (N, d) buffers."""
+    n, d = xc.shape
+    f32 = dict(dtype=torch.float32, device=xc.device)
+    acc_x = torch.zeros(n, d, **f32)
+    acc_y = torch.zeros(n, d, **f32) if need_y else None
+    scale_part = torch.zeros(-(-n // ext.TILE), **f32)
+    ext.backward(*common, acc_x.data_ptr(), 0 if acc_y is None else acc_y.data_ptr(),
+                 scale_part.data_ptr(), *outputs)
+    return scale_part
+
+
+def strip_plan(n: int, d: int, multi_processors: int, align: int = 128) -> tuple:
+    """(strip, ld, k_splits) of the tensor-core backward.
+
+    A strip of G holds about N*d/4 elements (1/8 of the two input gradients'
+    bytes), at least one 128-row tile and at most all of N. The strip GEMM
+    splits K (the N columns it sums over) until it has about two blocks per
+    multiprocessor, at most 16 ways and never below 1024 columns per split.
+    """
+    ld = -(-n // align) * align
+    strip = align * max(1, (n * d // 4) // (align * ld))
+    strip = min(strip, ld)
+    blocks = (strip // align) * -(-d // 64)
+    k_splits = max(1, min(16, -(-2 * multi_processors // blocks), ld // 1024))
+    return strip, ld, k_splits
+
+
+def _strip_backward(ext, common, outputs, xc, need_scale):
+    """fp16/bf16: strips of G on tensor cores (see csrc/cuda/tensor_core_tiles.cu)."""
+    n, d = xc.shape
+    sms = torch.cuda.get_device_properties(xc.device).multi_processor_count
+    strip, ld, k_splits = strip_plan(n, d, sms, ext.STRIP_ALIGN)
+    f32 = dict(dtype=torch.float32, device=xc.device)
+    g_strip = torch.empty(strip, ld, dtype=xc.dtype, device=xc.device)
+    c_strip = torch.empty(k_splits, strip, d, **f32)
+    scale_part = torch.empty((strip // ext.STRIP_ALIGN) * (ld // 64), **f32)
+    scale_acc = torch.zeros(-(-n // strip), **f32)
+    ext.backward_strips(*common, strip, ld, k_splits, g_strip.data_ptr(), c_strip.data_ptr(),
+                        scale_part.data_ptr(), scale_acc.data_ptr(), bool(need_scale), *outputs)
+    return scale_acc
 
 
 def cuda_clip_loss(inputs: LossInputs, normalize: bool = True) -> torch.Tensor:

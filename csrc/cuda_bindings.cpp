@@ -72,13 +72,36 @@ void backward_typed(const py::tuple& a, cudaStream_t stream) {
   auto s = stats(a[10].cast<std::uintptr_t>(), a[11].cast<std::uintptr_t>(),
                  a[12].cast<std::uintptr_t>(), a[13].cast<std::uintptr_t>(), 0);
   const float factor = static_cast<float>(a[14].cast<double>());
-  float* acc_x = ptr<float>(a[15].cast<std::uintptr_t>());
-  float* acc_y = ptr<float>(a[16].cast<std::uintptr_t>());
-  float* scale_part = ptr<float>(a[17].cast<std::uintptr_t>());
-  In* grad_x = ptr<In>(a[18].cast<std::uintptr_t>());
-  In* grad_y = ptr<In>(a[19].cast<std::uintptr_t>());
+  const float* coef = ptr<const float>(a[15].cast<std::uintptr_t>());
+  float* acc_x = ptr<float>(a[16].cast<std::uintptr_t>());
+  float* acc_y = ptr<float>(a[17].cast<std::uintptr_t>());
+  float* scale_part = ptr<float>(a[18].cast<std::uintptr_t>());
+  In* grad_x = ptr<In>(a[19].cast<std::uintptr_t>());
+  In* grad_y = ptr<In>(a[20].cast<std::uintptr_t>());
   py::gil_scoped_release release;
-  cu::backward<In>(p, s, factor, acc_x, acc_y, scale_part, grad_x, grad_y, stream);
+  cu::backward<In>(p, s, factor, coef, acc_x, acc_y, scale_part, grad_x, grad_y, stream);
+}
+
+template <typename In>
+void backward_strips_typed(const py::tuple& a, cudaStream_t stream) {
+  auto p = params<In>(a[1].cast<std::uintptr_t>(), a[2].cast<std::uintptr_t>(),
+                      a[3].cast<int64_t>(), a[4].cast<int64_t>(), a[5].cast<double>(),
+                      a[6].cast<double>(), a[7].cast<bool>(), a[8].cast<std::uintptr_t>(),
+                      a[9].cast<std::uintptr_t>());
+  auto s = stats(a[10].cast<std::uintptr_t>(), a[11].cast<std::uintptr_t>(),
+                 a[12].cast<std::uintptr_t>(), a[13].cast<std::uintptr_t>(), 0);
+  const float factor = static_cast<float>(a[14].cast<double>());
+  const float* coef = ptr<const float>(a[15].cast<std::uintptr_t>());
+  cu::StripWorkspace<In> w{a[16].cast<int64_t>(), a[17].cast<int64_t>(), a[18].cast<int64_t>(),
+                           ptr<In>(a[19].cast<std::uintptr_t>()),
+                           ptr<float>(a[20].cast<std::uintptr_t>()),
+                           ptr<float>(a[21].cast<std::uintptr_t>()),
+                           ptr<float>(a[22].cast<std::uintptr_t>())};
+  const bool need_scale = a[23].cast<bool>();
+  In* grad_x = ptr<In>(a[24].cast<std::uintptr_t>());
+  In* grad_y = ptr<In>(a[25].cast<std::uintptr_t>());
+  py::gil_scoped_release release;
+  cu::backward_strips<In>(p, s, factor, coef, w, need_scale, grad_x, grad_y, stream);
 }
 
 // forward(dtype, x, y, n, d, scale, bias, normalize, inv_x, inv_y, row_max,
@@ -95,16 +118,35 @@ void forward(py::args args) {
 }
 
 // backward(dtype, x, y, n, d, scale, bias, normalize, inv_x, inv_y, row_max,
-//          row_logsum, col_max, col_logsum, factor, acc_x, acc_y,
+//          row_logsum, col_max, col_logsum, factor, coef, acc_x, acc_y,
 //          scale_grad_part, grad_x, grad_y, stream)
+// The SIMT backward; gradients are scaled by factor * (*coef), coef a device
+// float (0: none).
 void backward(py::args args) {
-  if (args.size() != 21) throw std::invalid_argument("clipfast._cuda.backward takes 21 arguments");
+  if (args.size() != 22) throw std::invalid_argument("clipfast._cuda.backward takes 22 arguments");
   const int dtype = args[0].cast<int>();
   check(args[3].cast<int64_t>(), args[4].cast<int64_t>(), dtype);
-  auto stream = reinterpret_cast<cudaStream_t>(args[20].cast<std::uintptr_t>());
+  auto stream = reinterpret_cast<cudaStream_t>(args[21].cast<std::uintptr_t>());
   if (dtype == kFloat32) backward_typed<float>(args, stream);
   else if (dtype == kFloat16) backward_typed<__half>(args, stream);
   else backward_typed<__nv_bfloat16>(args, stream);
+}
+
+// backward_strips(dtype, x, y, n, d, scale, bias, normalize, inv_x, inv_y,
+//                 row_max, row_logsum, col_max, col_logsum, factor, coef,
+//                 strip, ld, k_splits, g_strip, c_strip, scale_part, scale_acc,
+//                 need_scale, grad_x, grad_y, stream)
+// The tensor-core backward by strips (float16 / bfloat16 only).
+void backward_strips(py::args args) {
+  if (args.size() != 27) {
+    throw std::invalid_argument("clipfast._cuda.backward_strips takes 27 arguments");
+  }
+  const int dtype = args[0].cast<int>();
+  check(args[3].cast<int64_t>(), args[4].cast<int64_t>(), dtype);
+  auto stream = reinterpret_cast<cudaStream_t>(args[26].cast<std::uintptr_t>());
+  if (dtype == kFloat16) backward_strips_typed<__half>(args, stream);
+  else if (dtype == kBFloat16) backward_strips_typed<__nv_bfloat16>(args, stream);
+  else throw std::invalid_argument("clipfast._cuda.backward_strips: float16 or bfloat16 only, got float32");
 }
 
 }  // namespace
@@ -112,9 +154,12 @@ void backward(py::args args) {
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "clipfast's CUDA backend (no libtorch: pointers, sizes, dtype codes, stream handle)";
   m.def("forward", &forward, "Fused CLIP loss forward statistics");
-  m.def("backward", &backward, "Fused CLIP loss gradients");
+  m.def("backward", &backward, "Fused CLIP loss gradients (SIMT tiles)");
+  m.def("backward_strips", &backward_strips,
+        "Fused CLIP loss gradients by strips of G on tensor cores (float16 / bfloat16)");
   m.attr("FLOAT32") = static_cast<int>(kFloat32);
   m.attr("FLOAT16") = static_cast<int>(kFloat16);
   m.attr("BFLOAT16") = static_cast<int>(kBFloat16);
   m.attr("TILE") = 64;
+  m.attr("STRIP_ALIGN") = static_cast<int>(cu::kStripAlign);
 }

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from clipfast import clip_loss
-from clipfast.cuda_backend import available
+from clipfast.cuda_backend import available, strip_plan
 
 from .parity import HAS_CUDA, assert_parity, make_features, requires_cuda
 
@@ -31,6 +31,26 @@ def test_bad_arguments_raise_value_errors():
         _cuda.forward(0, 0, 0, 0, 4, 1.0, 0.0, True, *([0] * 7), 1, 1, 0, 0, 0, 0, 0)
 
 
+@pytest.mark.skipif(not HAS_NVCC, reason="no nvcc on this machine: the CUDA extension is not built")
+def test_strip_backward_rejects_bad_arguments():
+    from clipfast import _cuda
+
+    ptrs = [0] * 6  # inv_x, inv_y, row_max, row_logsum, col_max, col_logsum
+    with pytest.raises(ValueError, match="float16 or bfloat16 only"):
+        _cuda.backward_strips(_cuda.FLOAT32, 0, 0, 4, 4, 1.0, 0.0, True, *ptrs, 1.0, 0,
+                              128, 128, 1, 0, 0, 0, 0, True, 0, 0, 0)
+    with pytest.raises(ValueError, match="strip and ld multiples of 128"):
+        _cuda.backward_strips(_cuda.BFLOAT16, 0, 0, 4, 4, 1.0, 0.0, True, *ptrs, 1.0, 0,
+                              100, 128, 1, 0, 0, 0, 0, True, 0, 0, 0)
+    with pytest.raises(ValueError, match="ld >= n"):
+        _cuda.backward_strips(_cuda.FLOAT16, 0, 0, 300, 4, 1.0, 0.0, True, *ptrs, 1.0, 0,
+                              128, 256, 1, 0, 0, 0, 0, True, 0, 0, 0)
+    with pytest.raises(ValueError, match="takes 27 arguments"):
+        _cuda.backward_strips(_cuda.FLOAT16, 0, 0)
+    with pytest.raises(ValueError, match="takes 22 arguments"):
+        _cuda.backward(_cuda.FLOAT32, 0, 0)
+
+
 @pytest.mark.skipif(not HAS_NVCC or HAS_CUDA,
                     reason="needs the extension and no usable GPU (a launch must fail)")
 def test_launch_failure_is_a_python_exception():
@@ -38,6 +58,24 @@ def test_launch_failure_is_a_python_exception():
 
     with pytest.raises(RuntimeError, match="clipfast._cuda: launching inverse_norms_kernel"):
         _cuda.forward(0, 0, 0, 4, 4, 1.0, 0.0, True, *([0] * 7), 1, 1, 0, 0, 0, 0, 0)
+    with pytest.raises(RuntimeError, match="clipfast._cuda: launching grad_strip_kernel"):
+        _cuda.backward_strips(_cuda.BFLOAT16, 0, 0, 4, 4, 1.0, 0.0, True, *([0] * 6), 1.0, 0,
+                              128, 128, 1, 0, 0, 0, 0, True, 0, 0, 0)
+
+
+@pytest.mark.parametrize("n,d", [(1, 1), (7, 65), (128, 512), (4099, 1024), (32768, 512),
+                                 (131072, 1024), (1_000_003, 768)])
+@pytest.mark.parametrize("sms", [1, 132])
+def test_strip_plan(n, d, sms):
+    strip, ld, k_splits = strip_plan(n, d, sms)
+    assert ld % 128 == 0 and n <= ld < n + 128
+    assert strip % 128 == 0 and 128 <= strip <= ld
+    assert 1 <= k_splits <= 16 and (k_splits == 1 or ld // k_splits >= 1024)
+    # A strip of G is at most N*d/4 elements unless one 128-row tile is more.
+    assert strip * ld <= max(n * d // 4, 128 * ld)
+    # Two blocks per multiprocessor where the K splits allow it.
+    blocks = (strip // 128) * -(-d // 64) * k_splits
+    assert blocks >= min(2 * sms, (strip // 128) * -(-d // 64) * min(16, ld // 1024))
 
 
 def test_cuda_backend_rejects_cpu_tensors():
@@ -64,10 +102,36 @@ def test_cuda_parity(n, d, dtype, normalize):
 
 
 @requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("needs", [(True, False, False, False), (False, True, False, False),
                                    (False, False, True, True)])
-def test_cuda_partial_requires_grad(needs):
-    assert_parity("cuda", 301, 97, bias=0.5, needs=needs, device="cuda")
+def test_cuda_partial_requires_grad(needs, dtype):
+    assert_parity("cuda", 301, 97, x_dtype=dtype, bias=0.5, needs=needs, device="cuda")
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_tensor_cores_on_unaligned_rows(dtype):
+    # Rows that start off a 16-byte boundary take the scalar loads, with the
+    # same arithmetic as the vector loads: equal results, gradients included.
+    x, y = make_features(515, 256, dtype, "cuda", seed=5)
+
+    def shifted(t):
+        storage = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+        view = storage[1:].view(t.shape)
+        view.copy_(t)
+        return view.requires_grad_()
+
+    xs, ys = shifted(x), shifted(y)
+    assert xs.data_ptr() % 16 != 0
+    xa, ya = x.clone().requires_grad_(), y.clone().requires_grad_()
+    loss_shifted = clip_loss(xs, ys, 30.0, backend="cuda")
+    loss_aligned = clip_loss(xa, ya, 30.0, backend="cuda")
+    loss_shifted.backward()
+    loss_aligned.backward()
+    torch.testing.assert_close(loss_shifted, loss_aligned, rtol=0, atol=0)
+    torch.testing.assert_close(xs.grad, xa.grad, rtol=0, atol=0)
+    torch.testing.assert_close(ys.grad, ya.grad, rtol=0, atol=0)
 
 
 @requires_cuda

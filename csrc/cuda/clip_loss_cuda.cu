@@ -1,6 +1,10 @@
 // CUDA backend of the fused CLIP loss: same algorithm and per-element math
 // (tile_math.h) as the C++ CPU backend, on 64 x 64 tiles held on chip.
 //
+// This file holds the SIMT path (fp32 inputs by default) and the kernels
+// every path shares (inverse norms, statistics merge, normalisation
+// backward); tensor_core_tiles.cu holds the fp16/bf16 tensor-core tiles.
+//
 // Forward: a ROW_SPLITS x COL_SPLITS grid of blocks, each sweeping its
 // super-tile; row statistics stay in shared memory across the block's
 // columns, column statistics go to the block's private slice of a
@@ -14,14 +18,10 @@
 // failure comes back as an exception naming the kernel.
 #include "cuda/clip_loss_cuda.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <stdexcept>
-#include <string>
-
 #include "clipfast/tile_math.h"
+#include "cuda/common.cuh"
+
+#include <type_traits>
 
 namespace clipfast {
 namespace cuda {
@@ -30,28 +30,6 @@ namespace {
 constexpr int kTile = 64;     // rows and columns of a tile
 constexpr int kChunk = 32;    // depth of one shared-memory stage
 constexpr int kThreads = 256; // 16 x 16 threads, 4 x 4 outputs each
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename Out>
-__device__ __forceinline__ Out from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-void check_launch(const char* kernel) {
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("clipfast._cuda: launching ") + kernel + " failed: " +
-                             cudaGetErrorString(err));
-  }
-}
 
 // Raw dot products of the tile rows [row0, row0 + 64) x columns [col0, col0 + 64)
 // into acc[4][4] (this thread's 4 x 4 outputs). Rows/columns past n read as 0.
@@ -278,50 +256,71 @@ __global__ void grads_kernel(Params<In> p, Stats s, float* acc, float* scale_gra
   }
 }
 
-// out = factor * (g - x^ <x^, g>) * inv_norm (normalisation backward), one
-// warp per row, in the features' dtype.
+// See launch_finish (common.cuh). One warp per row.
 template <typename In>
-__global__ void finish_kernel(const float* acc, const In* features, const float* inv_norm,
-                              int64_t n, int64_t d, float factor, bool normalize, In* out) {
+__global__ void finish_kernel(const float* acc, int64_t parts, int64_t part_stride,
+                              const In* features, const float* inv_norm, int64_t rows, int64_t d,
+                              float factor, const float* coef, bool normalize, In* out) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  if (row >= n) return;
+  if (row >= rows) return;
+  const float scaled = coef == nullptr ? factor : factor * *coef;
   const float inv = inv_norm[row];
+  auto grad_at = [&](int64_t k) {
+    float g = 0.f;
+    for (int64_t t = 0; t < parts; ++t) g += acc[t * part_stride + row * d + k];
+    return g * scaled;
+  };
   float radial = 0.f;
   if (normalize && !norm_is_clamped(inv)) {
     for (int64_t k = lane; k < d; k += 32)
-      radial = fmaf(acc[row * d + k] * factor, to_float(features[row * d + k]) * inv, radial);
+      radial = fmaf(grad_at(k), to_float(features[row * d + k]) * inv, radial);
     for (int offset = 16; offset > 0; offset /= 2)
       radial += __shfl_xor_sync(0xffffffffu, radial, offset);
   }
   for (int64_t k = lane; k < d; k += 32) {
-    float g = acc[row * d + k] * factor;
+    float g = grad_at(k);
     if (normalize) g = (g - to_float(features[row * d + k]) * inv * radial) * inv;
     out[row * d + k] = from_float<In>(g);
   }
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+constexpr int kRowsPerBlock = 8;  // warps per block of the per-row kernels
+
 
 }  // namespace
 
 template <typename In>
+void launch_finish(const float* acc, int64_t parts, int64_t part_stride, const In* features,
+                   const float* inv_norm, int64_t rows, int64_t d, float factor,
+                   const float* coef_device, bool normalize, In* out, cudaStream_t stream,
+                   const char* what) {
+  finish_kernel<In><<<ceil_div(rows, kRowsPerBlock), 32 * kRowsPerBlock, 0, stream>>>(
+      acc, parts, part_stride, features, inv_norm, rows, d, factor, coef_device, normalize, out);
+  check_launch(what);
+}
+
+template <typename In>
 void forward(const Params<In>& p, const Stats& s, const Workspace& w, cudaStream_t stream) {
   const int64_t n = p.n;
-  const int rows_per_block = 8;  // warps per block of the per-row kernels
-  inverse_norms_kernel<In><<<ceil_div(n, rows_per_block), 32 * rows_per_block, 0, stream>>>(
+  inverse_norms_kernel<In><<<ceil_div(n, kRowsPerBlock), 32 * kRowsPerBlock, 0, stream>>>(
       p.x, n, p.d, p.normalize, p.inv_x);
   check_launch("inverse_norms_kernel (image)");
-  inverse_norms_kernel<In><<<ceil_div(n, rows_per_block), 32 * rows_per_block, 0, stream>>>(
+  inverse_norms_kernel<In><<<ceil_div(n, kRowsPerBlock), 32 * kRowsPerBlock, 0, stream>>>(
       p.y, n, p.d, p.normalize, p.inv_y);
   check_launch("inverse_norms_kernel (text)");
-  const int64_t blocks = ceil_div(n, kTile);
-  const int64_t row_per = ceil_div(blocks, w.row_splits), col_per = ceil_div(blocks, w.col_splits);
-  dim3 grid(static_cast<unsigned>(w.row_splits), static_cast<unsigned>(w.col_splits));
-  forward_kernel<In><<<grid, kThreads, 0, stream>>>(p, row_per, col_per, w.row_max_part,
-                                                      w.row_sum_part, w.col_max_part,
-                                                      w.col_sum_part, s.diag);
-  check_launch("forward_kernel");
+  if constexpr (std::is_same_v<In, float>) {
+    const int64_t blocks = ceil_div(n, kTile);
+    const int64_t row_per = ceil_div(blocks, w.row_splits);
+    const int64_t col_per = ceil_div(blocks, w.col_splits);
+    dim3 grid(static_cast<unsigned>(w.row_splits), static_cast<unsigned>(w.col_splits));
+    forward_kernel<In><<<grid, kThreads, 0, stream>>>(p, row_per, col_per, w.row_max_part,
+                                                        w.row_sum_part, w.col_max_part,
+                                                        w.col_sum_part, s.diag);
+    check_launch("forward_kernel");
+  } else {
+    tensor_core_forward_tiles<In>(p, s, w, stream);
+  }
   merge_stats_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(w.row_max_part, w.row_sum_part,
                                                            w.col_splits, n, s.row_max, s.row_logsum);
   check_launch("merge_stats_kernel (rows)");
@@ -331,33 +330,34 @@ void forward(const Params<In>& p, const Stats& s, const Workspace& w, cudaStream
 }
 
 template <typename In>
-void backward(const Params<In>& p, const Stats& s, float factor, float* acc_x, float* acc_y,
-              float* scale_grad_part, In* grad_x, In* grad_y, cudaStream_t stream) {
+void backward(const Params<In>& p, const Stats& s, float factor, const float* coef,
+              float* acc_x, float* acc_y, float* scale_grad_part, In* grad_x, In* grad_y,
+              cudaStream_t stream) {
   const int64_t n = p.n, blocks = ceil_div(n, kTile);
-  const int rows_per_block = 8;
   // The row pass always runs: it also yields the scale gradient.
   grads_kernel<In, true><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
       p, s, acc_x, scale_grad_part);
   check_launch("grads_kernel (rows)");
   if (grad_x != nullptr) {
-    finish_kernel<In><<<ceil_div(n, rows_per_block), 32 * rows_per_block, 0, stream>>>(
-        acc_x, p.x, p.inv_x, n, p.d, factor, p.normalize, grad_x);
-    check_launch("finish_kernel (image)");
+    launch_finish<In>(acc_x, 1, 0, p.x, p.inv_x, n, p.d, factor, coef, p.normalize, grad_x,
+                      stream, "finish_kernel (image)");
   }
   if (grad_y != nullptr) {
     grads_kernel<In, false><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
         p, s, acc_y, nullptr);
     check_launch("grads_kernel (columns)");
-    finish_kernel<In><<<ceil_div(n, rows_per_block), 32 * rows_per_block, 0, stream>>>(
-        acc_y, p.y, p.inv_y, n, p.d, factor, p.normalize, grad_y);
-    check_launch("finish_kernel (text)");
+    launch_finish<In>(acc_y, 1, 0, p.y, p.inv_y, n, p.d, factor, coef, p.normalize, grad_y,
+                      stream, "finish_kernel (text)");
   }
 }
 
 #define CLIPFAST_INSTANTIATE(In)                                                              \
   template void forward<In>(const Params<In>&, const Stats&, const Workspace&, cudaStream_t); \
-  template void backward<In>(const Params<In>&, const Stats&, float, float*, float*, float*, \
-                             In*, In*, cudaStream_t);
+  template void backward<In>(const Params<In>&, const Stats&, float, const float*, float*,    \
+                             float*, float*, In*, In*, cudaStream_t);                          \
+  template void launch_finish<In>(const float*, int64_t, int64_t, const In*, const float*,    \
+                                  int64_t, int64_t, float, const float*, bool, In*,           \
+                                  cudaStream_t, const char*);
 CLIPFAST_INSTANTIATE(float)
 CLIPFAST_INSTANTIATE(__half)
 CLIPFAST_INSTANTIATE(__nv_bfloat16)

@@ -1,0 +1,452 @@
+// Tensor-core path of the CUDA backend for fp16/bf16 features: WMMA tiles
+// (16 x 16 x 16 fragments, fp32 accumulation) for the forward sweep and for
+// the backward's recomputation, and a tensor-core GEMM for the gradients.
+// The per-element math is tile_math.h's, as on the SIMT path and the CPU.
+//
+// Tiles are 128 rows (image side) x 64 columns (text side), 8 warps in a
+// 4 x 2 layout of 32 x 32 outputs. Each tile's raw dot products go through
+// shared memory (fp32), where the epilogue reads rows and columns alike;
+// every pass computes a tile with the same function from the same origin, so
+// the backward's logits equal the forward's bit for bit.
+//
+// Backward by strips (DESIGN.md's "materialise small chunks of G and hand them
+// to a GEMM"): for `strip` rows of X, one kernel recomputes their logits
+// against every column and writes G = P + Q - 2[i==j] in the input dtype
+// (values in [-2, 2]: neither fp16 nor bf16 overflows); a GEMM kernel then
+// forms G_strip @ Y^ with fp32 accumulation over all n columns (split-K
+// partials when the strip alone cannot fill the GPU), and the normalisation
+// backward finishes the strip's gradient rows. dY^ repeats this over strips
+// of columns with G^T. Extra memory: one G strip and O(k_splits * strip * d)
+// fp32, never an n x d accumulator; cost: 10 N^2 d FLOPs against the
+// 8 N^2 d of four GEMMs (G is recomputed once per side).
+#include <mma.h>
+
+#include <algorithm>
+
+#include "clipfast/tile_math.h"
+#include "cuda/clip_loss_cuda.h"
+#include "cuda/common.cuh"
+
+namespace clipfast {
+namespace cuda {
+namespace {
+
+namespace wmma = nvcuda::wmma;
+
+constexpr int kRows = 128;         // tile rows; also the strip alignment
+constexpr int kCols = 64;          // tile columns
+constexpr int kDepth = 32;         // K of one shared-memory stage
+constexpr int kFrag = 16;          // WMMA fragment side
+constexpr int kThreads = 256;      // 8 warps, 4 (rows) x 2 (columns)
+constexpr int kWarpSide = 32;      // each warp owns 32 x 32 outputs: 2 x 2 fragments
+constexpr int kLdStage = kDepth + 8;  // staged rows of 40 halves: 16-row steps stay 32-byte aligned
+constexpr int kLdPanel = kCols + 8;   // staged K x 64 panels of the GEMM's B operand
+constexpr int kLdTile = kCols + 4;    // fp32 tile rows
+static_assert(kStripAlign == kRows, "strips are whole row tiles");
+static_assert(kRows == 4 * kWarpSide && kCols == 2 * kWarpSide, "8 warps as 4 x 2");
+
+constexpr size_t kStageBytes = (kRows + kCols) * kLdStage * 2;
+constexpr size_t kTileBytes = kRows * kLdTile * sizeof(float);
+// Staged operands and the fp32 tile are never live at once: one buffer.
+constexpr size_t kSmemBytes = kStageBytes > kTileBytes ? kStageBytes : kTileBytes;
+static_assert(kRows * kLdStage * 2 + kDepth * kLdPanel * 2 <= kSmemBytes, "GEMM stage fits");
+
+using AccFragment = wmma::fragment<wmma::accumulator, kFrag, kFrag, kFrag, float>;
+
+// Rows [first, first + ROWS) x depth [k0, k0 + kDepth) of a row-major (n, d)
+// matrix into stage[r * kLdStage + k], zeros past n or d.
+template <typename In, int ROWS>
+__device__ __forceinline__ void stage_rows(const In* src, int64_t n, int64_t d, int64_t first,
+                                           int64_t k0, bool vec, In* stage) {
+  if (vec) {  // d % 8 == 0: a vector of 8 is wholly inside or wholly past d
+    constexpr int kVecsPerRow = kDepth / 8;
+    for (int e = threadIdx.x; e < ROWS * kVecsPerRow; e += kThreads) {
+      const int r = e / kVecsPerRow, k = (e % kVecsPerRow) * 8;
+      const int64_t g = first + r, gk = k0 + k;
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (g < n && gk < d) v = *reinterpret_cast<const uint4*>(src + g * d + gk);
+      *reinterpret_cast<uint4*>(stage + r * kLdStage + k) = v;
+    }
+  } else {
+    for (int e = threadIdx.x; e < ROWS * kDepth; e += kThreads) {
+      const int r = e / kDepth, k = e % kDepth;
+      const int64_t g = first + r, gk = k0 + k;
+      stage[r * kLdStage + k] = (g < n && gk < d) ? src[g * d + gk] : from_float<In>(0.f);
+    }
+  }
+}
+
+// Raw dot products of rows [row0, row0 + kRows) of X with rows
+// [col0, col0 + kCols) of Y into the fp32 tile at the start of `smem`
+// (row stride kLdTile). Rows past n give 0.
+template <typename In>
+__device__ void tile_dots(const Params<In>& p, bool vec, int64_t row0, int64_t col0,
+                          unsigned char* smem) {
+  In* xs = reinterpret_cast<In*>(smem);
+  In* ys = xs + kRows * kLdStage;
+  const int warp = threadIdx.x / 32, warp_row = warp / 2, warp_col = warp % 2;
+  AccFragment acc[2][2];
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+  for (int64_t k0 = 0; k0 < p.d; k0 += kDepth) {
+    stage_rows<In, kRows>(p.x, p.n, p.d, row0, k0, vec, xs);
+    stage_rows<In, kCols>(p.y, p.n, p.d, col0, k0, vec, ys);
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kDepth; kk += kFrag) {
+      wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, In, wmma::row_major> a[2];
+      // Y rows stored [column][k] are Y^T in column-major order.
+      wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, In, wmma::col_major> b[2];
+      for (int i = 0; i < 2; ++i)
+        wmma::load_matrix_sync(a[i], xs + (warp_row * kWarpSide + i * kFrag) * kLdStage + kk,
+                               kLdStage);
+      for (int j = 0; j < 2; ++j)
+        wmma::load_matrix_sync(b[j], ys + (warp_col * kWarpSide + j * kFrag) * kLdStage + kk,
+                               kLdStage);
+      for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+  float* tile = reinterpret_cast<float*>(smem);
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(
+          tile + (warp_row * kWarpSide + i * kFrag) * kLdTile + warp_col * kWarpSide + j * kFrag,
+          acc[i][j], kLdTile, wmma::mem_row_major);
+  __syncthreads();
+}
+
+// Merges (m, s) across the `width` consecutive lanes that share one line.
+__device__ __forceinline__ void lse_merge_lanes(float& m, float& s, int width) {
+  for (int offset = 1; offset < width; offset *= 2) {
+    const float other_m = __shfl_xor_sync(0xffffffffu, m, offset);
+    const float other_s = __shfl_xor_sync(0xffffffffu, s, offset);
+    lse_merge(m, s, other_m, other_s);
+  }
+}
+
+// Same contract as the SIMT forward_kernel (clip_loss_cuda.cu) on 128 x 64
+// tiles: row statistics in shared memory across the block's columns, column
+// statistics in the block's private slice of the (row_splits, n) partials.
+template <typename In>
+__global__ void __launch_bounds__(kThreads)
+    forward_tiles_kernel(Params<In> p, bool vec, int64_t row_blocks_per_split,
+                         int64_t col_blocks_per_split, float* row_max_part, float* row_sum_part,
+                         float* col_max_part, float* col_sum_part, float* diag) {
+  __shared__ __align__(128) unsigned char smem[kSmemBytes];
+  __shared__ float row_max[kRows], row_sum[kRows];
+  float* tile = reinterpret_cast<float*>(smem);
+  const int64_t n = p.n;
+  const int64_t row_blocks = ceil_div(n, kRows), col_blocks = ceil_div(n, kCols);
+  const int64_t rb0 = blockIdx.x * row_blocks_per_split;
+  const int64_t rb1 = min(row_blocks, rb0 + row_blocks_per_split);
+  const int64_t cb0 = blockIdx.y * col_blocks_per_split;
+  const int64_t cb1 = min(col_blocks, cb0 + col_blocks_per_split);
+  float* my_col_max = col_max_part + static_cast<int64_t>(blockIdx.x) * n;
+  float* my_col_sum = col_sum_part + static_cast<int64_t>(blockIdx.x) * n;
+
+  for (int64_t rb = rb0; rb < rb1; ++rb) {
+    const int64_t row0 = rb * kRows;
+    if (threadIdx.x < kRows) {
+      row_max[threadIdx.x] = -INFINITY;
+      row_sum[threadIdx.x] = 0.f;
+    }
+    for (int64_t cb = cb0; cb < cb1; ++cb) {
+      const int64_t col0 = cb * kCols;
+      tile_dots(p, vec, row0, col0, smem);
+      for (int e = threadIdx.x; e < kRows * kCols; e += kThreads) {
+        const int r = e / kCols, c = e % kCols;
+        const int64_t gi = row0 + r, gj = col0 + c;
+        float* entry = tile + r * kLdTile + c;
+        float cosine;
+        *entry = (gi < n && gj < n)
+                     ? pair_logit<float>(*entry, p.inv_x[gi], p.inv_y[gj], p.scale, p.bias, &cosine)
+                     : -INFINITY;
+      }
+      __syncthreads();
+      {  // rows: 2 lanes per row, interleaved columns
+        const int r = threadIdx.x / 2, part = threadIdx.x % 2;
+        float m = -INFINITY, s = 0.f;
+        for (int c = part; c < kCols; c += 2) lse_push(m, s, tile[r * kLdTile + c]);
+        lse_merge_lanes(m, s, 2);
+        if (part == 0 && row0 + r < n) lse_merge(row_max[r], row_sum[r], m, s);
+      }
+      {  // columns: 4 lanes per column, interleaved rows
+        const int c = threadIdx.x / 4, part = threadIdx.x % 4;
+        float m = -INFINITY, s = 0.f;
+        for (int r = part; r < kRows; r += 4) lse_push(m, s, tile[r * kLdTile + c]);
+        lse_merge_lanes(m, s, 4);
+        const int64_t gj = col0 + c;
+        if (part == 0 && gj < n) lse_merge(my_col_max[gj], my_col_sum[gj], m, s);
+      }
+      if (threadIdx.x < kRows) {  // the label logit, from the tile the statistics saw
+        const int64_t gi = row0 + threadIdx.x;
+        if (gi < n && gi >= col0 && gi < col0 + kCols)
+          diag[gi] = tile[threadIdx.x * kLdTile + (gi - col0)];
+      }
+      __syncthreads();
+    }
+    if (threadIdx.x < kRows && row0 + threadIdx.x < n) {
+      const int64_t out = static_cast<int64_t>(blockIdx.y) * n + row0 + threadIdx.x;
+      row_max_part[out] = row_max[threadIdx.x];
+      row_sum_part[out] = row_sum[threadIdx.x];
+    }
+    __syncthreads();
+  }
+}
+
+// G of one tile of a strip, in the input dtype. ROWS: the strip is rows
+// [strip0, strip0 + strip) of X against every column; g_strip[i - strip0][j].
+// Otherwise it is columns [strip0, ...) of Y against every row, stored
+// transposed: g_strip[j - strip0][i]. blockIdx.x walks the long side (all of
+// n), blockIdx.y the strip. ROWS also leaves one unscaled scale-gradient
+// partial sum_ij G_ij cos_ij per tile in scale_part (when not null).
+template <typename In, bool ROWS>
+__global__ void __launch_bounds__(kThreads)
+    grad_strip_kernel(Params<In> p, Stats s, bool vec, int64_t strip0, int64_t ld, In* g_strip,
+                      float* scale_part) {
+  __shared__ __align__(128) unsigned char smem[kSmemBytes];
+  __shared__ float warp_sums[kThreads / 32];
+  const float* tile = reinterpret_cast<const float*>(smem);
+  const int64_t n = p.n;
+  const int64_t row0 = ROWS ? strip0 + static_cast<int64_t>(blockIdx.y) * kRows
+                            : static_cast<int64_t>(blockIdx.x) * kRows;
+  const int64_t col0 = ROWS ? static_cast<int64_t>(blockIdx.x) * kCols
+                            : strip0 + static_cast<int64_t>(blockIdx.y) * kCols;
+  tile_dots(p, vec, row0, col0, smem);
+  float scale_sum = 0.f;
+  for (int e = threadIdx.x; e < kRows * kCols; e += kThreads) {
+    // Consecutive threads walk the stored row (columns of G, or rows of G for
+    // the transposed strip), so the global writes coalesce.
+    const int r = ROWS ? e / kCols : e % kRows;
+    const int c = ROWS ? e % kCols : e / kRows;
+    const int64_t gi = row0 + r, gj = col0 + c;
+    float g = 0.f;
+    if (gi < n && gj < n) {
+      float cosine;
+      const float logit = pair_logit<float>(tile[r * kLdTile + c], p.inv_x[gi], p.inv_y[gj],
+                                            p.scale, p.bias, &cosine);
+      g = grad_weight<float>(logit, s.row_max[gi], s.row_logsum[gi], s.col_max[gj],
+                             s.col_logsum[gj], gi == gj);
+      scale_sum += g * cosine;
+    }
+    const int64_t out = ROWS ? (gi - strip0) * ld + gj : (gj - strip0) * ld + gi;
+    g_strip[out] = from_float<In>(g);
+  }
+  if (ROWS && scale_part != nullptr) {
+    for (int offset = 16; offset > 0; offset /= 2)
+      scale_sum += __shfl_down_sync(0xffffffffu, scale_sum, offset);
+    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = scale_sum;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float total = 0.f;
+      for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w];
+      scale_part[static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x] = total;
+    }
+  }
+}
+
+// out[0] = sum of part[0:count], in a fixed order (deterministic).
+__global__ void sum_kernel(const float* part, int64_t count, float* out) {
+  __shared__ float warp_sums[kThreads / 32];
+  float sum = 0.f;
+  for (int64_t i = threadIdx.x; i < count; i += kThreads) sum += part[i];
+  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sum;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0.f;
+    for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w];
+    out[0] = total;
+  }
+}
+
+// Rows [k0, k0 + kDepth) x columns [col0, col0 + kCols) of the unit rows
+// src[k] * inv[k] (rounded to In, as a normalised copy would be) into
+// panel[k * kLdPanel + c], zeros past n or d.
+template <typename In>
+__device__ __forceinline__ void stage_unit_rows(const In* src, const float* inv, int64_t n,
+                                                int64_t d, int64_t k0, int64_t col0, bool vec,
+                                                In* panel) {
+  if (vec) {
+    constexpr int kVecsPerRow = kCols / 8;
+    for (int e = threadIdx.x; e < kDepth * kVecsPerRow; e += kThreads) {
+      const int k = e / kVecsPerRow, c = (e % kVecsPerRow) * 8;
+      const int64_t g = k0 + k, gc = col0 + c;
+      alignas(16) In values[8];
+      if (g < n && gc < d) {
+        *reinterpret_cast<uint4*>(values) = *reinterpret_cast<const uint4*>(src + g * d + gc);
+        const float scale = inv[g];
+        for (int t = 0; t < 8; ++t) values[t] = from_float<In>(to_float(values[t]) * scale);
+      } else {
+        for (int t = 0; t < 8; ++t) values[t] = from_float<In>(0.f);
+      }
+      *reinterpret_cast<uint4*>(panel + k * kLdPanel + c) = *reinterpret_cast<const uint4*>(values);
+    }
+  } else {
+    for (int e = threadIdx.x; e < kDepth * kCols; e += kThreads) {
+      const int k = e / kCols, c = e % kCols;
+      const int64_t g = k0 + k, gc = col0 + c;
+      panel[k * kLdPanel + c] =
+          (g < n && gc < d) ? from_float<In>(to_float(src[g * d + gc]) * inv[g]) : from_float<In>(0.f);
+    }
+  }
+}
+
+// c[z] (strip x d, fp32) = g_strip[:, z's K range] @ unit rows of src over
+// that range; blockIdx = (128-row block of the strip, 64-column block of d,
+// K split z). The K ranges are multiples of kDepth inside [0, ld); an empty
+// one writes zeros, so the finishing kernel may sum every split.
+template <typename In>
+__global__ void __launch_bounds__(kThreads)
+    strip_gemm_kernel(const In* g_strip, int64_t ld, int64_t strip, const In* src,
+                      const float* src_inv, int64_t n, int64_t d, bool vec, int64_t k_per_split,
+                      float* c) {
+  __shared__ __align__(128) unsigned char smem[kSmemBytes];
+  In* as = reinterpret_cast<In*>(smem);
+  In* panel = as + kRows * kLdStage;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  const int64_t col0 = static_cast<int64_t>(blockIdx.y) * kCols;
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * k_per_split;
+  const int64_t k_end = min(ld, k_begin + k_per_split);
+  const int warp = threadIdx.x / 32, warp_row = warp / 2, warp_col = warp % 2;
+  AccFragment acc[2][2];
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kDepth) {
+    // The strip is allocated whole (ld % 128 == 0): no bounds to check.
+    constexpr int kVecsPerRow = kDepth / 8;
+    for (int e = threadIdx.x; e < kRows * kVecsPerRow; e += kThreads) {
+      const int r = e / kVecsPerRow, k = (e % kVecsPerRow) * 8;
+      *reinterpret_cast<uint4*>(as + r * kLdStage + k) =
+          *reinterpret_cast<const uint4*>(g_strip + (r0 + r) * ld + k0 + k);
+    }
+    stage_unit_rows(src, src_inv, n, d, k0, col0, vec, panel);
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kDepth; kk += kFrag) {
+      wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, In, wmma::row_major> a[2];
+      wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, In, wmma::row_major> b[2];
+      for (int i = 0; i < 2; ++i)
+        wmma::load_matrix_sync(a[i], as + (warp_row * kWarpSide + i * kFrag) * kLdStage + kk,
+                               kLdStage);
+      for (int j = 0; j < 2; ++j)
+        wmma::load_matrix_sync(b[j], panel + kk * kLdPanel + warp_col * kWarpSide + j * kFrag,
+                               kLdPanel);
+      for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+  float* tile = reinterpret_cast<float*>(smem);
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(
+          tile + (warp_row * kWarpSide + i * kFrag) * kLdTile + warp_col * kWarpSide + j * kFrag,
+          acc[i][j], kLdTile, wmma::mem_row_major);
+  __syncthreads();
+  float* out = c + static_cast<int64_t>(blockIdx.z) * strip * d;
+  for (int e = threadIdx.x; e < kRows * kCols; e += kThreads) {
+    const int r = e / kCols, col = e % kCols;
+    if (col0 + col < d) out[(r0 + r) * d + col0 + col] = tile[r * kLdTile + col];
+  }
+}
+
+template <typename In>
+bool vector_loads(const Params<In>& p) {
+  return rows_are_16b_aligned(p.x, p.d, sizeof(In)) && rows_are_16b_aligned(p.y, p.d, sizeof(In));
+}
+
+unsigned grid_side(int64_t value, const char* what) {
+  if (value < 1 || value > 2147483647LL) {
+    throw std::invalid_argument(std::string("clipfast._cuda: grid side out of range for ") + what +
+                                ": " + std::to_string(value));
+  }
+  return static_cast<unsigned>(value);
+}
+
+}  // namespace
+
+template <typename In>
+void tensor_core_forward_tiles(const Params<In>& p, const Stats& s, const Workspace& w,
+                               cudaStream_t stream) {
+  const int64_t row_per = ceil_div(ceil_div(p.n, kRows), w.row_splits);
+  const int64_t col_per = ceil_div(ceil_div(p.n, kCols), w.col_splits);
+  dim3 grid(grid_side(w.row_splits, "row splits"), grid_side(w.col_splits, "column splits"));
+  forward_tiles_kernel<In><<<grid, kThreads, 0, stream>>>(
+      p, vector_loads(p), row_per, col_per, w.row_max_part, w.row_sum_part, w.col_max_part,
+      w.col_sum_part, s.diag);
+  check_launch("forward_tiles_kernel (tensor cores)");
+}
+
+template <typename In>
+void backward_strips(const Params<In>& p, const Stats& s, float factor, const float* coef,
+                     const StripWorkspace<In>& w, bool need_scale, In* grad_x, In* grad_y,
+                     cudaStream_t stream) {
+  const int64_t n = p.n, d = p.d;
+  if (w.strip < kRows || w.strip % kRows != 0 || w.ld < n || w.ld % kRows != 0 ||
+      w.k_splits < 1) {
+    throw std::invalid_argument(
+        "clipfast._cuda: strip workspace needs strip and ld multiples of 128, ld >= n and "
+        "k_splits >= 1; got strip=" + std::to_string(w.strip) + ", ld=" + std::to_string(w.ld) +
+        ", n=" + std::to_string(n) + ", k_splits=" + std::to_string(w.k_splits));
+  }
+  const bool vec = vector_loads(p);
+  const int64_t strips = ceil_div(n, w.strip);
+  const int64_t k_per_split = ceil_div(ceil_div(w.ld, w.k_splits), kDepth) * kDepth;
+  const dim3 gemm_grid(grid_side(w.strip / kRows, "strip rows"),
+                       grid_side(ceil_div(d, kCols), "feature columns"),
+                       grid_side(w.k_splits, "K splits"));
+  const int64_t part_stride = w.strip * d;
+
+  if (need_scale || grad_x != nullptr) {
+    const dim3 grid(grid_side(w.ld / kCols, "columns"), grid_side(w.strip / kRows, "strip rows"));
+    for (int64_t t = 0; t < strips; ++t) {
+      const int64_t s0 = t * w.strip, rows = std::min(w.strip, n - s0);
+      grad_strip_kernel<In, true><<<grid, kThreads, 0, stream>>>(
+          p, s, vec, s0, w.ld, w.g_strip, need_scale ? w.scale_part : nullptr);
+      check_launch("grad_strip_kernel (rows)");
+      if (need_scale) {
+        sum_kernel<<<1, kThreads, 0, stream>>>(w.scale_part,
+                                               static_cast<int64_t>(grid.x) * grid.y,
+                                               w.scale_acc + t);
+        check_launch("sum_kernel (scale gradient)");
+      }
+      if (grad_x != nullptr) {
+        strip_gemm_kernel<In><<<gemm_grid, kThreads, 0, stream>>>(
+            w.g_strip, w.ld, w.strip, p.y, p.inv_y, n, d, vec, k_per_split, w.c_strip);
+        check_launch("strip_gemm_kernel (image)");
+        launch_finish<In>(w.c_strip, w.k_splits, part_stride, p.x + s0 * d, p.inv_x + s0, rows,
+                          d, factor, coef, p.normalize, grad_x + s0 * d, stream,
+                          "finish_kernel (image strip)");
+      }
+    }
+  }
+  if (grad_y != nullptr) {
+    const dim3 grid(grid_side(w.ld / kRows, "rows"), grid_side(w.strip / kCols, "strip columns"));
+    for (int64_t t = 0; t < strips; ++t) {
+      const int64_t s0 = t * w.strip, rows = std::min(w.strip, n - s0);
+      grad_strip_kernel<In, false><<<grid, kThreads, 0, stream>>>(p, s, vec, s0, w.ld,
+                                                                  w.g_strip, nullptr);
+      check_launch("grad_strip_kernel (columns)");
+      strip_gemm_kernel<In><<<gemm_grid, kThreads, 0, stream>>>(
+          w.g_strip, w.ld, w.strip, p.x, p.inv_x, n, d, vec, k_per_split, w.c_strip);
+      check_launch("strip_gemm_kernel (text)");
+      launch_finish<In>(w.c_strip, w.k_splits, part_stride, p.y + s0 * d, p.inv_y + s0, rows, d,
+                        factor, coef, p.normalize, grad_y + s0 * d, stream,
+                        "finish_kernel (text strip)");
+    }
+  }
+}
+
+#define CLIPFAST_INSTANTIATE_TC(In)                                                            \
+  template void tensor_core_forward_tiles<In>(const Params<In>&, const Stats&,                 \
+                                              const Workspace&, cudaStream_t);                 \
+  template void backward_strips<In>(const Params<In>&, const Stats&, float, const float*,      \
+                                    const StripWorkspace<In>&, bool, In*, In*, cudaStream_t);
+CLIPFAST_INSTANTIATE_TC(__half)
+CLIPFAST_INSTANTIATE_TC(__nv_bfloat16)
+
+}  // namespace cuda
+}  // namespace clipfast
