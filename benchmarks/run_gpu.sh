@@ -9,3 +9,8 @@ python3 -m clipfast.bench --device cuda \
     --providers reference,compile,chunked,triton,cuda,gemm4_bound \
     --dims 512,768,1024 --dtypes bf16,fp32 --min-n 4096 --max-n 1048576 \
     --reps 5 --max-seconds 10 --out "$OUT"
+# The measured points, merged into a copy of backend="auto"'s table: copy
+# OUT_DIR/auto_table.json over clipfast/auto_table.json to ship them.
+cp clipfast/auto_table.json "$OUT/auto_table.json"
+python3 -m clipfast.autoselect "$OUT/results.jsonl" --out "$OUT/auto_table.json" --merge --show \
+    > "$OUT/auto_choices.md"

@@ -37,9 +37,9 @@ def resolve_backend(backend: str, inputs: LossInputs) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = inputs.image_features.device
     if backend == "auto":
-        if device.type == "cuda" and inputs.feature_dtype != torch.float64 and triton_available():
-            return "triton"
-        return "chunked"
+        from .autoselect import choose
+
+        return choose(inputs.image_features, inputs.text_features)
     if backend == "triton":
         if not triton_available():
             raise RuntimeError(
@@ -118,11 +118,14 @@ def clip_loss(
         normalize: L2-normalise each row inside the op (eps = 1e-12 as
             ``F.normalize``), forward and backward. Harmless for features that
             are already normalised.
-        backend: "auto" (triton for CUDA tensors, chunked otherwise),
+        backend: "auto" (the fastest backend measured for this device type,
+            dtype and nearest (N, d): see ``clipfast.autoselect``; triton for
+            CUDA tensors and chunked otherwise where nothing was measured),
             "reference" (plain PyTorch, N x N memory), "chunked" (PyTorch,
-            O(chunk * N) memory, any device), "triton" (fused kernels) or
+            O(chunk * N) memory, any device), "triton" (fused kernels),
             "cpu" (the C++ backend, float32/float64 CPU tensors) or "cuda"
-            (the CUDA C++ backend, not yet run on a GPU).
+            (the CUDA C++ backend: tensor cores for float16/bfloat16, IEEE
+            fp32 SIMT tiles for float32).
         allow_tf32: triton backend only: fp32 features use TF32 tensor cores
             (10-bit mantissa products, fp32 accumulation). False gives full fp32.
         chunk_elements: chunked backend only: logits held at once (default 2^22).

@@ -82,12 +82,14 @@ def test_triton_rejects_fp64_and_cpu_without_interpreter(monkeypatch):
 
 
 def test_auto_backend_resolution():
+    # On the CPU the shipped measurements say chunked (tests/test_autoselect.py
+    # covers the table rule itself).
     x, y = _features()
     inputs = clipfast._inputs.check_inputs(x, y, 1.0)
     assert clipfast.resolve_backend("auto", inputs) == "chunked"
     if torch.cuda.is_available():
         inputs = clipfast._inputs.check_inputs(x.cuda(), y.cuda(), 1.0)
-        assert clipfast.resolve_backend("auto", inputs) == "triton"
+        assert clipfast.resolve_backend("auto", inputs) in ("triton", "cuda", "chunked")
 
 
 # ------------------------- robustness and semantics ------------------------ #

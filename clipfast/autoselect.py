@@ -1,0 +1,222 @@
+"""How ``backend="auto"`` chooses a backend: from measured benchmark results.
+
+The choice table (``clipfast/auto_table.json``) lists benchmark points, each
+with the forward+backward time of every backend measured there::
+
+    {"device_type": "cuda", "device": "NVIDIA H100 80GB HBM3", "dtype": "bf16",
+     "n": 65536, "d": 1024, "times_ms": {"triton": ..., "cuda": ..., "chunked": ...}}
+
+For given inputs, ``choose`` keeps the points of the same device type, and
+among them those of the same device name and dtype when there are any (fp16
+and bf16 stand in for each other, since both run the same half-precision
+code), takes the point nearest in (log N, log d), and returns the fastest
+backend measured there among those that can run these inputs on this
+machine. Without a usable measurement it falls back to the static rule:
+``triton`` for CUDA tensors (fp16/bf16/fp32), ``chunked`` otherwise.
+
+The table is built from ``python -m clipfast.bench`` results by
+``python -m clipfast.autoselect RESULTS.jsonl ... --out TABLE.json``. Setting
+``CLIPFAST_AUTO_TABLE`` to such a file makes its points take precedence over
+the shipped ones (calibrate on your own GPU). ``python -m clipfast.autoselect
+--show`` prints the current choices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+SHIPPED_TABLE = Path(__file__).with_name("auto_table.json")
+# Backends auto may pick: every linear-memory backend (the reference holds
+# N x N matrices, torch.compile is not a clipfast backend).
+CANDIDATES = ("triton", "cuda", "chunked", "cpu")
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+                torch.float64: "fp64"}
+_HALF = ("fp16", "bf16")
+
+
+def _load(path: Path) -> List[dict]:
+    with open(path, encoding="utf-8") as f:
+        points = json.load(f)
+    if not isinstance(points, list) or not all(
+        isinstance(p, dict) and {"device_type", "device", "dtype", "n", "d", "times_ms"} <= p.keys()
+        for p in points
+    ):
+        raise ValueError(f"{path} is not a clipfast auto table (a JSON list of measured points)")
+    return points
+
+
+@functools.lru_cache(maxsize=None)
+def _tables(override: Optional[str]) -> tuple:
+    """(override points, shipped points)."""
+    shipped = _load(SHIPPED_TABLE) if SHIPPED_TABLE.exists() else []
+    return (_load(Path(override)) if override else [], shipped)
+
+
+def _same_kind(a: str, b: str) -> bool:
+    return a == b or (a in _HALF and b in _HALF)
+
+
+def _nearest(points: Sequence[dict], n: int, d: int) -> Optional[dict]:
+    def distance(p):
+        return math.hypot(math.log(p["n"] / n), math.log(p["d"] / d))
+
+    return min(points, key=distance, default=None)
+
+
+def pick(points: Iterable[dict], device_type: str, device: str, dtype: str, n: int, d: int,
+         usable: Sequence[str]) -> Optional[str]:
+    """The fastest usable backend at the measured point nearest to (n, d)."""
+    rows = [p for p in points if p["device_type"] == device_type
+            and any(b in usable for b in p["times_ms"])]
+    for narrow in (lambda p: p["device"] == device, lambda p: _same_kind(p["dtype"], dtype)):
+        subset = [p for p in rows if narrow(p)]
+        rows = subset or rows
+    exact = [p for p in rows if p["dtype"] == dtype]
+    point = _nearest(exact or rows, n, d)
+    if point is None:
+        return None
+    times = {b: t for b, t in point["times_ms"].items() if b in usable and t is not None}
+    return min(times, key=times.get) if times else None
+
+
+def usable_backends(device: torch.device, dtypes: Sequence[torch.dtype]) -> List[str]:
+    """Candidates that can run features of these dtypes on this device here."""
+    from .api import triton_available
+
+    usable = ["chunked"]
+    if torch.float64 in dtypes:
+        if device.type == "cpu" and _extension_ok("cpu"):
+            usable.append("cpu")
+        return usable
+    if device.type == "cuda":
+        if triton_available():
+            usable.append("triton")
+        if _extension_ok("cuda"):
+            usable.append("cuda")
+    elif device.type == "cpu" and all(dt == torch.float32 for dt in dtypes) and _extension_ok("cpu"):
+        usable.append("cpu")
+    return usable
+
+
+def _extension_ok(which: str) -> bool:
+    if which == "cpu":
+        from .cpu_backend import available
+    else:
+        from .cuda_backend import available
+    return available()
+
+
+def _static_choice(device: torch.device, dtypes: Sequence[torch.dtype]) -> str:
+    from .api import triton_available
+
+    if device.type == "cuda" and torch.float64 not in dtypes and triton_available():
+        return "triton"
+    return "chunked"
+
+
+def _device_name(device: torch.device) -> str:
+    from .bench import device_name
+
+    return device_name(device)
+
+
+@functools.lru_cache(maxsize=4096)
+def _choose_cached(device: torch.device, dtypes: tuple, n: int, d: int,
+                   override: Optional[str]) -> str:
+    usable = usable_backends(device, dtypes)
+    dtype = _DTYPE_NAMES[dtypes[0] if dtypes[0] == dtypes[1] else torch.float32]
+    name = _device_name(device)
+    for points in _tables(override):
+        choice = pick(points, device.type, name, dtype, n, d, usable)
+        if choice is not None:
+            return choice
+    return _static_choice(device, dtypes)
+
+
+def choose(image_features: torch.Tensor, text_features: torch.Tensor) -> str:
+    """The backend ``backend="auto"`` runs for these features."""
+    device = image_features.device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    n, d = image_features.shape
+    return _choose_cached(device, (image_features.dtype, text_features.dtype), int(n), int(d),
+                          os.environ.get("CLIPFAST_AUTO_TABLE") or None)
+
+
+# ----------------------------- building tables ----------------------------- #
+
+
+def table_from_results(paths: Iterable[Path]) -> List[dict]:
+    """Measured points of ``clipfast.bench`` results files (results.jsonl)."""
+    merged: Dict[tuple, dict] = {}
+    for path in paths:
+        device = None
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                row = json.loads(line)
+                if "meta" in row:
+                    device = row["meta"]["device"]
+                    continue
+                if row.get("provider") not in CANDIDATES or row.get("status") != "ok":
+                    continue
+                key = (row["device"], device, row["dtype"], row["n"], row["d"])
+                point = merged.setdefault(key, {
+                    "device_type": row["device"], "device": device, "dtype": row["dtype"],
+                    "n": row["n"], "d": row["d"], "times_ms": {}, "peak_extra_bytes": {},
+                })
+                point["times_ms"][row["provider"]] = round(row["time_ms"], 3)
+                point["peak_extra_bytes"][row["provider"]] = row["peak_extra_bytes"]
+    return sorted(merged.values(), key=_key)
+
+
+def _key(point: dict) -> tuple:
+    return (point["device_type"], point["device"], point["dtype"], point["d"], point["n"])
+
+
+def show(points: Sequence[dict]) -> str:
+    """Markdown table: the backend auto picks at every measured point."""
+    lines = ["| device | dtype | d | N | auto picks | measured (ms) |", "|---|---|---|---|---|---|"]
+    for p in points:
+        times = p["times_ms"]
+        fastest = min(times, key=times.get)
+        measured = ", ".join(f"{b} {t:.1f}" for b, t in sorted(times.items(), key=lambda kv: kv[1]))
+        lines.append(f"| {p['device']} | {p['dtype']} | {p['d']} | {p['n']} | {fastest} | {measured} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", nargs="*", type=Path, help="results.jsonl files of clipfast.bench")
+    parser.add_argument("--out", type=Path, help="write the table here (default: print it)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the points of --out that the results do not measure again")
+    parser.add_argument("--show", action="store_true",
+                        help="print the choices of the table in use (or of the new one)")
+    args = parser.parse_args(argv)
+    if args.results:
+        points = table_from_results(args.results)
+        if args.merge and args.out is not None and args.out.exists():
+            fresh = {_key(p) for p in points}
+            kept = [p for p in _load(args.out) if _key(p) not in fresh]
+            points = sorted(kept + points, key=_key)
+        if args.out is not None:
+            args.out.write_text(json.dumps(points, indent=1) + "\n", encoding="utf-8")
+        elif not args.show:
+            print(json.dumps(points, indent=1))
+    else:
+        override = os.environ.get("CLIPFAST_AUTO_TABLE") or None
+        points = [p for table in _tables(override) for p in table]
+    if args.show:
+        print(show(points))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""backend="auto": the choice table and the rule that reads it."""
+
+import json
+
+import pytest
+import torch
+
+import clipfast
+from clipfast import autoselect
+from clipfast.autoselect import choose, pick, show, table_from_results
+
+
+def _point(device_type, device, dtype, n, d, **times):
+    return {"device_type": device_type, "device": device, "dtype": dtype, "n": n, "d": d,
+            "times_ms": times}
+
+
+H100 = "NVIDIA H100 80GB HBM3"
+POINTS = [
+    _point("cuda", H100, "bf16", 4096, 512, triton=1.0, cuda=0.5, chunked=9.0),
+    _point("cuda", H100, "bf16", 131072, 1024, triton=200.0, cuda=300.0, chunked=900.0),
+    _point("cuda", H100, "fp32", 131072, 1024, triton=400.0, cuda=350.0),
+    _point("cuda", "NVIDIA A100-SXM4-80GB", "bf16", 131072, 1024, triton=500.0, cuda=400.0),
+    _point("cpu", "CPU (x86_64, 2 cores)", "fp32", 1024, 512, chunked=80.0, cpu=170.0),
+]
+ALL = ("triton", "cuda", "chunked", "cpu")
+
+
+@pytest.mark.parametrize("n,d,expected", [(4096, 512, "cuda"), (8192, 768, "cuda"),
+                                          (65536, 1024, "triton"), (10**6, 1280, "triton")])
+def test_pick_takes_the_fastest_at_the_nearest_shape(n, d, expected):
+    assert pick(POINTS, "cuda", H100, "bf16", n, d, ALL) == expected
+
+
+def test_pick_prefers_the_same_device_then_any_of_its_type():
+    assert pick(POINTS, "cuda", "NVIDIA A100-SXM4-80GB", "bf16", 131072, 1024, ALL) == "cuda"
+    # An unmeasured GPU takes the measurements of the others.
+    assert pick(POINTS, "cuda", "NVIDIA L4", "bf16", 4096, 512, ALL) == "cuda"
+    assert pick(POINTS, "cpu", "another CPU", "fp32", 2048, 512, ALL) == "chunked"
+
+
+def test_pick_matches_dtype_and_pairs_the_half_types():
+    assert pick(POINTS, "cuda", H100, "fp32", 131072, 1024, ALL) == "cuda"
+    assert pick(POINTS, "cuda", H100, "fp16", 131072, 1024, ALL) == "triton"  # bf16 stands in
+
+
+def test_pick_only_returns_usable_backends():
+    assert pick(POINTS, "cuda", H100, "bf16", 4096, 512, ("triton", "chunked")) == "triton"
+    assert pick(POINTS, "cuda", H100, "bf16", 4096, 512, ("chunked",)) == "chunked"
+    assert pick(POINTS, "cuda", H100, "bf16", 4096, 512, ("cpu",)) is None
+    assert pick([], "cuda", H100, "bf16", 4096, 512, ALL) is None
+    assert pick(POINTS, "mps", "Apple", "fp32", 4096, 512, ALL) is None
+
+
+def test_shipped_table_is_measured_and_cpu_picks_chunked():
+    points = json.loads(autoselect.SHIPPED_TABLE.read_text())
+    assert any(p["device_type"] == "cpu" for p in points)
+    for p in points:
+        assert set(p["times_ms"]) <= set(autoselect.CANDIDATES) and p["times_ms"]
+    x = torch.randn(300, 64)
+    assert choose(x, x) == "chunked"
+    assert choose(x.double(), x.double()) == "chunked"
+
+
+def test_override_table_takes_precedence(tmp_path, monkeypatch):
+    table = tmp_path / "mine.json"
+    x = torch.randn(300, 64)
+    table.write_text(json.dumps([_point("cpu", "any", "fp32", 300, 64, chunked=5.0, cpu=1.0)]))
+    monkeypatch.setenv("CLIPFAST_AUTO_TABLE", str(table))
+    expected = "cpu" if clipfast.cpu_backend.available() else "chunked"
+    assert choose(x, x) == expected
+    inputs = clipfast._inputs.check_inputs(x, x, 1.0)
+    assert clipfast.resolve_backend("auto", inputs) == expected
+    # Half-precision CPU features cannot run on the C++ backend: chunked.
+    assert choose(x.bfloat16(), x.bfloat16()) == "chunked"
+
+
+def test_bad_override_table_is_a_value_error(tmp_path, monkeypatch):
+    table = tmp_path / "bad.json"
+    table.write_text(json.dumps({"not": "a list"}))
+    monkeypatch.setenv("CLIPFAST_AUTO_TABLE", str(table))
+    x = torch.randn(30, 8)
+    with pytest.raises(ValueError, match="not a clipfast auto table"):
+        choose(x, x)
+
+
+def test_auto_runs_the_chosen_backend(tmp_path, monkeypatch):
+    table = tmp_path / "cpu.json"
+    table.write_text(json.dumps([_point("cpu", "any", "fp32", 97, 33, chunked=5.0, cpu=1.0)]))
+    monkeypatch.setenv("CLIPFAST_AUTO_TABLE", str(table))
+    x, y = torch.randn(97, 33), torch.randn(97, 33)
+    expected = clipfast.clip_loss(x, y, 10.0, backend=choose(x, y))
+    torch.testing.assert_close(clipfast.clip_loss(x, y, 10.0), expected, rtol=0, atol=0)
+
+
+def test_table_from_results_and_show(tmp_path):
+    results = tmp_path / "results.jsonl"
+    rows = [{"meta": {"device": H100}}]
+    for provider, t in [("reference", 3.0), ("triton", 2.0), ("cuda", 1.5), ("gemm4_bound", 1.0)]:
+        rows.append({"provider": provider, "n": 4096, "d": 512, "dtype": "bf16", "device": "cuda",
+                     "status": "ok", "time_ms": t, "peak_extra_bytes": 10})
+    rows.append({"provider": "chunked", "n": 4096, "d": 512, "dtype": "bf16", "device": "cuda",
+                 "status": "oom", "time_ms": None, "peak_extra_bytes": None})
+    results.write_text("\n".join(json.dumps(r) for r in rows))
+    points = table_from_results([results])
+    assert points == [{"device_type": "cuda", "device": H100, "dtype": "bf16", "n": 4096, "d": 512,
+                       "times_ms": {"triton": 2.0, "cuda": 1.5},
+                       "peak_extra_bytes": {"triton": 10, "cuda": 10}}]
+    assert "| cuda |" in show(points).splitlines()[2]
+    out = tmp_path / "table.json"
+    autoselect.main([str(results), "--out", str(out)])
+    assert json.loads(out.read_text()) == points
+    # --merge keeps the points the new results do not measure again.
+    other = _point("cpu", "c", "fp32", 8, 8, chunked=1.0)
+    out.write_text(json.dumps(points + [other]))
+    autoselect.main([str(results), "--out", str(out), "--merge"])
+    assert json.loads(out.read_text()) == [other] + points
