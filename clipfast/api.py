@@ -124,10 +124,11 @@ def clip_loss(
             "reference" (plain PyTorch, N x N memory), "chunked" (PyTorch,
             O(chunk * N) memory, any device), "triton" (fused kernels),
             "cpu" (the C++ backend, float32/float64 CPU tensors) or "cuda"
-            (the CUDA C++ backend: tensor cores for float16/bfloat16, IEEE
-            fp32 SIMT tiles for float32).
-        allow_tf32: triton backend only: fp32 features use TF32 tensor cores
-            (10-bit mantissa products, fp32 accumulation). False gives full fp32.
+            (the CUDA C++ backend: tensor cores for float16/bfloat16 and, with
+            ``allow_tf32``, float32).
+        allow_tf32: triton and cuda backends: fp32 features use TF32 tensor
+            cores (10-bit mantissa products, fp32 accumulation). False gives
+            full fp32 (IEEE SIMT tiles on the cuda backend, slower).
         chunk_elements: chunked backend only: logits held at once (default 2^22).
         panel_size: triton backend only: side of the gradient panels of the
             backward pass, rounded up to a multiple of the tile size (default
@@ -152,7 +153,7 @@ def clip_loss(
     elif chosen == "cuda":
         from .cuda_backend import cuda_clip_loss
 
-        loss = cuda_clip_loss(inputs, normalize=normalize)
+        loss = cuda_clip_loss(inputs, normalize=normalize, allow_tf32=allow_tf32)
     else:
         from ._triton import TritonClipLossFunction
 

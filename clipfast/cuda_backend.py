@@ -37,9 +37,11 @@ def _splits(device: torch.device, n: int, tile: int) -> int:
 
 class CudaClipLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, y, scale, bias, normalize: bool):
+    def forward(ctx, x, y, scale, bias, normalize: bool, allow_tf32: bool):
         ext = extension()
         dtype = x.dtype if x.dtype == y.dtype else torch.float32
+        # fp16/bf16 always run on tensor cores; fp32 does in TF32 when allowed.
+        tensor_cores = dtype != torch.float32 or bool(allow_tf32)
         xc, yc = x.detach().to(dtype).contiguous(), y.detach().to(dtype).contiguous()
         n, d = xc.shape
         f32 = dict(dtype=torch.float32, device=xc.device)
@@ -55,11 +57,12 @@ class CudaClipLossFunction(torch.autograd.Function):
                     b_value, bool(normalize), inv[0].data_ptr(), inv[1].data_ptr(),
                     *(row.data_ptr() for row in stats), splits, splits,
                     row_part[0].data_ptr(), row_part[1].data_ptr(),
-                    col_part[0].data_ptr(), col_part[1].data_ptr(), stream)
+                    col_part[0].data_ptr(), col_part[1].data_ptr(), tensor_cores, stream)
         loss = clip_loss_from_stats(stats[0], stats[1], stats[2], stats[3], stats[4])
         ctx.save_for_backward(xc, yc, inv, stats)
         ctx.meta = (s_value, b_value, bool(normalize), x.dtype, y.dtype, scale.shape, scale.dtype,
                     None if bias is None else (bias.shape, bias.dtype))
+        ctx.tensor_cores = tensor_cores
         return loss
 
     @staticmethod
@@ -80,21 +83,21 @@ class CudaClipLossFunction(torch.autograd.Function):
                       *(row.data_ptr() for row in stats[:4]), s_value, coef.data_ptr())
             outputs = (0 if gx is None else gx.data_ptr(), 0 if gy is None else gy.data_ptr(),
                        torch.cuda.current_stream(xc.device).cuda_stream)
-            if xc.dtype == torch.float32:
-                scale_sums = _simt_backward(ext, common, outputs, xc, need_y)
-            else:
+            if ctx.tensor_cores:
                 scale_sums = _strip_backward(ext, common, outputs, xc, need_scale)
+            else:
+                scale_sums = _simt_backward(ext, common, outputs, xc, need_y)
             grad_x = None if gx is None else gx.to(x_dtype)
             grad_y = None if gy is None else gy.to(y_dtype)
             if need_scale:
                 grad_scale = (scale_sums.sum() * coef[0]).reshape(scale_shape).to(scale_dtype)
         if need_bias:
             grad_bias = exact_zero_bias_grad(stats[1], stats[3], grad_loss.float(), *bias_meta)
-        return grad_x, grad_y, grad_scale, grad_bias, None
+        return grad_x, grad_y, grad_scale, grad_bias, None, None
 
 
 def _simt_backward(ext, common, outputs, xc, need_y):
-    """fp32: SIMT tiles accumulating into fp32 (N, d) buffers."""
+    """IEEE fp32 (no TF32): SIMT tiles accumulating into fp32 (N, d) buffers."""
     n, d = xc.shape
     f32 = dict(dtype=torch.float32, device=xc.device)
     acc_x = torch.zeros(n, d, **f32)
@@ -122,7 +125,7 @@ def strip_plan(n: int, d: int, multi_processors: int, align: int = 128) -> tuple
 
 
 def _strip_backward(ext, common, outputs, xc, need_scale):
-    """fp16/bf16: strips of G on tensor cores (see csrc/cuda/tensor_core_tiles.cu)."""
+    """Strips of G on tensor cores (fp16/bf16, fp32 as TF32): csrc/cuda/tensor_core_tiles.cu."""
     n, d = xc.shape
     sms = torch.cuda.get_device_properties(xc.device).multi_processor_count
     strip, ld, k_splits = strip_plan(n, d, sms, ext.STRIP_ALIGN)
@@ -136,6 +139,6 @@ def _strip_backward(ext, common, outputs, xc, need_scale):
     return scale_acc
 
 
-def cuda_clip_loss(inputs: LossInputs, normalize: bool = True) -> torch.Tensor:
+def cuda_clip_loss(inputs: LossInputs, normalize: bool = True, allow_tf32: bool = True) -> torch.Tensor:
     return CudaClipLossFunction.apply(inputs.image_features, inputs.text_features,
-                                      inputs.logit_scale, inputs.logit_bias, normalize)
+                                      inputs.logit_scale, inputs.logit_bias, normalize, allow_tf32)

@@ -59,8 +59,9 @@ void forward_typed(const py::tuple& a, cudaStream_t stream) {
   cu::Workspace w{a[15].cast<int64_t>(), a[16].cast<int64_t>(), ptr<float>(a[17].cast<std::uintptr_t>()),
                   ptr<float>(a[18].cast<std::uintptr_t>()), ptr<float>(a[19].cast<std::uintptr_t>()),
                   ptr<float>(a[20].cast<std::uintptr_t>())};
+  const bool tf32 = a[21].cast<bool>();
   py::gil_scoped_release release;
-  cu::forward<In>(p, s, w, stream);
+  cu::forward<In>(p, s, w, tf32, stream);
 }
 
 template <typename In>
@@ -106,12 +107,13 @@ void backward_strips_typed(const py::tuple& a, cudaStream_t stream) {
 
 // forward(dtype, x, y, n, d, scale, bias, normalize, inv_x, inv_y, row_max,
 //         row_logsum, col_max, col_logsum, diag, row_splits, col_splits,
-//         row_max_part, row_sum_part, col_max_part, col_sum_part, stream)
+//         row_max_part, row_sum_part, col_max_part, col_sum_part, tf32, stream)
+// tf32: float32 features on tensor cores in TF32 (else IEEE SIMT tiles).
 void forward(py::args args) {
-  if (args.size() != 22) throw std::invalid_argument("clipfast._cuda.forward takes 22 arguments");
+  if (args.size() != 23) throw std::invalid_argument("clipfast._cuda.forward takes 23 arguments");
   const int dtype = args[0].cast<int>();
   check(args[3].cast<int64_t>(), args[4].cast<int64_t>(), dtype);
-  auto stream = reinterpret_cast<cudaStream_t>(args[21].cast<std::uintptr_t>());
+  auto stream = reinterpret_cast<cudaStream_t>(args[22].cast<std::uintptr_t>());
   if (dtype == kFloat32) forward_typed<float>(args, stream);
   else if (dtype == kFloat16) forward_typed<__half>(args, stream);
   else forward_typed<__nv_bfloat16>(args, stream);
@@ -136,7 +138,7 @@ void backward(py::args args) {
 //                 row_max, row_logsum, col_max, col_logsum, factor, coef,
 //                 strip, ld, k_splits, g_strip, c_strip, scale_part, scale_acc,
 //                 need_scale, grad_x, grad_y, stream)
-// The tensor-core backward by strips (float16 / bfloat16 only).
+// The tensor-core backward by strips (float32 runs TF32).
 void backward_strips(py::args args) {
   if (args.size() != 27) {
     throw std::invalid_argument("clipfast._cuda.backward_strips takes 27 arguments");
@@ -144,9 +146,9 @@ void backward_strips(py::args args) {
   const int dtype = args[0].cast<int>();
   check(args[3].cast<int64_t>(), args[4].cast<int64_t>(), dtype);
   auto stream = reinterpret_cast<cudaStream_t>(args[26].cast<std::uintptr_t>());
-  if (dtype == kFloat16) backward_strips_typed<__half>(args, stream);
-  else if (dtype == kBFloat16) backward_strips_typed<__nv_bfloat16>(args, stream);
-  else throw std::invalid_argument("clipfast._cuda.backward_strips: float16 or bfloat16 only, got float32");
+  if (dtype == kFloat32) backward_strips_typed<float>(args, stream);
+  else if (dtype == kFloat16) backward_strips_typed<__half>(args, stream);
+  else backward_strips_typed<__nv_bfloat16>(args, stream);
 }
 
 }  // namespace

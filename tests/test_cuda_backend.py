@@ -26,9 +26,9 @@ def test_bad_arguments_raise_value_errors():
     from clipfast import _cuda
 
     with pytest.raises(ValueError, match="dtype code"):
-        _cuda.forward(7, 0, 0, 4, 4, 1.0, 0.0, True, *([0] * 7), 1, 1, 0, 0, 0, 0, 0)
+        _cuda.forward(7, 0, 0, 4, 4, 1.0, 0.0, True, *([0] * 7), 1, 1, 0, 0, 0, 0, False, 0)
     with pytest.raises(ValueError, match="n >= 1"):
-        _cuda.forward(0, 0, 0, 0, 4, 1.0, 0.0, True, *([0] * 7), 1, 1, 0, 0, 0, 0, 0)
+        _cuda.forward(0, 0, 0, 0, 4, 1.0, 0.0, True, *([0] * 7), 1, 1, 0, 0, 0, 0, False, 0)
 
 
 @pytest.mark.skipif(not HAS_NVCC, reason="no nvcc on this machine: the CUDA extension is not built")
@@ -36,8 +36,8 @@ def test_strip_backward_rejects_bad_arguments():
     from clipfast import _cuda
 
     ptrs = [0] * 6  # inv_x, inv_y, row_max, row_logsum, col_max, col_logsum
-    with pytest.raises(ValueError, match="float16 or bfloat16 only"):
-        _cuda.backward_strips(_cuda.FLOAT32, 0, 0, 4, 4, 1.0, 0.0, True, *ptrs, 1.0, 0,
+    with pytest.raises(ValueError, match="dtype code"):
+        _cuda.backward_strips(9, 0, 0, 4, 4, 1.0, 0.0, True, *ptrs, 1.0, 0,
                               128, 128, 1, 0, 0, 0, 0, True, 0, 0, 0)
     with pytest.raises(ValueError, match="strip and ld multiples of 128"):
         _cuda.backward_strips(_cuda.BFLOAT16, 0, 0, 4, 4, 1.0, 0.0, True, *ptrs, 1.0, 0,
@@ -49,6 +49,8 @@ def test_strip_backward_rejects_bad_arguments():
         _cuda.backward_strips(_cuda.FLOAT16, 0, 0)
     with pytest.raises(ValueError, match="takes 22 arguments"):
         _cuda.backward(_cuda.FLOAT32, 0, 0)
+    with pytest.raises(ValueError, match="takes 23 arguments"):
+        _cuda.forward(_cuda.FLOAT32, 0, 0)
 
 
 @pytest.mark.skipif(not HAS_NVCC or HAS_CUDA,
@@ -57,7 +59,7 @@ def test_launch_failure_is_a_python_exception():
     from clipfast import _cuda
 
     with pytest.raises(RuntimeError, match="clipfast._cuda: launching inverse_norms_kernel"):
-        _cuda.forward(0, 0, 0, 4, 4, 1.0, 0.0, True, *([0] * 7), 1, 1, 0, 0, 0, 0, 0)
+        _cuda.forward(0, 0, 0, 4, 4, 1.0, 0.0, True, *([0] * 7), 1, 1, 0, 0, 0, 0, False, 0)
     with pytest.raises(RuntimeError, match="clipfast._cuda: launching grad_strip_kernel"):
         _cuda.backward_strips(_cuda.BFLOAT16, 0, 0, 4, 4, 1.0, 0.0, True, *([0] * 6), 1.0, 0,
                               128, 128, 1, 0, 0, 0, 0, True, 0, 0, 0)
@@ -91,26 +93,33 @@ def test_cuda_backend_rejects_cpu_tensors():
 # ----------------------------- GPU only ------------------------------------ #
 
 
+# fp16/bf16 always run on tensor cores; fp32 runs TF32 tensor cores by default
+# (compared with a TF32 reference, as for triton) and IEEE SIMT tiles without.
+DTYPES_TF32 = [(torch.bfloat16, True), (torch.float16, True), (torch.float32, True),
+               (torch.float32, False)]
+
+
 @requires_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype,tf32", DTYPES_TF32)
 @pytest.mark.parametrize("n,d", [(1, 1), (7, 65), (97, 123), (257, 512), (1025, 768), (4099, 1024),
                                  (3001, 1280)])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_cuda_parity(n, d, dtype, normalize):
+def test_cuda_parity(n, d, dtype, tf32, normalize):
     assert_parity("cuda", n, d, x_dtype=dtype, scale=100.0, bias=-1.0, normalize=normalize,
-                  device="cuda")
+                  device="cuda", allow_tf32=tf32, ref_tf32=tf32)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype,tf32", DTYPES_TF32)
+@pytest.mark.parametrize("needs", [(True, False, False, False), (False, True, False, False),
+                                   (False, False, True, True)])
+def test_cuda_partial_requires_grad(needs, dtype, tf32):
+    assert_parity("cuda", 301, 97, x_dtype=dtype, bias=0.5, needs=needs, device="cuda",
+                  allow_tf32=tf32, ref_tf32=tf32)
 
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("needs", [(True, False, False, False), (False, True, False, False),
-                                   (False, False, True, True)])
-def test_cuda_partial_requires_grad(needs, dtype):
-    assert_parity("cuda", 301, 97, x_dtype=dtype, bias=0.5, needs=needs, device="cuda")
-
-
-@requires_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_tensor_cores_on_unaligned_rows(dtype):
     # Rows that start off a 16-byte boundary take the scalar loads, with the
     # same arithmetic as the vector loads: equal results, gradients included.
@@ -136,21 +145,24 @@ def test_cuda_tensor_cores_on_unaligned_rows(dtype):
 
 @requires_cuda
 def test_cuda_mixed_dtypes():
-    assert_parity("cuda", 1031, 768, x_dtype=torch.bfloat16, y_dtype=torch.float32, device="cuda")
+    assert_parity("cuda", 1031, 768, x_dtype=torch.bfloat16, y_dtype=torch.float32, device="cuda",
+                  ref_tf32=True)
 
 
 @requires_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cuda_large_batch(dtype):
+@pytest.mark.parametrize("dtype,tf32", DTYPES_TF32)
+def test_cuda_large_batch(dtype, tf32):
     # N = 65536 and an N that is a multiple of no tile size.
-    assert_parity("cuda", 65536, 256, x_dtype=dtype, scale=100.0, device="cuda")
-    assert_parity("cuda", 65537 - 64 * 3, 200, x_dtype=dtype, device="cuda")
+    assert_parity("cuda", 65536, 256, x_dtype=dtype, scale=100.0, device="cuda",
+                  allow_tf32=tf32, ref_tf32=tf32)
+    assert_parity("cuda", 65537 - 64 * 3, 200, x_dtype=dtype, device="cuda",
+                  allow_tf32=tf32, ref_tf32=tf32)
 
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_cuda_matches_triton(dtype):
     x, y = make_features(5003, 512, dtype, "cuda", seed=4)
-    a = clip_loss(x, y, 50.0, backend="cuda")
+    a = clip_loss(x, y, 50.0, backend="cuda", allow_tf32=False)
     b = clip_loss(x, y, 50.0, backend="triton", allow_tf32=False)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -301,7 +301,8 @@ void launch_finish(const float* acc, int64_t parts, int64_t part_stride, const I
 }
 
 template <typename In>
-void forward(const Params<In>& p, const Stats& s, const Workspace& w, cudaStream_t stream) {
+void forward(const Params<In>& p, const Stats& s, const Workspace& w, bool tf32,
+             cudaStream_t stream) {
   const int64_t n = p.n;
   inverse_norms_kernel<In><<<ceil_div(n, kRowsPerBlock), 32 * kRowsPerBlock, 0, stream>>>(
       p.x, n, p.d, p.normalize, p.inv_x);
@@ -309,7 +310,7 @@ void forward(const Params<In>& p, const Stats& s, const Workspace& w, cudaStream
   inverse_norms_kernel<In><<<ceil_div(n, kRowsPerBlock), 32 * kRowsPerBlock, 0, stream>>>(
       p.y, n, p.d, p.normalize, p.inv_y);
   check_launch("inverse_norms_kernel (text)");
-  if constexpr (std::is_same_v<In, float>) {
+  if (std::is_same_v<In, float> && !tf32) {
     const int64_t blocks = ceil_div(n, kTile);
     const int64_t row_per = ceil_div(blocks, w.row_splits);
     const int64_t col_per = ceil_div(blocks, w.col_splits);
@@ -352,7 +353,8 @@ void backward(const Params<In>& p, const Stats& s, float factor, const float* co
 }
 
 #define CLIPFAST_INSTANTIATE(In)                                                              \
-  template void forward<In>(const Params<In>&, const Stats&, const Workspace&, cudaStream_t); \
+  template void forward<In>(const Params<In>&, const Stats&, const Workspace&, bool,          \
+                            cudaStream_t);                                                   \
   template void backward<In>(const Params<In>&, const Stats&, float, const float*, float*,    \
                              float*, float*, In*, In*, cudaStream_t);                          \
   template void launch_finish<In>(const float*, int64_t, int64_t, const In*, const float*,    \

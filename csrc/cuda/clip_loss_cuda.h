@@ -39,12 +39,14 @@ struct Workspace {  // forward's partials; col_* start at -inf / 0
   float* col_sum_part;
 };
 
-// fp32 runs SIMT tiles (IEEE fp32, like torch's default matmul); fp16/bf16
-// run tensor-core tiles (tensor_core_tiles.cu) with fp32 accumulation.
+// fp16/bf16 run tensor-core tiles (tensor_core_tiles.cu) with fp32
+// accumulation; fp32 runs them in TF32 when `tf32`, else IEEE fp32 SIMT
+// tiles (like torch's matmul without allow_tf32).
 template <typename In>
-void forward(const Params<In>& p, const Stats& s, const Workspace& w, cudaStream_t stream);
+void forward(const Params<In>& p, const Stats& s, const Workspace& w, bool tf32,
+             cudaStream_t stream);
 
-// SIMT backward (every dtype; the default for fp32).
+// SIMT backward (IEEE fp32 arithmetic; the backward of fp32 without TF32).
 // acc_x / acc_y: zeroed fp32 (n, d) accumulators; scale_grad_part: one float
 // per 64-row block of unscaled sums sum_ij (P + Q - 2[i==j]) * cos_ij.
 // Gradients are scaled by factor * (*coef) with coef read on the device.
@@ -54,7 +56,7 @@ void backward(const Params<In>& p, const Stats& s, float factor, const float* co
               float* acc_x, float* acc_y, float* scale_grad_part, In* grad_x, In* grad_y,
               cudaStream_t stream);
 
-// Buffers of the strip backward (fp16/bf16). A strip is `strip` rows of X (or
+// Buffers of the strip backward (fp16/bf16, and fp32 in TF32). A strip is `strip` rows of X (or
 // columns of Y, for dY^) against all of the other side.
 template <typename In>
 struct StripWorkspace {

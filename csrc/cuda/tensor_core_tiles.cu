@@ -36,42 +36,79 @@ namespace wmma = nvcuda::wmma;
 constexpr int kRows = 128;         // tile rows; also the strip alignment
 constexpr int kCols = 64;          // tile columns
 constexpr int kDepth = 32;         // K of one shared-memory stage
-constexpr int kFrag = 16;          // WMMA fragment side
+constexpr int kFrag = 16;          // WMMA fragment rows and columns
 constexpr int kThreads = 256;      // 8 warps, 4 (rows) x 2 (columns)
 constexpr int kWarpSide = 32;      // each warp owns 32 x 32 outputs: 2 x 2 fragments
-constexpr int kLdStage = kDepth + 8;  // staged rows of 40 halves: 16-row steps stay 32-byte aligned
-constexpr int kLdPanel = kCols + 8;   // staged K x 64 panels of the GEMM's B operand
-constexpr int kLdTile = kCols + 4;    // fp32 tile rows
+constexpr int kLdTile = kCols + 4; // fp32 tile rows
 static_assert(kStripAlign == kRows, "strips are whole row tiles");
 static_assert(kRows == 4 * kWarpSide && kCols == 2 * kWarpSide, "8 warps as 4 x 2");
 
-constexpr size_t kStageBytes = (kRows + kCols) * kLdStage * 2;
-constexpr size_t kTileBytes = kRows * kLdTile * sizeof(float);
-// Staged operands and the fp32 tile are never live at once: one buffer.
-constexpr size_t kSmemBytes = kStageBytes > kTileBytes ? kStageBytes : kTileBytes;
-static_assert(kRows * kLdStage * 2 + kDepth * kLdPanel * 2 <= kSmemBytes, "GEMM stage fits");
+// Per storage type: the fragment element type and K, and the padding of
+// staged rows (16-row steps of a fragment must stay 32-byte aligned).
+// float runs TF32 (10-bit mantissa products, fp32 accumulation), as torch's
+// matmul does under allow_tf32.
+template <typename In>
+struct Mma {
+  using Element = In;
+  static constexpr int kK = 16;
+  static constexpr int kPad = 8;
+  template <typename Fragment>
+  __device__ static void round(Fragment&) {}
+};
+template <>
+struct Mma<float> {
+  using Element = wmma::precision::tf32;
+  static constexpr int kK = 8;
+  static constexpr int kPad = 4;
+  template <typename Fragment>
+  __device__ static void round(Fragment& f) {
+    for (int t = 0; t < f.num_elements; ++t) f.x[t] = wmma::__float_to_tf32(f.x[t]);
+  }
+};
 
-using AccFragment = wmma::fragment<wmma::accumulator, kFrag, kFrag, kFrag, float>;
+template <typename In>
+constexpr int kLdStage = kDepth + Mma<In>::kPad;  // staged X / Y / G rows
+template <typename In>
+constexpr int kLdPanel = kCols + Mma<In>::kPad;   // staged K x 64 panels of the GEMM's B
+template <typename In>
+constexpr int kVecWidth = 16 / sizeof(In);        // elements per 16-byte vector
+
+// Staged operands and the fp32 tile are never live at once: one buffer.
+constexpr size_t kStageBytes = (kRows + kCols) * (kDepth + 4) * sizeof(float);
+constexpr size_t kTileBytes = kRows * kLdTile * sizeof(float);
+constexpr size_t kSmemBytes = kStageBytes > kTileBytes ? kStageBytes : kTileBytes;
+static_assert((kRows + kCols) * (kDepth + 8) * 2 <= kSmemBytes, "16-bit stages fit");
+static_assert(kRows * (kDepth + 4) * 4 + kDepth * (kCols + 4) * 4 <= kSmemBytes, "GEMM stage fits");
+
+template <typename In>
+using AccFragment = wmma::fragment<wmma::accumulator, kFrag, kFrag, Mma<In>::kK, float>;
+template <typename In, typename Layout>
+using AFragment =
+    wmma::fragment<wmma::matrix_a, kFrag, kFrag, Mma<In>::kK, typename Mma<In>::Element, Layout>;
+template <typename In, typename Layout>
+using BFragment =
+    wmma::fragment<wmma::matrix_b, kFrag, kFrag, Mma<In>::kK, typename Mma<In>::Element, Layout>;
 
 // Rows [first, first + ROWS) x depth [k0, k0 + kDepth) of a row-major (n, d)
-// matrix into stage[r * kLdStage + k], zeros past n or d.
+// matrix into stage[r * kLdStage<In> + k], zeros past n or d.
 template <typename In, int ROWS>
 __device__ __forceinline__ void stage_rows(const In* src, int64_t n, int64_t d, int64_t first,
                                            int64_t k0, bool vec, In* stage) {
-  if (vec) {  // d % 8 == 0: a vector of 8 is wholly inside or wholly past d
-    constexpr int kVecsPerRow = kDepth / 8;
+  constexpr int kLd = kLdStage<In>;
+  if (vec) {  // d % kVecWidth == 0: a vector is wholly inside or wholly past d
+    constexpr int kVecsPerRow = kDepth / kVecWidth<In>;
     for (int e = threadIdx.x; e < ROWS * kVecsPerRow; e += kThreads) {
-      const int r = e / kVecsPerRow, k = (e % kVecsPerRow) * 8;
+      const int r = e / kVecsPerRow, k = (e % kVecsPerRow) * kVecWidth<In>;
       const int64_t g = first + r, gk = k0 + k;
       uint4 v = make_uint4(0u, 0u, 0u, 0u);
       if (g < n && gk < d) v = *reinterpret_cast<const uint4*>(src + g * d + gk);
-      *reinterpret_cast<uint4*>(stage + r * kLdStage + k) = v;
+      *reinterpret_cast<uint4*>(stage + r * kLd + k) = v;
     }
   } else {
     for (int e = threadIdx.x; e < ROWS * kDepth; e += kThreads) {
       const int r = e / kDepth, k = e % kDepth;
       const int64_t g = first + r, gk = k0 + k;
-      stage[r * kLdStage + k] = (g < n && gk < d) ? src[g * d + gk] : from_float<In>(0.f);
+      stage[r * kLd + k] = (g < n && gk < d) ? src[g * d + gk] : from_float<In>(0.f);
     }
   }
 }
@@ -82,10 +119,11 @@ __device__ __forceinline__ void stage_rows(const In* src, int64_t n, int64_t d, 
 template <typename In>
 __device__ void tile_dots(const Params<In>& p, bool vec, int64_t row0, int64_t col0,
                           unsigned char* smem) {
+  constexpr int kLd = kLdStage<In>;
   In* xs = reinterpret_cast<In*>(smem);
-  In* ys = xs + kRows * kLdStage;
+  In* ys = xs + kRows * kLd;
   const int warp = threadIdx.x / 32, warp_row = warp / 2, warp_col = warp % 2;
-  AccFragment acc[2][2];
+  AccFragment<In> acc[2][2];
   for (int i = 0; i < 2; ++i)
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
   for (int64_t k0 = 0; k0 < p.d; k0 += kDepth) {
@@ -93,16 +131,18 @@ __device__ void tile_dots(const Params<In>& p, bool vec, int64_t row0, int64_t c
     stage_rows<In, kCols>(p.y, p.n, p.d, col0, k0, vec, ys);
     __syncthreads();
 #pragma unroll
-    for (int kk = 0; kk < kDepth; kk += kFrag) {
-      wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, In, wmma::row_major> a[2];
+    for (int kk = 0; kk < kDepth; kk += Mma<In>::kK) {
+      AFragment<In, wmma::row_major> a[2];
       // Y rows stored [column][k] are Y^T in column-major order.
-      wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, In, wmma::col_major> b[2];
-      for (int i = 0; i < 2; ++i)
-        wmma::load_matrix_sync(a[i], xs + (warp_row * kWarpSide + i * kFrag) * kLdStage + kk,
-                               kLdStage);
-      for (int j = 0; j < 2; ++j)
-        wmma::load_matrix_sync(b[j], ys + (warp_col * kWarpSide + j * kFrag) * kLdStage + kk,
-                               kLdStage);
+      BFragment<In, wmma::col_major> b[2];
+      for (int i = 0; i < 2; ++i) {
+        wmma::load_matrix_sync(a[i], xs + (warp_row * kWarpSide + i * kFrag) * kLd + kk, kLd);
+        Mma<In>::round(a[i]);
+      }
+      for (int j = 0; j < 2; ++j) {
+        wmma::load_matrix_sync(b[j], ys + (warp_col * kWarpSide + j * kFrag) * kLd + kk, kLd);
+        Mma<In>::round(b[j]);
+      }
       for (int i = 0; i < 2; ++i)
         for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
     }
@@ -264,31 +304,32 @@ __global__ void sum_kernel(const float* part, int64_t count, float* out) {
 
 // Rows [k0, k0 + kDepth) x columns [col0, col0 + kCols) of the unit rows
 // src[k] * inv[k] (rounded to In, as a normalised copy would be) into
-// panel[k * kLdPanel + c], zeros past n or d.
+// panel[k * kLdPanel<In> + c], zeros past n or d.
 template <typename In>
 __device__ __forceinline__ void stage_unit_rows(const In* src, const float* inv, int64_t n,
                                                 int64_t d, int64_t k0, int64_t col0, bool vec,
                                                 In* panel) {
+  constexpr int kLd = kLdPanel<In>, kWidth = kVecWidth<In>;
   if (vec) {
-    constexpr int kVecsPerRow = kCols / 8;
+    constexpr int kVecsPerRow = kCols / kWidth;
     for (int e = threadIdx.x; e < kDepth * kVecsPerRow; e += kThreads) {
-      const int k = e / kVecsPerRow, c = (e % kVecsPerRow) * 8;
+      const int k = e / kVecsPerRow, c = (e % kVecsPerRow) * kWidth;
       const int64_t g = k0 + k, gc = col0 + c;
-      alignas(16) In values[8];
+      alignas(16) In values[kWidth];
       if (g < n && gc < d) {
         *reinterpret_cast<uint4*>(values) = *reinterpret_cast<const uint4*>(src + g * d + gc);
         const float scale = inv[g];
-        for (int t = 0; t < 8; ++t) values[t] = from_float<In>(to_float(values[t]) * scale);
+        for (int t = 0; t < kWidth; ++t) values[t] = from_float<In>(to_float(values[t]) * scale);
       } else {
-        for (int t = 0; t < 8; ++t) values[t] = from_float<In>(0.f);
+        for (int t = 0; t < kWidth; ++t) values[t] = from_float<In>(0.f);
       }
-      *reinterpret_cast<uint4*>(panel + k * kLdPanel + c) = *reinterpret_cast<const uint4*>(values);
+      *reinterpret_cast<uint4*>(panel + k * kLd + c) = *reinterpret_cast<const uint4*>(values);
     }
   } else {
     for (int e = threadIdx.x; e < kDepth * kCols; e += kThreads) {
       const int k = e / kCols, c = e % kCols;
       const int64_t g = k0 + k, gc = col0 + c;
-      panel[k * kLdPanel + c] =
+      panel[k * kLd + c] =
           (g < n && gc < d) ? from_float<In>(to_float(src[g * d + gc]) * inv[g]) : from_float<In>(0.f);
     }
   }
@@ -304,36 +345,39 @@ __global__ void __launch_bounds__(kThreads)
                       const float* src_inv, int64_t n, int64_t d, bool vec, int64_t k_per_split,
                       float* c) {
   __shared__ __align__(128) unsigned char smem[kSmemBytes];
+  constexpr int kLdA = kLdStage<In>, kLdB = kLdPanel<In>, kWidth = kVecWidth<In>;
   In* as = reinterpret_cast<In*>(smem);
-  In* panel = as + kRows * kLdStage;
+  In* panel = as + kRows * kLdA;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kRows;
   const int64_t col0 = static_cast<int64_t>(blockIdx.y) * kCols;
   const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * k_per_split;
   const int64_t k_end = min(ld, k_begin + k_per_split);
   const int warp = threadIdx.x / 32, warp_row = warp / 2, warp_col = warp % 2;
-  AccFragment acc[2][2];
+  AccFragment<In> acc[2][2];
   for (int i = 0; i < 2; ++i)
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kDepth) {
     // The strip is allocated whole (ld % 128 == 0): no bounds to check.
-    constexpr int kVecsPerRow = kDepth / 8;
+    constexpr int kVecsPerRow = kDepth / kWidth;
     for (int e = threadIdx.x; e < kRows * kVecsPerRow; e += kThreads) {
-      const int r = e / kVecsPerRow, k = (e % kVecsPerRow) * 8;
-      *reinterpret_cast<uint4*>(as + r * kLdStage + k) =
+      const int r = e / kVecsPerRow, k = (e % kVecsPerRow) * kWidth;
+      *reinterpret_cast<uint4*>(as + r * kLdA + k) =
           *reinterpret_cast<const uint4*>(g_strip + (r0 + r) * ld + k0 + k);
     }
     stage_unit_rows(src, src_inv, n, d, k0, col0, vec, panel);
     __syncthreads();
 #pragma unroll
-    for (int kk = 0; kk < kDepth; kk += kFrag) {
-      wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, In, wmma::row_major> a[2];
-      wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, In, wmma::row_major> b[2];
-      for (int i = 0; i < 2; ++i)
-        wmma::load_matrix_sync(a[i], as + (warp_row * kWarpSide + i * kFrag) * kLdStage + kk,
-                               kLdStage);
-      for (int j = 0; j < 2; ++j)
-        wmma::load_matrix_sync(b[j], panel + kk * kLdPanel + warp_col * kWarpSide + j * kFrag,
-                               kLdPanel);
+    for (int kk = 0; kk < kDepth; kk += Mma<In>::kK) {
+      AFragment<In, wmma::row_major> a[2];
+      BFragment<In, wmma::row_major> b[2];
+      for (int i = 0; i < 2; ++i) {
+        wmma::load_matrix_sync(a[i], as + (warp_row * kWarpSide + i * kFrag) * kLdA + kk, kLdA);
+        Mma<In>::round(a[i]);
+      }
+      for (int j = 0; j < 2; ++j) {
+        wmma::load_matrix_sync(b[j], panel + kk * kLdB + warp_col * kWarpSide + j * kFrag, kLdB);
+        Mma<In>::round(b[j]);
+      }
       for (int i = 0; i < 2; ++i)
         for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
     }
@@ -445,6 +489,7 @@ void backward_strips(const Params<In>& p, const Stats& s, float factor, const fl
                                               const Workspace&, cudaStream_t);                 \
   template void backward_strips<In>(const Params<In>&, const Stats&, float, const float*,      \
                                     const StripWorkspace<In>&, bool, In*, In*, cudaStream_t);
+CLIPFAST_INSTANTIATE_TC(float)
 CLIPFAST_INSTANTIATE_TC(__half)
 CLIPFAST_INSTANTIATE_TC(__nv_bfloat16)
 
