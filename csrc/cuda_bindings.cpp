@@ -34,28 +34,33 @@ void check(int64_t n, int64_t d, int dtype) {
   }
 }
 
+// Arguments 1-9 of every entry point: x, y, n, d, scale, bias, normalize,
+// inv_x, inv_y.
 template <typename In>
-cu::Params<In> params(std::uintptr_t x, std::uintptr_t y, int64_t n, int64_t d, double scale,
-                      double bias, bool normalize, std::uintptr_t inv_x, std::uintptr_t inv_y) {
-  return cu::Params<In>{ptr<const In>(x), ptr<const In>(y), n, d, static_cast<float>(scale),
-                        static_cast<float>(bias), normalize, ptr<float>(inv_x), ptr<float>(inv_y)};
+cu::Params<In> params(const py::tuple& a) {
+  return cu::Params<In>{ptr<const In>(a[1].cast<std::uintptr_t>()),
+                        ptr<const In>(a[2].cast<std::uintptr_t>()),
+                        a[3].cast<int64_t>(),
+                        a[4].cast<int64_t>(),
+                        static_cast<float>(a[5].cast<double>()),
+                        static_cast<float>(a[6].cast<double>()),
+                        a[7].cast<bool>(),
+                        ptr<float>(a[8].cast<std::uintptr_t>()),
+                        ptr<float>(a[9].cast<std::uintptr_t>())};
 }
 
-cu::Stats stats(std::uintptr_t row_max, std::uintptr_t row_logsum, std::uintptr_t col_max,
-                std::uintptr_t col_logsum, std::uintptr_t diag) {
-  return cu::Stats{ptr<float>(row_max), ptr<float>(row_logsum), ptr<float>(col_max),
-                   ptr<float>(col_logsum), ptr<float>(diag)};
+// Arguments 10-13 (row max, row log-sum, column max, column log-sum), and the
+// diagonal at 14 when the entry point has one.
+cu::Stats stats(const py::tuple& a, bool with_diag) {
+  return cu::Stats{ptr<float>(a[10].cast<std::uintptr_t>()), ptr<float>(a[11].cast<std::uintptr_t>()),
+                   ptr<float>(a[12].cast<std::uintptr_t>()), ptr<float>(a[13].cast<std::uintptr_t>()),
+                   with_diag ? ptr<float>(a[14].cast<std::uintptr_t>()) : nullptr};
 }
 
 template <typename In>
 void forward_typed(const py::tuple& a, cudaStream_t stream) {
-  auto p = params<In>(a[1].cast<std::uintptr_t>(), a[2].cast<std::uintptr_t>(),
-                      a[3].cast<int64_t>(), a[4].cast<int64_t>(), a[5].cast<double>(),
-                      a[6].cast<double>(), a[7].cast<bool>(), a[8].cast<std::uintptr_t>(),
-                      a[9].cast<std::uintptr_t>());
-  auto s = stats(a[10].cast<std::uintptr_t>(), a[11].cast<std::uintptr_t>(),
-                 a[12].cast<std::uintptr_t>(), a[13].cast<std::uintptr_t>(),
-                 a[14].cast<std::uintptr_t>());
+  auto p = params<In>(a);
+  auto s = stats(a, true);
   cu::Workspace w{a[15].cast<int64_t>(), a[16].cast<int64_t>(), ptr<float>(a[17].cast<std::uintptr_t>()),
                   ptr<float>(a[18].cast<std::uintptr_t>()), ptr<float>(a[19].cast<std::uintptr_t>()),
                   ptr<float>(a[20].cast<std::uintptr_t>())};
@@ -64,14 +69,11 @@ void forward_typed(const py::tuple& a, cudaStream_t stream) {
   cu::forward<In>(p, s, w, tf32, stream);
 }
 
+// Backward entry points: arguments 14-15 are factor and the device coef.
 template <typename In>
 void backward_typed(const py::tuple& a, cudaStream_t stream) {
-  auto p = params<In>(a[1].cast<std::uintptr_t>(), a[2].cast<std::uintptr_t>(),
-                      a[3].cast<int64_t>(), a[4].cast<int64_t>(), a[5].cast<double>(),
-                      a[6].cast<double>(), a[7].cast<bool>(), a[8].cast<std::uintptr_t>(),
-                      a[9].cast<std::uintptr_t>());
-  auto s = stats(a[10].cast<std::uintptr_t>(), a[11].cast<std::uintptr_t>(),
-                 a[12].cast<std::uintptr_t>(), a[13].cast<std::uintptr_t>(), 0);
+  auto p = params<In>(a);
+  auto s = stats(a, false);
   const float factor = static_cast<float>(a[14].cast<double>());
   const float* coef = ptr<const float>(a[15].cast<std::uintptr_t>());
   float* acc_x = ptr<float>(a[16].cast<std::uintptr_t>());
@@ -85,12 +87,8 @@ void backward_typed(const py::tuple& a, cudaStream_t stream) {
 
 template <typename In>
 void backward_strips_typed(const py::tuple& a, cudaStream_t stream) {
-  auto p = params<In>(a[1].cast<std::uintptr_t>(), a[2].cast<std::uintptr_t>(),
-                      a[3].cast<int64_t>(), a[4].cast<int64_t>(), a[5].cast<double>(),
-                      a[6].cast<double>(), a[7].cast<bool>(), a[8].cast<std::uintptr_t>(),
-                      a[9].cast<std::uintptr_t>());
-  auto s = stats(a[10].cast<std::uintptr_t>(), a[11].cast<std::uintptr_t>(),
-                 a[12].cast<std::uintptr_t>(), a[13].cast<std::uintptr_t>(), 0);
+  auto p = params<In>(a);
+  auto s = stats(a, false);
   const float factor = static_cast<float>(a[14].cast<double>());
   const float* coef = ptr<const float>(a[15].cast<std::uintptr_t>());
   cu::StripWorkspace<In> w{a[16].cast<int64_t>(), a[17].cast<int64_t>(), a[18].cast<int64_t>(),

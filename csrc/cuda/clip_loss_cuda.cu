@@ -181,7 +181,6 @@ __global__ void grads_kernel(Params<In> p, Stats s, float* acc, float* scale_gra
   // the other side's unit rows (64 x 65): 33 KB of shared memory in all.
   __shared__ float stage[kTile][kTile + 1];
   __shared__ float weights[kTile][kTile + 1];
-  __shared__ float block_sum[kThreads / 32];
   float (*xs)[kTile + 1] = stage;
   float (*ys)[kTile + 1] = stage + kChunk;
   float (*other)[kTile + 1] = stage;
@@ -244,15 +243,8 @@ __global__ void grads_kernel(Params<In> p, Stats s, float* acc, float* scale_gra
     }
   }
   if (ROWS) {
-    for (int offset = 16; offset > 0; offset /= 2)
-      scale_grad += __shfl_down_sync(0xffffffffu, scale_grad, offset);
-    if (threadIdx.x % 32 == 0) block_sum[threadIdx.x / 32] = scale_grad;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float total = 0.f;
-      for (int w = 0; w < kThreads / 32; ++w) total += block_sum[w];
-      scale_grad_part[blockIdx.x] = total;
-    }
+    const float total = block_sum<kThreads>(scale_grad);
+    if (threadIdx.x == 0) scale_grad_part[blockIdx.x] = total;
   }
 }
 

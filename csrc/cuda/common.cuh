@@ -31,6 +31,21 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
+// Sum of `value` over a block of THREADS threads (a multiple of 32), in a
+// fixed order; the result is valid in thread 0. Every thread must call it.
+template <int THREADS>
+__device__ __forceinline__ float block_sum(float value) {
+  __shared__ float warp_sums[THREADS / 32];
+  for (int offset = 16; offset > 0; offset /= 2)
+    value += __shfl_down_sync(0xffffffffu, value, offset);
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = value;
+  __syncthreads();
+  float total = 0.f;
+  if (threadIdx.x == 0)
+    for (int w = 0; w < THREADS / 32; ++w) total += warp_sums[w];
+  return total;
+}
+
 // Raises the last launch error as a C++ exception naming the kernel
 // (pybind11 turns it into a Python RuntimeError).
 inline void check_launch(const char* kernel) {

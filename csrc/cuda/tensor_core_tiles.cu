@@ -113,6 +113,45 @@ __device__ __forceinline__ void stage_rows(const In* src, int64_t n, int64_t d, 
   }
 }
 
+// One shared-memory stage (K = kDepth) of this warp's 32 x 32 outputs:
+// acc += A B with A's rows at a[row * lda + k] and B's columns at
+// b[col * col_stride + k * k_stride] (ldb: B's leading dimension in BLayout).
+template <typename In, typename BLayout>
+__device__ __forceinline__ void mma_stage(AccFragment<In> (&acc)[2][2], const In* a, int lda,
+                                          const In* b, int col_stride, int k_stride, int ldb) {
+  const int warp = threadIdx.x / 32, warp_row = warp / 2, warp_col = warp % 2;
+#pragma unroll
+  for (int kk = 0; kk < kDepth; kk += Mma<In>::kK) {
+    AFragment<In, wmma::row_major> fa[2];
+    BFragment<In, BLayout> fb[2];
+    for (int i = 0; i < 2; ++i) {
+      wmma::load_matrix_sync(fa[i], a + (warp_row * kWarpSide + i * kFrag) * lda + kk, lda);
+      Mma<In>::round(fa[i]);
+    }
+    for (int j = 0; j < 2; ++j) {
+      wmma::load_matrix_sync(
+          fb[j], b + (warp_col * kWarpSide + j * kFrag) * col_stride + kk * k_stride, ldb);
+      Mma<In>::round(fb[j]);
+    }
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+  }
+}
+
+// This warp's outputs into the fp32 tile (row stride kLdTile) at the start
+// of smem, then a barrier: the staged operands there are dead by now.
+template <typename In>
+__device__ __forceinline__ void store_tile(AccFragment<In> (&acc)[2][2], unsigned char* smem) {
+  const int warp = threadIdx.x / 32, warp_row = warp / 2, warp_col = warp % 2;
+  float* tile = reinterpret_cast<float*>(smem);
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(
+          tile + (warp_row * kWarpSide + i * kFrag) * kLdTile + warp_col * kWarpSide + j * kFrag,
+          acc[i][j], kLdTile, wmma::mem_row_major);
+  __syncthreads();
+}
+
 // Raw dot products of rows [row0, row0 + kRows) of X with rows
 // [col0, col0 + kCols) of Y into the fp32 tile at the start of `smem`
 // (row stride kLdTile). Rows past n give 0.
@@ -122,7 +161,6 @@ __device__ void tile_dots(const Params<In>& p, bool vec, int64_t row0, int64_t c
   constexpr int kLd = kLdStage<In>;
   In* xs = reinterpret_cast<In*>(smem);
   In* ys = xs + kRows * kLd;
-  const int warp = threadIdx.x / 32, warp_row = warp / 2, warp_col = warp % 2;
   AccFragment<In> acc[2][2];
   for (int i = 0; i < 2; ++i)
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
@@ -130,31 +168,11 @@ __device__ void tile_dots(const Params<In>& p, bool vec, int64_t row0, int64_t c
     stage_rows<In, kRows>(p.x, p.n, p.d, row0, k0, vec, xs);
     stage_rows<In, kCols>(p.y, p.n, p.d, col0, k0, vec, ys);
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kDepth; kk += Mma<In>::kK) {
-      AFragment<In, wmma::row_major> a[2];
-      // Y rows stored [column][k] are Y^T in column-major order.
-      BFragment<In, wmma::col_major> b[2];
-      for (int i = 0; i < 2; ++i) {
-        wmma::load_matrix_sync(a[i], xs + (warp_row * kWarpSide + i * kFrag) * kLd + kk, kLd);
-        Mma<In>::round(a[i]);
-      }
-      for (int j = 0; j < 2; ++j) {
-        wmma::load_matrix_sync(b[j], ys + (warp_col * kWarpSide + j * kFrag) * kLd + kk, kLd);
-        Mma<In>::round(b[j]);
-      }
-      for (int i = 0; i < 2; ++i)
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
-    }
+    // Y rows stored [column][k] are Y^T in column-major order.
+    mma_stage<In, wmma::col_major>(acc, xs, kLd, ys, kLd, 1, kLd);
     __syncthreads();
   }
-  float* tile = reinterpret_cast<float*>(smem);
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(
-          tile + (warp_row * kWarpSide + i * kFrag) * kLdTile + warp_col * kWarpSide + j * kFrag,
-          acc[i][j], kLdTile, wmma::mem_row_major);
-  __syncthreads();
+  store_tile<In>(acc, smem);
 }
 
 // Merges (m, s) across the `width` consecutive lanes that share one line.
@@ -247,7 +265,6 @@ __global__ void __launch_bounds__(kThreads)
     grad_strip_kernel(Params<In> p, Stats s, bool vec, int64_t strip0, int64_t ld, In* g_strip,
                       float* scale_part) {
   __shared__ __align__(128) unsigned char smem[kSmemBytes];
-  __shared__ float warp_sums[kThreads / 32];
   const float* tile = reinterpret_cast<const float*>(smem);
   const int64_t n = p.n;
   const int64_t row0 = ROWS ? strip0 + static_cast<int64_t>(blockIdx.y) * kRows
@@ -275,31 +292,17 @@ __global__ void __launch_bounds__(kThreads)
     g_strip[out] = from_float<In>(g);
   }
   if (ROWS && scale_part != nullptr) {
-    for (int offset = 16; offset > 0; offset /= 2)
-      scale_sum += __shfl_down_sync(0xffffffffu, scale_sum, offset);
-    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = scale_sum;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float total = 0.f;
-      for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w];
-      scale_part[static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x] = total;
-    }
+    const float total = block_sum<kThreads>(scale_sum);
+    if (threadIdx.x == 0) scale_part[static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x] = total;
   }
 }
 
 // out[0] = sum of part[0:count], in a fixed order (deterministic).
 __global__ void sum_kernel(const float* part, int64_t count, float* out) {
-  __shared__ float warp_sums[kThreads / 32];
   float sum = 0.f;
   for (int64_t i = threadIdx.x; i < count; i += kThreads) sum += part[i];
-  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
-  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sum;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float total = 0.f;
-    for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w];
-    out[0] = total;
-  }
+  const float total = block_sum<kThreads>(sum);
+  if (threadIdx.x == 0) out[0] = total;
 }
 
 // Rows [k0, k0 + kDepth) x columns [col0, col0 + kCols) of the unit rows
@@ -352,7 +355,6 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t col0 = static_cast<int64_t>(blockIdx.y) * kCols;
   const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * k_per_split;
   const int64_t k_end = min(ld, k_begin + k_per_split);
-  const int warp = threadIdx.x / 32, warp_row = warp / 2, warp_col = warp % 2;
   AccFragment<In> acc[2][2];
   for (int i = 0; i < 2; ++i)
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
@@ -366,30 +368,11 @@ __global__ void __launch_bounds__(kThreads)
     }
     stage_unit_rows(src, src_inv, n, d, k0, col0, vec, panel);
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kDepth; kk += Mma<In>::kK) {
-      AFragment<In, wmma::row_major> a[2];
-      BFragment<In, wmma::row_major> b[2];
-      for (int i = 0; i < 2; ++i) {
-        wmma::load_matrix_sync(a[i], as + (warp_row * kWarpSide + i * kFrag) * kLdA + kk, kLdA);
-        Mma<In>::round(a[i]);
-      }
-      for (int j = 0; j < 2; ++j) {
-        wmma::load_matrix_sync(b[j], panel + kk * kLdB + warp_col * kWarpSide + j * kFrag, kLdB);
-        Mma<In>::round(b[j]);
-      }
-      for (int i = 0; i < 2; ++i)
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
-    }
+    mma_stage<In, wmma::row_major>(acc, as, kLdA, panel, 1, kLdB, kLdB);
     __syncthreads();
   }
-  float* tile = reinterpret_cast<float*>(smem);
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(
-          tile + (warp_row * kWarpSide + i * kFrag) * kLdTile + warp_col * kWarpSide + j * kFrag,
-          acc[i][j], kLdTile, wmma::mem_row_major);
-  __syncthreads();
+  store_tile<In>(acc, smem);
+  const float* tile = reinterpret_cast<const float*>(smem);
   float* out = c + static_cast<int64_t>(blockIdx.z) * strip * d;
   for (int e = threadIdx.x; e < kRows * kCols; e += kThreads) {
     const int r = e / kCols, col = e % kCols;
