@@ -355,7 +355,7 @@ def distributed_clip_loss(inputs: LossInputs, *, local_loss: bool, gather_with_g
                           ring: bool, rank: int, world_size: int, normalize: bool, backend: str,
                           group=None, chunk_elements: Optional[int] = None) -> torch.Tensor:
     """The loss of ``ClipLoss`` when world_size > 1 (see the module docstring)."""
-    from .api import clip_loss, resolve_backend
+    from .api import _triton_usable_on, clip_loss, resolve_backend
 
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
@@ -369,9 +369,12 @@ def distributed_clip_loss(inputs: LossInputs, *, local_loss: bool, gather_with_g
             f"group has rank {dist.get_rank(group)} of {actual}"
         )
     check_equal_batches(inputs.image_features.shape[0], inputs.image_features.device, group)
-    # The block-wise modes run on the fused kernels where clip_loss would, and
-    # on the chunked PyTorch primitives otherwise.
-    block_backend = "triton" if resolve_backend(backend, inputs) == "triton" else "chunked"
+    # The block-wise modes (ring, local_loss) have Triton and chunked PyTorch
+    # primitives: they run on the Triton kernels wherever clip_loss would run a
+    # fused GPU backend (triton or cuda) and Triton can, else on chunked.
+    chosen = resolve_backend(backend, inputs)
+    fused = chosen in ("triton", "cuda") and _triton_usable_on(inputs.image_features.device)
+    block_backend = "triton" if fused else "chunked"
     if ring:
         chunk = DEFAULT_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
         return RingClipLossFunction.apply(
