@@ -1,21 +1,56 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one command (for the device machine):
-#   bash scripts/gpu_check.sh [OUT_DIR]
-# 1. the whole test suite on CUDA (the GPU-only tests run instead of skipping),
-# 2. the benchmark sweep of the core issue (table, JSON lines, plot),
-# with logs under OUT_DIR (default gpu_check/).
+# Everything that needs a GPU, in stages that each fit one device call
+# (10 minutes a command, 30 minutes a session):
+#   bash scripts/gpu_check.sh OUT_DIR [STAGE ...]
+# Stages (default: build tests):
+#   build  the C++/CUDA extensions in place (no downloads there: the machine's
+#          own pybind11), versions and nvidia-smi
+#   tests  the whole suite on CUDA (GPU-only tests run instead of skipping);
+#          every failure is reported, not just the first
+#   cuda   only tests/test_cuda_backend.py (quick check of the CUDA backend)
+#   bench-bf16 | bench-fp32 | bench-fp16   the benchmark sweep in one dtype,
+#          plus backend="auto"'s table merged with its points
+# Logs and results go under OUT_DIR. Each stage after `build` expects the
+# extensions built (run `build` in the same call, or carry clipfast/_*.so).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-gpu_check}"
+shift || true
+STAGES=("$@")
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests)
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-# The C++ extension (no downloads there: the machine's own pybind11).
-python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { echo "build failed, see $OUT/build.log"; }
-python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" \
-    | tee "$OUT/versions.txt"
-python3 -m pytest -q -x -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log"
-tests_rc=${PIPESTATUS[0]}
-bash benchmarks/run_gpu.sh "$OUT/bench" 2>&1 | tail -n 80 | tee "$OUT/bench.log"
-echo "tests exit code: $tests_rc"
-exit "$tests_rc"
+rc=0
+for stage in "${STAGES[@]}"; do
+    case "$stage" in
+    build)
+        nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+        python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
+            || { echo "build failed, see $OUT/build.log"; rc=1; }
+        python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" \
+            | tee "$OUT/versions.txt"
+        ;;
+    tests)
+        python3 -m pytest -q -p no:cacheprovider -rf tests 2>&1 | tail -n 300 > "$OUT/tests.log"
+        status=${PIPESTATUS[0]}
+        tail -n 40 "$OUT/tests.log"
+        [ "$status" -ne 0 ] && rc=$status
+        ;;
+    cuda)
+        python3 -m pytest -q -p no:cacheprovider -rf tests/test_cuda_backend.py 2>&1 \
+            | tail -n 300 > "$OUT/tests_cuda.log"
+        status=${PIPESTATUS[0]}
+        tail -n 40 "$OUT/tests_cuda.log"
+        [ "$status" -ne 0 ] && rc=$status
+        ;;
+    bench-*)
+        DTYPES="${stage#bench-}" bash benchmarks/run_gpu.sh "$OUT/$stage" 2>&1 | tail -n 60 \
+            | tee "$OUT/$stage.log"
+        ;;
+    *)
+        echo "unknown stage $stage"; rc=2
+        ;;
+    esac
+done
+echo "gpu_check exit code: $rc"
+exit "$rc"
