@@ -1,4 +1,5 @@
 import os
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -28,9 +29,50 @@ def _cuda_root(nvcc):
     raise RuntimeError(f"found {nvcc} but no CUDA toolkit with libcudart_static.a; set CUDA_HOME")
 
 
+_LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;]*>)?)<<<(.*?)>>>\((.*?)\);", re.S)
+
+
+def _top_level_split(text):
+    parts, depth, current = [], 0, ""
+    for ch in text:
+        depth += ch in "(<[" and 1 or (ch in ")>]" and -1 or 0)
+        if ch == "," and depth == 0:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    return parts + [current.strip()]
+
+
+def emulated_cuda_sources(out_dir):
+    """csrc/cuda/*.cu as C++ for the CPU emulation (csrc/emulate): every
+    `kernel<<<grid, block, smem, stream>>>(args);` becomes a call of
+    clipfast_emulation::launch running the kernel as each thread of each block."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sources = []
+    for src in sorted(Path("csrc/cuda").glob("*.cu")):
+        def launch(match):
+            name, config, args = match.groups()
+            grid, block = _top_level_split(config)[:2]
+            return (f"::clipfast_emulation::launch(dim3({grid}), dim3({block}), "
+                    f"[&] {{ {name}({args}); }});")
+
+        text, count = _LAUNCH.subn(launch, src.read_text())
+        if "<<<" in text:
+            raise RuntimeError(f"{src}: a kernel launch the emulation build cannot rewrite")
+        target = out_dir / (src.stem + ".cpp")
+        if not target.exists() or target.read_text() != text:
+            target.write_text(text)
+        sources.append(str(target))
+    return sources
+
+
 def cpp_extensions():
-    """clipfast._cpu always (CLIPFAST_SKIP_CPP=1 leaves both out); clipfast._cuda
-    whenever nvcc is found (CLIPFAST_CUDA=0 skips it, =1 requires it).
+    """clipfast._cpu always (CLIPFAST_SKIP_CPP=1 leaves all out); clipfast._cuda
+    whenever nvcc is found (CLIPFAST_CUDA=0 skips it, =1 requires it);
+    clipfast._cuda_emulated, the CUDA kernels compiled for the CPU emulation
+    that lets the tests run them without a GPU, unless CLIPFAST_CUDA_EMULATION=0.
 
     CUDA code is built for explicit architectures (CLIPFAST_CUDA_ARCHS, default
     "80;90") plus PTX of the newest, never for whatever GPU happens to be
@@ -54,6 +96,18 @@ def cpp_extensions():
         extra_link_args=["-fopenmp"],
         cxx_std=17,
     )]
+
+    if os.environ.get("CLIPFAST_CUDA_EMULATION", "1") != "0":
+        extensions.append(Pybind11Extension(
+            "clipfast._cuda_emulated",
+            sources=["csrc/cuda_bindings.cpp", *emulated_cuda_sources("build/emulated_cuda")],
+            # The emulation headers stand in for the CUDA toolkit's.
+            include_dirs=["csrc/emulate", "csrc", "csrc/include"],
+            define_macros=[("CLIPFAST_CUDA_MODULE", "_cuda_emulated")],
+            extra_compile_args=["-O2", "-pthread", "-fno-strict-aliasing", "-Wno-unknown-pragmas"],
+            extra_link_args=["-pthread"],
+            cxx_std=20,
+        ))
 
     mode = os.environ.get("CLIPFAST_CUDA", "auto")
     nvcc = _nvcc() if mode != "0" else None

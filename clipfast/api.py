@@ -72,11 +72,17 @@ def resolve_backend(backend: str, inputs: LossInputs) -> str:
                 f"{dtypes[0]} and text_features {dtypes[1]}; use backend='chunked' for half precision"
             )
     if backend == "cuda":
-        from .cuda_backend import extension
+        from .cuda_backend import emulation_enabled, extension
 
-        extension()  # ImportError with the build instructions when absent
-        if device.type != "cuda":
-            raise ValueError(f"backend='cuda' needs CUDA tensors, got features on {device}")
+        emulated = device.type == "cpu" and emulation_enabled()
+        if device.type != "cuda" and not emulated:
+            extension()  # ImportError with the build instructions when absent
+            raise ValueError(
+                f"backend='cuda' needs CUDA tensors, got features on {device} (set "
+                "CLIPFAST_CUDA_EMULATION=1 to run its kernels on CPU tensors through the "
+                "slow CPU emulation, for tests)"
+            )
+        extension(device)  # ImportError with the build instructions when absent
         dtypes = (inputs.image_features.dtype, inputs.text_features.dtype)
         if torch.float64 in dtypes:
             raise TypeError(

@@ -4,9 +4,16 @@ The extension takes raw pointers and the current stream's handle; this module
 makes the inputs contiguous in one dtype (the common one, fp32 for a mix),
 allocates every buffer with torch (so the caching allocator and its memory
 statistics see them) and keeps them alive across each call.
+
+Emulation: with ``CLIPFAST_CUDA_EMULATION=1``, ``backend="cuda"`` also takes
+CPU tensors and runs the same kernels through ``clipfast._cuda_emulated``, a
+CPU emulation of the CUDA subset they use (csrc/emulate/cuda_emulation.h):
+slow, for tests on machines without a GPU.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -20,25 +27,54 @@ _BUILD_HINT = (
 _CODES = {torch.float32: "FLOAT32", torch.float16: "FLOAT16", torch.bfloat16: "BFLOAT16"}
 
 
-def extension():
-    """The compiled module, or an ImportError that says how to build it."""
-    return load_extension("_cuda", "cuda", _BUILD_HINT)
+_EMULATION_HINT = (
+    "the CUDA emulation clipfast._cuda_emulated is not built; `pip install -e .` builds it "
+    "unless CLIPFAST_CUDA_EMULATION=0"
+)
+# The emulation's stand-in for a GPU's multiprocessor count (grid sizing).
+_EMULATED_MULTIPROCESSORS = 4
+
+
+def extension(device: torch.device = torch.device("cuda")):
+    """The compiled module for features on ``device`` (the emulation for CPU
+    tensors), or an ImportError that says how to build it."""
+    if device.type == "cuda":
+        return load_extension("_cuda", "cuda", _BUILD_HINT)
+    return load_extension("_cuda_emulated", "cuda", _EMULATION_HINT)
 
 
 def available() -> bool:
     return extension_available(extension)
 
 
+def emulation_available() -> bool:
+    return extension_available(lambda: extension(torch.device("cpu")))
+
+
+def emulation_enabled() -> bool:
+    return os.environ.get("CLIPFAST_CUDA_EMULATION", "0") not in ("", "0")
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _EMULATED_MULTIPROCESSORS
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
 def _splits(device: torch.device, n: int, tile: int) -> int:
     blocks = -(-n // tile)
-    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    target = 2 * _multiprocessors(device)
     return max(1, min(blocks, int(target ** 0.5)))
 
 
 class CudaClipLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, scale, bias, normalize: bool, allow_tf32: bool):
-        ext = extension()
+        ext = extension(x.device)
         dtype = x.dtype if x.dtype == y.dtype else torch.float32
         # fp16/bf16 always run on tensor cores; fp32 does in TF32 when allowed.
         tensor_cores = dtype != torch.float32 or bool(allow_tf32)
@@ -52,7 +88,7 @@ class CudaClipLossFunction(torch.autograd.Function):
         col_part = torch.stack([torch.full((splits, n), float("-inf"), **f32), torch.zeros(splits, n, **f32)])
         s_value = float(scale.detach().reshape(()))
         b_value = float(bias.detach().reshape(())) if bias is not None else 0.0
-        stream = torch.cuda.current_stream(xc.device).cuda_stream
+        stream = _stream(xc.device)
         ext.forward(getattr(ext, _CODES[dtype]), xc.data_ptr(), yc.data_ptr(), n, d, s_value,
                     b_value, bool(normalize), inv[0].data_ptr(), inv[1].data_ptr(),
                     *(row.data_ptr() for row in stats), splits, splits,
@@ -67,8 +103,8 @@ class CudaClipLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        ext = extension()
         xc, yc, inv, stats = ctx.saved_tensors
+        ext = extension(xc.device)
         s_value, b_value, normalize, x_dtype, y_dtype, scale_shape, scale_dtype, bias_meta = ctx.meta
         need_x, need_y, need_scale, need_bias = ctx.needs_input_grad[:4]
         n, d = xc.shape
@@ -82,7 +118,7 @@ class CudaClipLossFunction(torch.autograd.Function):
                       b_value, normalize, inv[0].data_ptr(), inv[1].data_ptr(),
                       *(row.data_ptr() for row in stats[:4]), s_value, coef.data_ptr())
             outputs = (0 if gx is None else gx.data_ptr(), 0 if gy is None else gy.data_ptr(),
-                       torch.cuda.current_stream(xc.device).cuda_stream)
+                       _stream(xc.device))
             if ctx.tensor_cores:
                 scale_sums = _strip_backward(ext, common, outputs, xc, need_scale)
             else:
@@ -127,8 +163,7 @@ def strip_plan(n: int, d: int, multi_processors: int, align: int = 128) -> tuple
 def _strip_backward(ext, common, outputs, xc, need_scale):
     """Strips of G on tensor cores (fp16/bf16, fp32 as TF32): csrc/cuda/tensor_core_tiles.cu."""
     n, d = xc.shape
-    sms = torch.cuda.get_device_properties(xc.device).multi_processor_count
-    strip, ld, k_splits = strip_plan(n, d, sms, ext.STRIP_ALIGN)
+    strip, ld, k_splits = strip_plan(n, d, _multiprocessors(xc.device), ext.STRIP_ALIGN)
     f32 = dict(dtype=torch.float32, device=xc.device)
     g_strip = torch.empty(strip, ld, dtype=xc.dtype, device=xc.device)
     c_strip = torch.empty(k_splits, strip, d, **f32)

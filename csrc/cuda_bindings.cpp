@@ -151,7 +151,13 @@ void backward_strips(py::args args) {
 
 }  // namespace
 
-PYBIND11_MODULE(_cuda, m) {
+// The CPU emulation build (setup.py, csrc/emulate) names its module
+// _cuda_emulated.
+#ifndef CLIPFAST_CUDA_MODULE
+#define CLIPFAST_CUDA_MODULE _cuda
+#endif
+
+PYBIND11_MODULE(CLIPFAST_CUDA_MODULE, m) {
   m.doc() = "clipfast's CUDA backend (no libtorch: pointers, sizes, dtype codes, stream handle)";
   m.def("forward", &forward, "Fused CLIP loss forward statistics");
   m.def("backward", &backward, "Fused CLIP loss gradients (SIMT tiles)");

@@ -83,10 +83,12 @@ def assert_parity(
     device="cpu",
     seed=0,
     ref_tf32: bool = False,
+    ref_dtype: Optional[torch.dtype] = None,
+    correlated: bool = True,
     **kwargs,
 ):
     y_dtype = y_dtype or x_dtype
-    x32, y32 = make_features(n, d, torch.float32, device, seed)
+    x32, y32 = make_features(n, d, torch.float32, device, seed, correlated=correlated)
     x = x32.to(x_dtype)
     y = y32.to(y_dtype)
     param_dtype = torch.float32
@@ -99,8 +101,12 @@ def assert_parity(
     truth = _loss_and_grads(
         x.double(), y.double(), s.double(), None if b is None else b.double(),
         normalize, needs, "reference" if n <= 8192 else "chunked")
+    # ref_dtype: the PyTorch reference in another dtype stands in for "the
+    # same dtype" (float16 for TF32 on the CPU, where torch has no TF32: the
+    # same 10-bit mantissa in every product, fp32 accumulation).
+    x_ref, y_ref = (x, y) if ref_dtype is None else (x.to(ref_dtype), y.to(ref_dtype))
     with tf32_matmul(ref_tf32) if device != "cpu" else contextlib.nullcontext():
-        same = _loss_and_grads(x, y, s, b, normalize, needs, "reference")
+        same = _loss_and_grads(x_ref, y_ref, s, b, normalize, needs, "reference")
 
     assert set(got) == set(truth), f"gradients returned for {sorted(got)}, expected {sorted(truth)}"
     assert torch.isfinite(got["loss"]), f"non-finite loss {got['loss']}"
@@ -120,6 +126,7 @@ def assert_parity(
             magnitude = max(t.abs().max().item(), scale / n * max(inv, 1.0))
         # The floor follows the coarsest dtype that touched this quantity.
         dtypes = {"grad_image": [x_dtype], "grad_text": [y_dtype]}.get(key, [x_dtype, y_dtype])
+        dtypes += [] if ref_dtype is None else [ref_dtype]
         floor = max(floor_for(dt) for dt in dtypes) * magnitude
         if key in ("loss", "grad_scale"):
             # Both move by ~|L| * (relative logit error): one ulp of the largest

@@ -1,0 +1,246 @@
+// A CPU emulation of the CUDA subset the backend's kernels use, so that CI
+// (no GPU) runs the real kernel code: every block of a grid runs in turn,
+// each of its threads on its own std::thread, with __syncthreads as a block
+// barrier, warp shuffles through a per-warp exchange, __shared__ as static
+// storage (one block at a time), fp16 as _Float16, bf16 as rounded bits and
+// WMMA fragments as whole 16 x 16 matrices held by every lane (products in
+// fp32, accumulated in k order; TF32 inputs rounded to 10 mantissa bits).
+// It checks the kernels' indexing, synchronisation and arithmetic, not their
+// speed or the hardware's exact summation order.
+//
+// setup.py compiles csrc/cuda/*.cu as C++ against these headers (launches
+// `k<<<grid, block, smem, stream>>>(args)` rewritten to
+// clipfast_emulation::launch) into clipfast._cuda_emulated.
+#pragma once
+
+#include <math.h>
+
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+
+struct dim3 {
+  unsigned x, y, z;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct uint3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+
+inline thread_local uint3 threadIdx;
+inline thread_local uint3 blockIdx;
+inline thread_local dim3 blockDim;
+inline thread_local dim3 gridDim;
+
+template <typename T>
+inline T min(T a, T b) {
+  return b < a ? b : a;
+}
+template <typename T>
+inline T max(T a, T b) {
+  return a < b ? b : a;
+}
+
+using cudaStream_t = struct CUstream_st*;
+enum cudaError_t { cudaSuccess = 0 };
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline const char* cudaGetErrorString(cudaError_t) { return "no error (emulated)"; }
+
+// ------------------------------ half types -------------------------------- //
+
+struct __half {
+  _Float16 value;
+};
+inline float __half2float(__half h) { return static_cast<float>(h.value); }
+inline __half __float2half_rn(float f) { return __half{static_cast<_Float16>(f)}; }
+
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+inline float __bfloat162float(__nv_bfloat16 h) {
+  const uint32_t u = static_cast<uint32_t>(h.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{static_cast<uint16_t>((u >> 16) | 0x40u)};
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
+  return __nv_bfloat16{static_cast<uint16_t>(u >> 16)};
+}
+
+// ------------------------------ execution --------------------------------- //
+
+namespace clipfast_emulation {
+
+struct Warp {
+  std::barrier<> barrier{32};
+  float slots[32];
+};
+
+struct Block {
+  explicit Block(int threads) : barrier(threads), warps((threads + 31) / 32) {
+    for (auto& w : warps) w = std::make_unique<Warp>();
+  }
+  std::barrier<> barrier;
+  std::vector<std::unique_ptr<Warp>> warps;
+};
+
+inline thread_local Block* current_block = nullptr;
+
+inline int lane() { return static_cast<int>(threadIdx.x % 32); }
+
+inline float exchange(float value, int source_lane) {
+  Warp& w = *current_block->warps[threadIdx.x / 32];
+  w.slots[lane()] = value;
+  w.barrier.arrive_and_wait();
+  const float out = w.slots[source_lane];
+  w.barrier.arrive_and_wait();
+  return out;
+}
+
+// Runs body() as every thread of every block of the grid (1-D blocks).
+template <typename Body>
+void launch(dim3 grid, dim3 block, Body&& body) {
+  const int threads = static_cast<int>(block.x * block.y * block.z);
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        Block state(threads);
+        std::vector<std::thread> pool;
+        pool.reserve(threads);
+        for (int t = 0; t < threads; ++t) {
+          pool.emplace_back([&, t] {
+            threadIdx.x = static_cast<unsigned>(t) % block.x;
+            threadIdx.y = (static_cast<unsigned>(t) / block.x) % block.y;
+            threadIdx.z = static_cast<unsigned>(t) / (block.x * block.y);
+            blockIdx.x = bx;
+            blockIdx.y = by;
+            blockIdx.z = bz;
+            blockDim = block;
+            gridDim = grid;
+            current_block = &state;
+            body();
+          });
+        }
+        for (auto& th : pool) th.join();
+      }
+}
+
+}  // namespace clipfast_emulation
+
+inline void __syncthreads() { clipfast_emulation::current_block->barrier.arrive_and_wait(); }
+inline float __shfl_xor_sync(unsigned, float value, int mask) {
+  return clipfast_emulation::exchange(value, clipfast_emulation::lane() ^ mask);
+}
+inline float __shfl_down_sync(unsigned, float value, int offset) {
+  const int source = clipfast_emulation::lane() + offset;
+  return clipfast_emulation::exchange(value, source < 32 ? source : clipfast_emulation::lane());
+}
+
+// --------------------------------- WMMA ----------------------------------- //
+
+namespace nvcuda {
+namespace wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+namespace precision {
+struct tf32 {};
+}
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename T>
+struct storage {
+  using type = T;
+};
+template <>
+struct storage<precision::tf32> {
+  using type = float;
+};
+
+inline float to_f32(float v) { return v; }
+inline float to_f32(__half v) { return __half2float(v); }
+inline float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// The whole logical matrix, row-major, in every lane.
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
+  static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
+  static constexpr int num_elements = rows * cols;
+  using element_type = typename storage<T>::type;
+  element_type x[num_elements];
+};
+
+// cvt.rna.tf32.f32: round to nearest, ties away from zero, 10 mantissa bits.
+inline float __float_to_tf32(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & 0xffffe000u;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+template <typename Use, int M, int N, int K, typename T, typename Layout>
+void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, float value) {
+  for (auto& e : f.x) e = value;
+}
+
+template <typename Use, int M, int N, int K, typename T, typename Layout, typename P>
+void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const P* p, unsigned ldm) {
+  using F = fragment<Use, M, N, K, T, Layout>;
+  for (int r = 0; r < F::rows; ++r)
+    for (int c = 0; c < F::cols; ++c)
+      f.x[r * F::cols + c] = std::is_same_v<Layout, row_major> ? p[r * ldm + c] : p[c * ldm + r];
+}
+
+template <int M, int N, int K, typename T, typename LA, typename LB>
+void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
+              const fragment<matrix_b, M, N, K, T, LB>& b,
+              const fragment<accumulator, M, N, K, float>& c) {
+  float out[M * N];
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) {
+      float sum = c.x[i * N + j];
+      for (int k = 0; k < K; ++k) sum += to_f32(a.x[i * K + k]) * to_f32(b.x[k * N + j]);
+      out[i * N + j] = sum;
+    }
+  std::copy(out, out + M * N, d.x);
+}
+
+template <int M, int N, int K>
+void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm,
+                       layout_t layout) {
+  if (clipfast_emulation::lane() != 0) return;  // one lane writes what all hold
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j)
+      (layout == mem_row_major ? p[i * ldm + j] : p[j * ldm + i]) = f.x[i * N + j];
+}
+
+}  // namespace wmma
+}  // namespace nvcuda

@@ -1,0 +1,110 @@
+"""The CUDA backend's kernels on the CPU, through the emulation build
+(clipfast._cuda_emulated: csrc/cuda compiled against csrc/emulate, every
+block's threads on std::threads). The real kernel code, indexing and
+synchronisation run in CI this way; tensor-core fragments are emulated whole,
+so these tests check the algorithm and its arithmetic, not the hardware's
+summation order or speed (tests/test_cuda_backend.py does that on a GPU).
+Tiny shapes: every emulated block spawns 256 threads."""
+
+import pytest
+import torch
+
+from clipfast import clip_loss, cuda_backend
+
+from .parity import assert_parity, make_features
+
+pytestmark = pytest.mark.skipif(
+    not cuda_backend.emulation_available(),
+    reason="clipfast._cuda_emulated is not built (CLIPFAST_CUDA_EMULATION=0 at install)",
+)
+
+
+@pytest.fixture(autouse=True)
+def emulation(monkeypatch):
+    monkeypatch.setenv("CLIPFAST_CUDA_EMULATION", "1")
+
+
+# (dtype, allow_tf32, ref_dtype): fp16/bf16 on the tensor-core path, fp32 on
+# it in TF32 (judged against the float16 reference: the same 10-bit mantissa
+# per product) and fp32 on the IEEE SIMT path.
+PATHS = [(torch.bfloat16, True, None), (torch.float16, True, None),
+         (torch.float32, True, torch.float16), (torch.float32, False, None)]
+
+
+@pytest.mark.parametrize("dtype,tf32,ref_dtype", PATHS)
+@pytest.mark.parametrize("n,d", [(1, 1), (7, 65), (130, 24)])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("scale,correlated", [(50.0, True), (4.0, False)])
+def test_emulated_parity(n, d, dtype, tf32, ref_dtype, normalize, scale, correlated):
+    # Confident pairs at a large scale (trained CLIP), and hard ones at a small
+    # scale where every row's gradient is of similar size, so that an error
+    # confined to a few rows stands out.
+    assert_parity("cuda", n, d, x_dtype=dtype, scale=scale, bias=-1.0, normalize=normalize,
+                  allow_tf32=tf32, ref_dtype=ref_dtype, correlated=correlated)
+
+
+@pytest.mark.parametrize("dtype,tf32,ref_dtype", PATHS)
+@pytest.mark.parametrize("needs", [(True, False, False, False), (False, True, False, False),
+                                   (False, False, True, True)])
+def test_emulated_partial_requires_grad(needs, dtype, tf32, ref_dtype):
+    assert_parity("cuda", 70, 19, x_dtype=dtype, bias=0.5, needs=needs, allow_tf32=tf32,
+                  ref_dtype=ref_dtype)
+
+
+def test_emulated_mixed_dtypes():
+    # A bf16 / fp32 mix runs in fp32 (here IEEE).
+    assert_parity("cuda", 37, 29, x_dtype=torch.bfloat16, y_dtype=torch.float32, allow_tf32=False)
+
+
+@pytest.mark.parametrize("k_splits", [3, 5])
+def test_emulated_split_k_and_many_strips(monkeypatch, k_splits):
+    # Several strips (the last one partial) and a split-K strip GEMM whose last
+    # split is empty for k_splits=5 (384 columns in splits of 96).
+    monkeypatch.setattr(cuda_backend, "strip_plan",
+                        lambda n, d, sms, align=128: (128, -(-n // 128) * 128, k_splits))
+    assert_parity("cuda", 300, 16, x_dtype=torch.bfloat16, scale=30.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_emulated_unaligned_rows_match_vector_loads(dtype):
+    # Rows off a 16-byte boundary take the scalar loads: same numbers.
+    x, y = make_features(150, 32, dtype, "cpu", seed=5)
+
+    def shifted(t):
+        storage = torch.empty(t.numel() + 1, dtype=t.dtype)
+        view = storage[1:].view(t.shape)
+        view.copy_(t)
+        return view.requires_grad_()
+
+    xs, ys = shifted(x), shifted(y)
+    assert xs.data_ptr() % 16 != 0
+    xa, ya = x.clone().requires_grad_(), y.clone().requires_grad_()
+    results = []
+    for a, b in ((xs, ys), (xa, ya)):
+        loss = clip_loss(a, b, 30.0, backend="cuda")
+        loss.backward()
+        results.append((loss, a.grad, b.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype,tf32", [(torch.bfloat16, True), (torch.float32, False)])
+def test_emulated_nan_is_never_hidden(dtype, tf32):
+    x, y = make_features(40, 8, dtype, "cpu", seed=2)
+    x[7, 3] = float("nan")
+    x.requires_grad_()
+    loss = clip_loss(x, y, 10.0, backend="cuda", allow_tf32=tf32)
+    assert torch.isnan(loss)
+    (grad,) = torch.autograd.grad(loss, (x,))
+    assert torch.isnan(grad).any()
+
+
+def test_cpu_tensors_need_the_emulation_switch(monkeypatch):
+    monkeypatch.setenv("CLIPFAST_CUDA_EMULATION", "0")
+    x = torch.randn(4, 3)
+    if cuda_backend.available():
+        with pytest.raises(ValueError, match="CLIPFAST_CUDA_EMULATION=1"):
+            clip_loss(x, x, 1.0, backend="cuda")
+    else:
+        with pytest.raises(ImportError, match="CUDA extension"):
+            clip_loss(x, x, 1.0, backend="cuda")
