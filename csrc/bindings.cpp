@@ -111,6 +111,18 @@ PYBIND11_MODULE(_cpu, m) {
     }
     return total_max + std::log(total_sum);
   }, "log-sum-exp through per-part lse_push and lse_merge (tile_math.h)");
+  m.def("logsumexp_by_lines", [](const std::vector<float>& values, int parts) {
+    // Each part reduces a strided line with lse_of_line, as the tensor-core
+    // kernels reduce the rows and columns of a tile; then lse_merge.
+    float total_max = -INFINITY, total_sum = 0.f;
+    for (int part = 0; part < parts; ++part) {
+      const int count = static_cast<int>((values.size() + parts - 1 - part) / parts);
+      float m, s;
+      clipfast::lse_of_line(values.data() + part, count, parts, m, s);
+      clipfast::lse_merge(total_max, total_sum, m, s);
+    }
+    return total_max + std::log(total_sum);
+  }, "log-sum-exp through per-part lse_of_line and lse_merge (tile_math.h)");
   m.attr("FLOAT32") = static_cast<int>(kFloat32);
   m.attr("FLOAT64") = static_cast<int>(kFloat64);
 }

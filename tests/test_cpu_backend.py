@@ -56,6 +56,22 @@ def test_cpu_gradcheck_fp64(n, d, normalize, with_bias):
         lambda x, y, s, b: CpuClipLossFunction.apply(x, y, s, b, normalize), (x, y, s, b))
 
 
+def test_cpu_results_are_bitwise_reproducible():
+    # Static schedules and in-order merges: no dependence on thread timing
+    # (gradcheck's reentrancy check relies on it).
+    x = torch.randn(300, 7, dtype=torch.float64)
+    y = torch.randn(300, 7, dtype=torch.float64)
+    runs = []
+    for _ in range(20):
+        xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
+        scale = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+        loss = clip_loss(xr, yr, scale, backend="cpu")
+        runs.append((loss, *torch.autograd.grad(loss, (xr, yr, scale))))
+    for other in runs[1:]:
+        for got, want in zip(other, runs[0]):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_cpu_zero_rows_match_reference():
     x = torch.randn(20, 9, dtype=torch.float64)
     y = torch.randn(20, 9, dtype=torch.float64)
@@ -94,6 +110,7 @@ def test_shared_tile_math_logsumexp(values, parts):
     want = torch.logsumexp(torch.tensor(values, dtype=torch.float64), 0).item()
     assert _cpu.logsumexp_by_push(values) == pytest.approx(want, rel=1e-6, abs=1e-5)
     assert _cpu.logsumexp_by_merge(values, parts) == pytest.approx(want, rel=1e-6, abs=1e-5)
+    assert _cpu.logsumexp_by_lines(values, parts) == pytest.approx(want, rel=1e-6, abs=1e-5)
 
 
 def test_shared_tile_math_keeps_nan_visible():
@@ -103,3 +120,6 @@ def test_shared_tile_math_keeps_nan_visible():
 
     assert math.isnan(_cpu.logsumexp_by_push([1.0, float("nan"), 2.0]))
     assert math.isnan(_cpu.logsumexp_by_merge([1.0, float("nan"), 2.0, 0.0], 2))
+    for values in ([1.0, float("nan"), 2.0, 0.0], [float("nan")] * 3,
+                   [float("-inf"), float("nan"), float("-inf")]):
+        assert math.isnan(_cpu.logsumexp_by_lines(values, 2))

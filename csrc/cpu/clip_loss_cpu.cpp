@@ -160,7 +160,9 @@ double forward(Problem<T>& p, Stats<T>& s) {
     T* my_sum = part_sum.data() + static_cast<int64_t>(thread_id()) * n;
     std::vector<T> tile(kBlockRows * kBlockCols), cosines(kBlockRows * kBlockCols);
     std::vector<T> scratch(kBlockCols);
-#pragma omp for schedule(dynamic)
+    // Static: each thread's column partials always cover the same row blocks,
+    // so results are bitwise reproducible (gradcheck's reentrancy check).
+#pragma omp for schedule(static)
     for (int64_t i0 = 0; i0 < n; i0 += kBlockRows) {
       const int64_t i1 = std::min(n, i0 + kBlockRows);
       T row_max[kBlockRows], row_sum[kBlockRows];
@@ -191,8 +193,8 @@ double forward(Problem<T>& p, Stats<T>& s) {
     s.col_logsum[j] = log(sum);
   }
 
+  // In index order (an OpenMP reduction combines threads in any order).
   double total = 0.0;
-#pragma omp parallel for reduction(+ : total) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     total += static_cast<double>((s.row_max[i] - s.diag[i]) + s.row_logsum[i]);
     total += static_cast<double>((s.col_max[i] - s.diag[i]) + s.col_logsum[i]);
@@ -227,12 +229,14 @@ T backward(const Problem<T>& p, const Stats<T>& s, T grad_loss, T* grad_x, T* gr
   const int64_t n = p.n, d = p.d;
   const T coef = grad_loss / T(2 * n);
   const T factor = coef * p.scale;
-  double scale_grad = 0.0;
+  // One scale-gradient partial per row block, summed in order afterwards:
+  // reproducible whatever the thread schedule.
+  std::vector<double> block_scale_grad((n + kBlockRows - 1) / kBlockRows, 0.0);
 
   // Pass 1, by row blocks: dX^ rows (complete within one thread) and the
   // scale gradient.
   if (need_x || need_scale) {
-#pragma omp parallel reduction(+ : scale_grad)
+#pragma omp parallel
     {
       std::vector<T> tile(kBlockRows * kBlockCols), cosines(kBlockRows * kBlockCols);
       std::vector<T> weights(kBlockCols);
@@ -249,7 +253,7 @@ T backward(const Problem<T>& p, const Stats<T>& s, T grad_loss, T* grad_x, T* gr
                              s.col_max + j0, s.col_logsum + j0, i - j0, weights.data());
             T tile_scale_grad = T(0);
             for (int64_t j = 0; j < width; ++j) tile_scale_grad += weights[j] * cosines[at + j];
-            scale_grad += static_cast<double>(tile_scale_grad);
+            block_scale_grad[i0 / kBlockRows] += static_cast<double>(tile_scale_grad);
             if (need_x) {
               T* gx = grad_x + i * d;
               for (int64_t j = j0; j < j1; ++j) axpy(weights[j - j0] * p.inv_y[j], p.y + j * d, gx, d);
@@ -289,6 +293,8 @@ T backward(const Problem<T>& p, const Stats<T>& s, T grad_loss, T* grad_x, T* gr
       }
     }
   }
+  double scale_grad = 0.0;
+  for (double part : block_scale_grad) scale_grad += part;
   return static_cast<T>(scale_grad) * coef;
 }
 

@@ -127,23 +127,13 @@ __global__ void forward_kernel(Params<In> p, int64_t row_blocks_per_split,
       const int64_t col0 = cb * kTile;
       tile_logits(p, row0, col0, xs, ys, logits);
       // Row statistics of this tile, merged into the running ones.
-      float m = -INFINITY, s = 0.f;
-      for (int c = part * 16; c < part * 16 + 16; ++c) lse_push(m, s, logits[line][c]);
-      for (int offset = 1; offset < 4; offset *= 2) {
-        const float om = __shfl_xor_sync(0xffffffffu, m, offset);
-        const float os = __shfl_xor_sync(0xffffffffu, s, offset);
-        lse_merge(m, s, om, os);
-      }
+      float m, s;
+      lse_of_line(&logits[line][part * 16], 16, 1, m, s);
+      lse_merge_lanes(m, s, 4);
       if (part == 0 && row0 + line < n) lse_merge(row_max[line], row_sum[line], m, s);
       // Column statistics, into this block's private partial slice.
-      m = -INFINITY;
-      s = 0.f;
-      for (int r = part * 16; r < part * 16 + 16; ++r) lse_push(m, s, logits[r][line]);
-      for (int offset = 1; offset < 4; offset *= 2) {
-        const float om = __shfl_xor_sync(0xffffffffu, m, offset);
-        const float os = __shfl_xor_sync(0xffffffffu, s, offset);
-        lse_merge(m, s, om, os);
-      }
+      lse_of_line(&logits[part * 16][line], 16, kTile + 1, m, s);
+      lse_merge_lanes(m, s, 4);
       const int64_t gj = col0 + line;
       if (part == 0 && gj < n) lse_merge(my_col_max[gj], my_col_sum[gj], m, s);
       // The label logit, from the very tile the statistics saw.

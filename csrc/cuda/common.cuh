@@ -11,6 +11,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "clipfast/tile_math.h"
 #include "cuda/clip_loss_cuda.h"
 
 namespace clipfast {
@@ -29,6 +30,16 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
+}
+
+// Merges (m, s) log-sum-exp partials across the `width` consecutive lanes
+// (a power of two) that share one line; every lane ends with the total.
+__device__ __forceinline__ void lse_merge_lanes(float& m, float& s, int width) {
+  for (int offset = 1; offset < width; offset *= 2) {
+    const float other_m = __shfl_xor_sync(0xffffffffu, m, offset);
+    const float other_s = __shfl_xor_sync(0xffffffffu, s, offset);
+    lse_merge(m, s, other_m, other_s);
+  }
 }
 
 // Sum of `value` over a block of THREADS threads (a multiple of 32), in a

@@ -175,15 +175,6 @@ __device__ void tile_dots(const Params<In>& p, bool vec, int64_t row0, int64_t c
   store_tile<In>(acc, smem);
 }
 
-// Merges (m, s) across the `width` consecutive lanes that share one line.
-__device__ __forceinline__ void lse_merge_lanes(float& m, float& s, int width) {
-  for (int offset = 1; offset < width; offset *= 2) {
-    const float other_m = __shfl_xor_sync(0xffffffffu, m, offset);
-    const float other_s = __shfl_xor_sync(0xffffffffu, s, offset);
-    lse_merge(m, s, other_m, other_s);
-  }
-}
-
 // Same contract as the SIMT forward_kernel (clip_loss_cuda.cu) on 128 x 64
 // tiles: row statistics in shared memory across the block's columns, column
 // statistics in the block's private slice of the (row_splits, n) partials.
@@ -225,15 +216,15 @@ __global__ void __launch_bounds__(kThreads)
       __syncthreads();
       {  // rows: 2 lanes per row, interleaved columns
         const int r = threadIdx.x / 2, part = threadIdx.x % 2;
-        float m = -INFINITY, s = 0.f;
-        for (int c = part; c < kCols; c += 2) lse_push(m, s, tile[r * kLdTile + c]);
+        float m, s;
+        lse_of_line(tile + r * kLdTile + part, kCols / 2, 2, m, s);
         lse_merge_lanes(m, s, 2);
         if (part == 0 && row0 + r < n) lse_merge(row_max[r], row_sum[r], m, s);
       }
       {  // columns: 4 lanes per column, interleaved rows
         const int c = threadIdx.x / 4, part = threadIdx.x % 4;
-        float m = -INFINITY, s = 0.f;
-        for (int r = part; r < kRows; r += 4) lse_push(m, s, tile[r * kLdTile + c]);
+        float m, s;
+        lse_of_line(tile + part * kLdTile + c, kRows / 4, 4 * kLdTile, m, s);
         lse_merge_lanes(m, s, 4);
         const int64_t gj = col0 + c;
         if (part == 0 && gj < n) lse_merge(my_col_max[gj], my_col_sum[gj], m, s);

@@ -61,6 +61,26 @@ CLIPFAST_HD void lse_push(T& running_max, T& running_sum, T value) {
   }
 }
 
+// (max, sum exp(v - max)) of the `count` values line[0], line[stride], ...:
+// a max pass, then an exp-sum pass, so every exp is independent (lse_push
+// rescales whenever the max moves, a data-dependent branch per value). A NaN
+// becomes the max and makes the sum NaN; a wholly masked (-inf) line gives
+// (-inf, 0), as lse_push does.
+template <typename T>
+CLIPFAST_HD void lse_of_line(const T* line, int count, int stride, T& line_max, T& line_sum) {
+  T m = -INFINITY;
+  for (int i = 0; i < count; ++i) {
+    const T v = line[i * stride];
+    m = (v > m || v != v) ? v : m;
+  }
+  T s = T(0);
+  if (m != -INFINITY) {
+    for (int i = 0; i < count; ++i) s += exp(line[i * stride] - m);
+  }
+  line_max = m;
+  line_sum = s;
+}
+
 // Merge two (max, sum) partials (the cross-tile merge).
 template <typename T>
 CLIPFAST_HD void lse_merge(T& running_max, T& running_sum, T other_max, T other_sum) {
