@@ -134,7 +134,7 @@ def clip_loss(
             ``allow_tf32``, float32).
         allow_tf32: triton and cuda backends: fp32 features use TF32 tensor
             cores (10-bit mantissa products, fp32 accumulation). False gives
-            full fp32 (IEEE SIMT tiles on the cuda backend, slower).
+            full fp32 (IEEE fp32 FMAs on the cuda backend, slower).
         chunk_elements: chunked backend only: logits held at once (default 2^22).
         panel_size: triton backend only: side of the gradient panels of the
             backward pass, rounded up to a multiple of the tile size (default

@@ -76,14 +76,15 @@ class CudaClipLossFunction(torch.autograd.Function):
     def forward(ctx, x, y, scale, bias, normalize: bool, allow_tf32: bool):
         ext = extension(x.device)
         dtype = x.dtype if x.dtype == y.dtype else torch.float32
-        # fp16/bf16 always run on tensor cores; fp32 does in TF32 when allowed.
+        # fp16/bf16 always run on tensor cores; fp32 does in TF32 when allowed,
+        # else in IEEE fp32 FMAs.
         tensor_cores = dtype != torch.float32 or bool(allow_tf32)
         xc, yc = x.detach().to(dtype).contiguous(), y.detach().to(dtype).contiguous()
         n, d = xc.shape
         f32 = dict(dtype=torch.float32, device=xc.device)
         inv = torch.empty(2, n, **f32)
         stats = torch.empty(5, n, **f32)  # row max / log-sum, col max / log-sum, diag
-        splits = _splits(xc.device, n, ext.TILE)
+        splits = _splits(xc.device, n, ext.TILE_COLS)
         row_part = torch.empty(2, splits, n, **f32)
         col_part = torch.stack([torch.full((splits, n), float("-inf"), **f32), torch.zeros(splits, n, **f32)])
         s_value = float(scale.detach().reshape(()))
@@ -119,10 +120,7 @@ class CudaClipLossFunction(torch.autograd.Function):
                       *(row.data_ptr() for row in stats[:4]), s_value, coef.data_ptr())
             outputs = (0 if gx is None else gx.data_ptr(), 0 if gy is None else gy.data_ptr(),
                        _stream(xc.device))
-            if ctx.tensor_cores:
-                scale_sums = _strip_backward(ext, common, outputs, xc, need_scale)
-            else:
-                scale_sums = _simt_backward(ext, common, outputs, xc, need_y)
+            scale_sums = _strip_backward(ext, common, outputs, xc, ctx.tensor_cores, need_scale)
             grad_x = None if gx is None else gx.to(x_dtype)
             grad_y = None if gy is None else gy.to(y_dtype)
             if need_scale:
@@ -130,18 +128,6 @@ class CudaClipLossFunction(torch.autograd.Function):
         if need_bias:
             grad_bias = exact_zero_bias_grad(stats[1], stats[3], grad_loss.float(), *bias_meta)
         return grad_x, grad_y, grad_scale, grad_bias, None, None
-
-
-def _simt_backward(ext, common, outputs, xc, need_y):
-    """IEEE fp32 (no TF32): SIMT tiles accumulating into fp32 (N, d) buffers."""
-    n, d = xc.shape
-    f32 = dict(dtype=torch.float32, device=xc.device)
-    acc_x = torch.zeros(n, d, **f32)
-    acc_y = torch.zeros(n, d, **f32) if need_y else None
-    scale_part = torch.zeros(-(-n // ext.TILE), **f32)
-    ext.backward(*common, acc_x.data_ptr(), 0 if acc_y is None else acc_y.data_ptr(),
-                 scale_part.data_ptr(), *outputs)
-    return scale_part
 
 
 def strip_plan(n: int, d: int, multi_processors: int, align: int = 128) -> tuple:
@@ -160,8 +146,8 @@ def strip_plan(n: int, d: int, multi_processors: int, align: int = 128) -> tuple
     return strip, ld, k_splits
 
 
-def _strip_backward(ext, common, outputs, xc, need_scale):
-    """Strips of G on tensor cores (fp16/bf16, fp32 as TF32): csrc/cuda/tensor_core_tiles.cu."""
+def _strip_backward(ext, common, outputs, xc, tensor_cores, need_scale):
+    """The backward by strips of G (csrc/cuda/tiles.cu)."""
     n, d = xc.shape
     strip, ld, k_splits = strip_plan(n, d, _multiprocessors(xc.device), ext.STRIP_ALIGN)
     f32 = dict(dtype=torch.float32, device=xc.device)
@@ -169,8 +155,9 @@ def _strip_backward(ext, common, outputs, xc, need_scale):
     c_strip = torch.empty(k_splits, strip, d, **f32)
     scale_part = torch.empty((strip // ext.STRIP_ALIGN) * (ld // 64), **f32)
     scale_acc = torch.zeros(-(-n // strip), **f32)
-    ext.backward_strips(*common, strip, ld, k_splits, g_strip.data_ptr(), c_strip.data_ptr(),
-                        scale_part.data_ptr(), scale_acc.data_ptr(), bool(need_scale), *outputs)
+    ext.backward(*common, strip, ld, k_splits, g_strip.data_ptr(), c_strip.data_ptr(),
+                 scale_part.data_ptr(), scale_acc.data_ptr(), bool(tensor_cores), bool(need_scale),
+                 *outputs)
     return scale_acc
 
 

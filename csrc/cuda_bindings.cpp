@@ -64,29 +64,13 @@ void forward_typed(const py::tuple& a, cudaStream_t stream) {
   cu::Workspace w{a[15].cast<int64_t>(), a[16].cast<int64_t>(), ptr<float>(a[17].cast<std::uintptr_t>()),
                   ptr<float>(a[18].cast<std::uintptr_t>()), ptr<float>(a[19].cast<std::uintptr_t>()),
                   ptr<float>(a[20].cast<std::uintptr_t>())};
-  const bool tf32 = a[21].cast<bool>();
+  const bool tensor_cores = a[21].cast<bool>();
   py::gil_scoped_release release;
-  cu::forward<In>(p, s, w, tf32, stream);
+  cu::forward<In>(p, s, w, tensor_cores, stream);
 }
 
-// Backward entry points: arguments 14-15 are factor and the device coef.
 template <typename In>
 void backward_typed(const py::tuple& a, cudaStream_t stream) {
-  auto p = params<In>(a);
-  auto s = stats(a, false);
-  const float factor = static_cast<float>(a[14].cast<double>());
-  const float* coef = ptr<const float>(a[15].cast<std::uintptr_t>());
-  float* acc_x = ptr<float>(a[16].cast<std::uintptr_t>());
-  float* acc_y = ptr<float>(a[17].cast<std::uintptr_t>());
-  float* scale_part = ptr<float>(a[18].cast<std::uintptr_t>());
-  In* grad_x = ptr<In>(a[19].cast<std::uintptr_t>());
-  In* grad_y = ptr<In>(a[20].cast<std::uintptr_t>());
-  py::gil_scoped_release release;
-  cu::backward<In>(p, s, factor, coef, acc_x, acc_y, scale_part, grad_x, grad_y, stream);
-}
-
-template <typename In>
-void backward_strips_typed(const py::tuple& a, cudaStream_t stream) {
   auto p = params<In>(a);
   auto s = stats(a, false);
   const float factor = static_cast<float>(a[14].cast<double>());
@@ -96,17 +80,20 @@ void backward_strips_typed(const py::tuple& a, cudaStream_t stream) {
                            ptr<float>(a[20].cast<std::uintptr_t>()),
                            ptr<float>(a[21].cast<std::uintptr_t>()),
                            ptr<float>(a[22].cast<std::uintptr_t>())};
-  const bool need_scale = a[23].cast<bool>();
-  In* grad_x = ptr<In>(a[24].cast<std::uintptr_t>());
-  In* grad_y = ptr<In>(a[25].cast<std::uintptr_t>());
+  const bool tensor_cores = a[23].cast<bool>();
+  const bool need_scale = a[24].cast<bool>();
+  In* grad_x = ptr<In>(a[25].cast<std::uintptr_t>());
+  In* grad_y = ptr<In>(a[26].cast<std::uintptr_t>());
   py::gil_scoped_release release;
-  cu::backward_strips<In>(p, s, factor, coef, w, need_scale, grad_x, grad_y, stream);
+  cu::backward<In>(p, s, factor, coef, w, tensor_cores, need_scale, grad_x, grad_y, stream);
 }
 
 // forward(dtype, x, y, n, d, scale, bias, normalize, inv_x, inv_y, row_max,
 //         row_logsum, col_max, col_logsum, diag, row_splits, col_splits,
-//         row_max_part, row_sum_part, col_max_part, col_sum_part, tf32, stream)
-// tf32: float32 features on tensor cores in TF32 (else IEEE SIMT tiles).
+//         row_max_part, row_sum_part, col_max_part, col_sum_part, tensor_cores,
+//         stream)
+// tensor_cores: float32 features on TF32 tensor cores (else IEEE fp32 FMAs);
+// float16/bfloat16 always run on tensor cores.
 void forward(py::args args) {
   if (args.size() != 23) throw std::invalid_argument("clipfast._cuda.forward takes 23 arguments");
   const int dtype = args[0].cast<int>();
@@ -118,35 +105,18 @@ void forward(py::args args) {
 }
 
 // backward(dtype, x, y, n, d, scale, bias, normalize, inv_x, inv_y, row_max,
-//          row_logsum, col_max, col_logsum, factor, coef, acc_x, acc_y,
-//          scale_grad_part, grad_x, grad_y, stream)
-// The SIMT backward; gradients are scaled by factor * (*coef), coef a device
-// float (0: none).
+//          row_logsum, col_max, col_logsum, factor, coef, strip, ld, k_splits,
+//          g_strip, c_strip, scale_part, scale_acc, tensor_cores, need_scale,
+//          grad_x, grad_y, stream)
+// Gradients are scaled by factor * (*coef), coef a device float (0: none).
 void backward(py::args args) {
-  if (args.size() != 22) throw std::invalid_argument("clipfast._cuda.backward takes 22 arguments");
+  if (args.size() != 28) throw std::invalid_argument("clipfast._cuda.backward takes 28 arguments");
   const int dtype = args[0].cast<int>();
   check(args[3].cast<int64_t>(), args[4].cast<int64_t>(), dtype);
-  auto stream = reinterpret_cast<cudaStream_t>(args[21].cast<std::uintptr_t>());
+  auto stream = reinterpret_cast<cudaStream_t>(args[27].cast<std::uintptr_t>());
   if (dtype == kFloat32) backward_typed<float>(args, stream);
   else if (dtype == kFloat16) backward_typed<__half>(args, stream);
   else backward_typed<__nv_bfloat16>(args, stream);
-}
-
-// backward_strips(dtype, x, y, n, d, scale, bias, normalize, inv_x, inv_y,
-//                 row_max, row_logsum, col_max, col_logsum, factor, coef,
-//                 strip, ld, k_splits, g_strip, c_strip, scale_part, scale_acc,
-//                 need_scale, grad_x, grad_y, stream)
-// The tensor-core backward by strips (float32 runs TF32).
-void backward_strips(py::args args) {
-  if (args.size() != 27) {
-    throw std::invalid_argument("clipfast._cuda.backward_strips takes 27 arguments");
-  }
-  const int dtype = args[0].cast<int>();
-  check(args[3].cast<int64_t>(), args[4].cast<int64_t>(), dtype);
-  auto stream = reinterpret_cast<cudaStream_t>(args[26].cast<std::uintptr_t>());
-  if (dtype == kFloat32) backward_strips_typed<float>(args, stream);
-  else if (dtype == kFloat16) backward_strips_typed<__half>(args, stream);
-  else backward_strips_typed<__nv_bfloat16>(args, stream);
 }
 
 }  // namespace
@@ -160,12 +130,11 @@ void backward_strips(py::args args) {
 PYBIND11_MODULE(CLIPFAST_CUDA_MODULE, m) {
   m.doc() = "clipfast's CUDA backend (no libtorch: pointers, sizes, dtype codes, stream handle)";
   m.def("forward", &forward, "Fused CLIP loss forward statistics");
-  m.def("backward", &backward, "Fused CLIP loss gradients (SIMT tiles)");
-  m.def("backward_strips", &backward_strips,
-        "Fused CLIP loss gradients by strips of G on tensor cores (float16 / bfloat16)");
+  m.def("backward", &backward, "Fused CLIP loss gradients, by strips of G");
   m.attr("FLOAT32") = static_cast<int>(kFloat32);
   m.attr("FLOAT16") = static_cast<int>(kFloat16);
   m.attr("BFLOAT16") = static_cast<int>(kBFloat16);
-  m.attr("TILE") = 64;
   m.attr("STRIP_ALIGN") = static_cast<int>(cu::kStripAlign);
+  m.attr("TILE_ROWS") = static_cast<int>(cu::kTileRows);
+  m.attr("TILE_COLS") = static_cast<int>(cu::kTileCols);
 }

@@ -34,6 +34,15 @@ def make_features(n, d, dtype, device, seed, correlated=True):
     return x.to(device=device, dtype=dtype), y.to(device=device, dtype=dtype)
 
 
+def unaligned_copy(t: torch.Tensor) -> torch.Tensor:
+    """A leaf copy of ``t`` whose data starts one element past its storage's
+    start, i.e. off a 16-byte boundary."""
+    storage = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = storage[1:].view(t.shape)
+    view.copy_(t)
+    return view.requires_grad_()
+
+
 @contextlib.contextmanager
 def tf32_matmul(enabled: bool):
     old = torch.backends.cuda.matmul.allow_tf32

@@ -10,7 +10,7 @@ import torch
 from clipfast import clip_loss
 from clipfast.cuda_backend import available, strip_plan
 
-from .parity import HAS_CUDA, assert_parity, make_features, requires_cuda
+from .parity import HAS_CUDA, assert_parity, make_features, requires_cuda, unaligned_copy
 
 HAS_NVCC = shutil.which("nvcc") is not None
 
@@ -32,23 +32,21 @@ def test_bad_arguments_raise_value_errors():
 
 
 @pytest.mark.skipif(not HAS_NVCC, reason="no nvcc on this machine: the CUDA extension is not built")
-def test_strip_backward_rejects_bad_arguments():
+def test_backward_rejects_bad_arguments():
     from clipfast import _cuda
 
     ptrs = [0] * 6  # inv_x, inv_y, row_max, row_logsum, col_max, col_logsum
     with pytest.raises(ValueError, match="dtype code"):
-        _cuda.backward_strips(9, 0, 0, 4, 4, 1.0, 0.0, True, *ptrs, 1.0, 0,
-                              128, 128, 1, 0, 0, 0, 0, True, 0, 0, 0)
+        _cuda.backward(9, 0, 0, 4, 4, 1.0, 0.0, True, *ptrs, 1.0, 0,
+                       128, 128, 1, 0, 0, 0, 0, True, True, 0, 0, 0)
     with pytest.raises(ValueError, match="strip and ld multiples of 128"):
-        _cuda.backward_strips(_cuda.BFLOAT16, 0, 0, 4, 4, 1.0, 0.0, True, *ptrs, 1.0, 0,
-                              100, 128, 1, 0, 0, 0, 0, True, 0, 0, 0)
+        _cuda.backward(_cuda.BFLOAT16, 0, 0, 4, 4, 1.0, 0.0, True, *ptrs, 1.0, 0,
+                       100, 128, 1, 0, 0, 0, 0, True, True, 0, 0, 0)
     with pytest.raises(ValueError, match="ld >= n"):
-        _cuda.backward_strips(_cuda.FLOAT16, 0, 0, 300, 4, 1.0, 0.0, True, *ptrs, 1.0, 0,
-                              128, 256, 1, 0, 0, 0, 0, True, 0, 0, 0)
-    with pytest.raises(ValueError, match="takes 27 arguments"):
-        _cuda.backward_strips(_cuda.FLOAT16, 0, 0)
-    with pytest.raises(ValueError, match="takes 22 arguments"):
-        _cuda.backward(_cuda.FLOAT32, 0, 0)
+        _cuda.backward(_cuda.FLOAT16, 0, 0, 300, 4, 1.0, 0.0, True, *ptrs, 1.0, 0,
+                       128, 256, 1, 0, 0, 0, 0, True, True, 0, 0, 0)
+    with pytest.raises(ValueError, match="takes 28 arguments"):
+        _cuda.backward(_cuda.FLOAT16, 0, 0)
     with pytest.raises(ValueError, match="takes 23 arguments"):
         _cuda.forward(_cuda.FLOAT32, 0, 0)
 
@@ -61,8 +59,8 @@ def test_launch_failure_is_a_python_exception():
     with pytest.raises(RuntimeError, match="clipfast._cuda: launching inverse_norms_kernel"):
         _cuda.forward(0, 0, 0, 4, 4, 1.0, 0.0, True, *([0] * 7), 1, 1, 0, 0, 0, 0, False, 0)
     with pytest.raises(RuntimeError, match="clipfast._cuda: launching grad_strip_kernel"):
-        _cuda.backward_strips(_cuda.BFLOAT16, 0, 0, 4, 4, 1.0, 0.0, True, *([0] * 6), 1.0, 0,
-                              128, 128, 1, 0, 0, 0, 0, True, 0, 0, 0)
+        _cuda.backward(_cuda.BFLOAT16, 0, 0, 4, 4, 1.0, 0.0, True, *([0] * 6), 1.0, 0,
+                       128, 128, 1, 0, 0, 0, 0, True, True, 0, 0, 0)
 
 
 @pytest.mark.parametrize("n,d", [(1, 1), (7, 65), (128, 512), (4099, 1024), (32768, 512),
@@ -94,7 +92,7 @@ def test_cuda_backend_rejects_cpu_tensors():
 
 
 # fp16/bf16 always run on tensor cores; fp32 runs TF32 tensor cores by default
-# (compared with a TF32 reference, as for triton) and IEEE SIMT tiles without.
+# (compared with a TF32 reference, as for triton) and IEEE fp32 FMAs without.
 DTYPES_TF32 = [(torch.bfloat16, True), (torch.float16, True), (torch.float32, True),
                (torch.float32, False)]
 
@@ -125,13 +123,7 @@ def test_cuda_tensor_cores_on_unaligned_rows(dtype):
     # same arithmetic as the vector loads: equal results, gradients included.
     x, y = make_features(515, 256, dtype, "cuda", seed=5)
 
-    def shifted(t):
-        storage = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
-        view = storage[1:].view(t.shape)
-        view.copy_(t)
-        return view.requires_grad_()
-
-    xs, ys = shifted(x), shifted(y)
+    xs, ys = unaligned_copy(x), unaligned_copy(y)
     assert xs.data_ptr() % 16 != 0
     xa, ya = x.clone().requires_grad_(), y.clone().requires_grad_()
     loss_shifted = clip_loss(xs, ys, 30.0, backend="cuda")

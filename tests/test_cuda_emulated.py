@@ -11,7 +11,7 @@ import torch
 
 from clipfast import clip_loss, cuda_backend
 
-from .parity import assert_parity, make_features
+from .parity import assert_parity, make_features, unaligned_copy
 
 pytestmark = pytest.mark.skipif(
     not cuda_backend.emulation_available(),
@@ -26,7 +26,7 @@ def emulation(monkeypatch):
 
 # (dtype, allow_tf32, ref_dtype): fp16/bf16 on the tensor-core path, fp32 on
 # it in TF32 (judged against the float16 reference: the same 10-bit mantissa
-# per product) and fp32 on the IEEE SIMT path.
+# per product) and fp32 on IEEE FMAs.
 PATHS = [(torch.bfloat16, True, None), (torch.float16, True, None),
          (torch.float32, True, torch.float16), (torch.float32, False, None)]
 
@@ -70,13 +70,7 @@ def test_emulated_unaligned_rows_match_vector_loads(dtype):
     # Rows off a 16-byte boundary take the scalar loads: same numbers.
     x, y = make_features(150, 32, dtype, "cpu", seed=5)
 
-    def shifted(t):
-        storage = torch.empty(t.numel() + 1, dtype=t.dtype)
-        view = storage[1:].view(t.shape)
-        view.copy_(t)
-        return view.requires_grad_()
-
-    xs, ys = shifted(x), shifted(y)
+    xs, ys = unaligned_copy(x), unaligned_copy(y)
     assert xs.data_ptr() % 16 != 0
     xa, ya = x.clone().requires_grad_(), y.clone().requires_grad_()
     results = []

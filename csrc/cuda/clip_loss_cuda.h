@@ -39,25 +39,15 @@ struct Workspace {  // forward's partials; col_* start at -inf / 0
   float* col_sum_part;
 };
 
-// fp16/bf16 run tensor-core tiles (tensor_core_tiles.cu) with fp32
-// accumulation; fp32 runs them in TF32 when `tf32`, else IEEE fp32 SIMT
-// tiles (like torch's matmul without allow_tf32).
+// Inverse norms, the tile sweep (tiles.cu) and the statistics merge. fp16/bf16
+// run on tensor cores with fp32 accumulation; fp32 on TF32 tensor cores when
+// `tensor_cores`, else in IEEE fp32 FMAs (torch's matmul without allow_tf32).
 template <typename In>
-void forward(const Params<In>& p, const Stats& s, const Workspace& w, bool tf32,
+void forward(const Params<In>& p, const Stats& s, const Workspace& w, bool tensor_cores,
              cudaStream_t stream);
 
-// SIMT backward (IEEE fp32 arithmetic; the backward of fp32 without TF32).
-// acc_x / acc_y: zeroed fp32 (n, d) accumulators; scale_grad_part: one float
-// per 64-row block of unscaled sums sum_ij (P + Q - 2[i==j]) * cos_ij.
-// Gradients are scaled by factor * (*coef) with coef read on the device.
-// grad_x / grad_y may be null when not needed.
-template <typename In>
-void backward(const Params<In>& p, const Stats& s, float factor, const float* coef,
-              float* acc_x, float* acc_y, float* scale_grad_part, In* grad_x, In* grad_y,
-              cudaStream_t stream);
-
-// Buffers of the strip backward (fp16/bf16, and fp32 in TF32). A strip is `strip` rows of X (or
-// columns of Y, for dY^) against all of the other side.
+// Buffers of the backward. A strip is `strip` rows of X (or columns of Y,
+// for dY^) against all of the other side.
 template <typename In>
 struct StripWorkspace {
   int64_t strip;         // rows per strip, a multiple of kStripAlign
@@ -68,17 +58,23 @@ struct StripWorkspace {
   float* scale_part;     // (strip / 128) * (ld / 64) per-tile partial sums
   float* scale_acc;      // one unscaled scale-gradient sum per strip
 };
-constexpr int64_t kStripAlign = 128;
+// Tiles are kTileRows rows (image side) x kTileCols columns (text side);
+// strips are whole row tiles.
+constexpr int64_t kTileRows = 128, kTileCols = 64;
+constexpr int64_t kStripAlign = kTileRows;
 
-// Tensor-core backward by strips: for each strip, a kernel recomputes the
+// Backward by strips (tiles.cu): for each strip, a kernel recomputes the
 // strip's logits and writes G (P + Q - 2[i==j], in In) once, then a GEMM kernel
 // multiplies it by the other side's unit rows with fp32 accumulation over all
-// n, and the normalisation backward finishes the strip's rows. Extra memory is
-// one strip of G plus O(strip * d): no n x d accumulator.
+// n, and the normalisation backward finishes the strip's rows, scaled by
+// factor * (*coef) (coef read on the device). Extra memory is one strip of G
+// plus O(k_splits * strip * d): no n x d accumulator. grad_x / grad_y may be
+// null when not needed; scale_acc receives the unscaled sums
+// sum_ij (P + Q - 2[i==j]) * cos_ij when need_scale.
 template <typename In>
-void backward_strips(const Params<In>& p, const Stats& s, float factor, const float* coef,
-                     const StripWorkspace<In>& w, bool need_scale, In* grad_x, In* grad_y,
-                     cudaStream_t stream);
+void backward(const Params<In>& p, const Stats& s, float factor, const float* coef,
+              const StripWorkspace<In>& w, bool tensor_cores, bool need_scale, In* grad_x,
+              In* grad_y, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace clipfast

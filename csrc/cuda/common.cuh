@@ -87,11 +87,11 @@ void launch_finish(const float* acc, int64_t parts, int64_t part_stride, const I
                    const float* coef_device, bool normalize, In* out, cudaStream_t stream,
                    const char* what);
 
-// Defined in tensor_core_tiles.cu (float as TF32, __half, __nv_bfloat16): the forward
-// tile sweep (statistics partials and diagonal), after the inverse norms.
+// Defined in tiles.cu: the forward tile sweep (statistics partials and the
+// diagonal), after the inverse norms.
 template <typename In>
-void tensor_core_forward_tiles(const Params<In>& p, const Stats& s, const Workspace& w,
-                               cudaStream_t stream);
+void forward_tiles(const Params<In>& p, const Stats& s, const Workspace& w, bool tensor_cores,
+                   cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace clipfast

@@ -1,10 +1,15 @@
-// Tensor-core path of the CUDA backend for fp16/bf16 features: WMMA tiles
-// (16 x 16 x 16 fragments, fp32 accumulation) for the forward sweep and for
-// the backward's recomputation, and a tensor-core GEMM for the gradients.
-// The per-element math is tile_math.h's, as on the SIMT path and the CPU.
+// Tile kernels of the CUDA backend: the forward sweep, the backward's
+// recomputation of G by strips and the strip GEMM, each in one of two
+// arithmetic engines (TileAccumulator): tensor cores (WMMA; fp16/bf16
+// 16 x 16 x 16 fragments, fp32 as TF32 16 x 16 x 8) or IEEE fp32 FMAs, always
+// accumulating in fp32. The per-element math is tile_math.h's, as on the CPU.
 //
-// Tiles are 128 rows (image side) x 64 columns (text side), 8 warps in a
-// 4 x 2 layout of 32 x 32 outputs. Each tile's raw dot products go through
+// Tiles are 128 rows (image side) x 64 columns (text side) for 256 threads
+// (8 warps of 32 x 32 outputs, or 16 x 16 threads of 8 x 4 outputs). The
+// forward sweeps a ROW_SPLITS x COL_SPLITS grid of super-tiles, the row
+// statistics in shared memory across a block's columns, the column
+// statistics in the block's private slice of a (ROW_SPLITS, N) partial buffer
+// (no atomics), merged afterwards. Each tile's raw dot products go through
 // shared memory (fp32), where the epilogue reads rows and columns alike;
 // every pass computes a tile with the same function from the same origin, so
 // the backward's logits equal the forward's bit for bit.
@@ -22,6 +27,7 @@
 #include <mma.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "clipfast/tile_math.h"
 #include "cuda/clip_loss_cuda.h"
@@ -33,8 +39,8 @@ namespace {
 
 namespace wmma = nvcuda::wmma;
 
-constexpr int kRows = 128;         // tile rows; also the strip alignment
-constexpr int kCols = 64;          // tile columns
+constexpr int kRows = kTileRows;   // tile rows; also the strip alignment
+constexpr int kCols = kTileCols;   // tile columns
 constexpr int kDepth = 32;         // K of one shared-memory stage
 constexpr int kFrag = 16;          // WMMA fragment rows and columns
 constexpr int kThreads = 256;      // 8 warps, 4 (rows) x 2 (columns)
@@ -113,72 +119,127 @@ __device__ __forceinline__ void stage_rows(const In* src, int64_t n, int64_t d, 
   }
 }
 
-// One shared-memory stage (K = kDepth) of this warp's 32 x 32 outputs:
-// acc += A B with A's rows at a[row * lda + k] and B's columns at
-// b[col * col_stride + k * k_stride] (ldb: B's leading dimension in BLayout).
-template <typename In, typename BLayout>
-__device__ __forceinline__ void mma_stage(AccFragment<In> (&acc)[2][2], const In* a, int lda,
-                                          const In* b, int col_stride, int k_stride, int ldb) {
-  const int warp = threadIdx.x / 32, warp_row = warp / 2, warp_col = warp % 2;
-#pragma unroll
-  for (int kk = 0; kk < kDepth; kk += Mma<In>::kK) {
-    AFragment<In, wmma::row_major> fa[2];
-    BFragment<In, BLayout> fb[2];
-    for (int i = 0; i < 2; ++i) {
-      wmma::load_matrix_sync(fa[i], a + (warp_row * kWarpSide + i * kFrag) * lda + kk, lda);
-      Mma<In>::round(fa[i]);
-    }
-    for (int j = 0; j < 2; ++j) {
-      wmma::load_matrix_sync(
-          fb[j], b + (warp_col * kWarpSide + j * kFrag) * col_stride + kk * k_stride, ldb);
-      Mma<In>::round(fb[j]);
-    }
-    for (int i = 0; i < 2; ++i)
-      for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-  }
-}
+// This thread's share of a kRows x kCols fp32 product tile and the two kinds
+// of shared-memory stage (K = kDepth) that feed it. TC: tensor cores (WMMA),
+// each warp 32 x 32 outputs as 2 x 2 fragments. Otherwise IEEE fp32 FMAs,
+// each thread 8 x 4 outputs, k in ascending order. Either way the same
+// engine computes a tile in every pass, so recomputed logits are identical.
+template <typename In, bool TC>
+struct TileAccumulator;
 
-// This warp's outputs into the fp32 tile (row stride kLdTile) at the start
-// of smem, then a barrier: the staged operands there are dead by now.
 template <typename In>
-__device__ __forceinline__ void store_tile(AccFragment<In> (&acc)[2][2], unsigned char* smem) {
-  const int warp = threadIdx.x / 32, warp_row = warp / 2, warp_col = warp % 2;
-  float* tile = reinterpret_cast<float*>(smem);
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(
-          tile + (warp_row * kWarpSide + i * kFrag) * kLdTile + warp_col * kWarpSide + j * kFrag,
-          acc[i][j], kLdTile, wmma::mem_row_major);
-  __syncthreads();
-}
+struct TileAccumulator<In, true> {
+  AccFragment<In> frag[2][2];
+
+  __device__ void zero() {
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 2; ++j) wmma::fill_fragment(frag[i][j], 0.f);
+  }
+  // acc += A B with A's rows at a[row * lda + k] and B's columns at
+  // b[col * col_stride + k * k_stride] (ldb: B's leading dimension in BLayout).
+  template <typename BLayout>
+  __device__ void stage(const In* a, int lda, const In* b, int col_stride, int k_stride, int ldb) {
+    const int warp = threadIdx.x / 32, warp_row = warp / 2, warp_col = warp % 2;
+#pragma unroll
+    for (int kk = 0; kk < kDepth; kk += Mma<In>::kK) {
+      AFragment<In, wmma::row_major> fa[2];
+      BFragment<In, BLayout> fb[2];
+      for (int i = 0; i < 2; ++i) {
+        wmma::load_matrix_sync(fa[i], a + (warp_row * kWarpSide + i * kFrag) * lda + kk, lda);
+        Mma<In>::round(fa[i]);
+      }
+      for (int j = 0; j < 2; ++j) {
+        wmma::load_matrix_sync(
+            fb[j], b + (warp_col * kWarpSide + j * kFrag) * col_stride + kk * k_stride, ldb);
+        Mma<In>::round(fb[j]);
+      }
+      for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(frag[i][j], fa[i], fb[j], frag[i][j]);
+    }
+  }
+  // S += X Y^T from rows staged [row][k] on both sides.
+  __device__ void stage_dots(const In* xs, const In* ys) {
+    constexpr int kLd = kLdStage<In>;
+    // Y rows stored [column][k] are Y^T in column-major order.
+    stage<wmma::col_major>(xs, kLd, ys, kLd, 1, kLd);
+  }
+  // C += A B from A staged [row][k] and B staged [k][column].
+  __device__ void stage_product(const In* as, const In* panel) {
+    stage<wmma::row_major>(as, kLdStage<In>, panel, 1, kLdPanel<In>, kLdPanel<In>);
+  }
+  __device__ void store(float* tile) const {
+    const int warp = threadIdx.x / 32, warp_row = warp / 2, warp_col = warp % 2;
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 2; ++j)
+        wmma::store_matrix_sync(
+            tile + (warp_row * kWarpSide + i * kFrag) * kLdTile + warp_col * kWarpSide + j * kFrag,
+            frag[i][j], kLdTile, wmma::mem_row_major);
+  }
+};
+
+template <typename In>
+struct TileAccumulator<In, false> {
+  static constexpr int kRowsPerThread = kRows / 16, kColsPerThread = kCols / 16;
+  float value[kRowsPerThread][kColsPerThread];
+
+  __device__ int row0() const { return (threadIdx.x / 16) * kRowsPerThread; }
+  __device__ int col0() const { return (threadIdx.x % 16) * kColsPerThread; }
+  __device__ void zero() {
+    for (int i = 0; i < kRowsPerThread; ++i)
+      for (int j = 0; j < kColsPerThread; ++j) value[i][j] = 0.f;
+  }
+  // acc += A B, A's rows at a[row * lda + k], B's columns at
+  // b[col * col_stride + k * k_stride].
+  __device__ void stage(const In* a, int lda, const In* b, int col_stride, int k_stride) {
+    const int r0 = row0(), c0 = col0();
+    for (int k = 0; k < kDepth; ++k) {
+      float av[kRowsPerThread], bv[kColsPerThread];
+      for (int i = 0; i < kRowsPerThread; ++i) av[i] = to_float(a[(r0 + i) * lda + k]);
+      for (int j = 0; j < kColsPerThread; ++j) bv[j] = to_float(b[(c0 + j) * col_stride + k * k_stride]);
+      for (int i = 0; i < kRowsPerThread; ++i)
+        for (int j = 0; j < kColsPerThread; ++j) value[i][j] = fmaf(av[i], bv[j], value[i][j]);
+    }
+  }
+  __device__ void stage_dots(const In* xs, const In* ys) {
+    stage(xs, kLdStage<In>, ys, kLdStage<In>, 1);
+  }
+  __device__ void stage_product(const In* as, const In* panel) {
+    stage(as, kLdStage<In>, panel, 1, kLdPanel<In>);
+  }
+  __device__ void store(float* tile) const {
+    const int r0 = row0(), c0 = col0();
+    for (int i = 0; i < kRowsPerThread; ++i)
+      for (int j = 0; j < kColsPerThread; ++j) tile[(r0 + i) * kLdTile + c0 + j] = value[i][j];
+  }
+};
+static_assert(kThreads == 256 && kRows % 16 == 0 && kCols % 16 == 0, "16 x 16 FMA threads");
 
 // Raw dot products of rows [row0, row0 + kRows) of X with rows
 // [col0, col0 + kCols) of Y into the fp32 tile at the start of `smem`
 // (row stride kLdTile). Rows past n give 0.
-template <typename In>
+template <typename In, bool TC>
 __device__ void tile_dots(const Params<In>& p, bool vec, int64_t row0, int64_t col0,
                           unsigned char* smem) {
-  constexpr int kLd = kLdStage<In>;
   In* xs = reinterpret_cast<In*>(smem);
-  In* ys = xs + kRows * kLd;
-  AccFragment<In> acc[2][2];
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+  In* ys = xs + kRows * kLdStage<In>;
+  TileAccumulator<In, TC> acc;
+  acc.zero();
   for (int64_t k0 = 0; k0 < p.d; k0 += kDepth) {
     stage_rows<In, kRows>(p.x, p.n, p.d, row0, k0, vec, xs);
     stage_rows<In, kCols>(p.y, p.n, p.d, col0, k0, vec, ys);
     __syncthreads();
-    // Y rows stored [column][k] are Y^T in column-major order.
-    mma_stage<In, wmma::col_major>(acc, xs, kLd, ys, kLd, 1, kLd);
+    acc.stage_dots(xs, ys);
     __syncthreads();
   }
-  store_tile<In>(acc, smem);
+  // The staged operands are dead: the tile takes their place.
+  acc.store(reinterpret_cast<float*>(smem));
+  __syncthreads();
 }
 
-// Same contract as the SIMT forward_kernel (clip_loss_cuda.cu) on 128 x 64
-// tiles: row statistics in shared memory across the block's columns, column
-// statistics in the block's private slice of the (row_splits, n) partials.
-template <typename In>
+// The forward sweep of one super-tile: row statistics in shared memory
+// across the block's columns, column statistics in the block's private slice
+// of the (row_splits, n) partials, the label logits from the same tiles.
+template <typename In, bool TC>
 __global__ void __launch_bounds__(kThreads)
     forward_tiles_kernel(Params<In> p, bool vec, int64_t row_blocks_per_split,
                          int64_t col_blocks_per_split, float* row_max_part, float* row_sum_part,
@@ -203,7 +264,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     for (int64_t cb = cb0; cb < cb1; ++cb) {
       const int64_t col0 = cb * kCols;
-      tile_dots(p, vec, row0, col0, smem);
+      tile_dots<In, TC>(p, vec, row0, col0, smem);
       for (int e = threadIdx.x; e < kRows * kCols; e += kThreads) {
         const int r = e / kCols, c = e % kCols;
         const int64_t gi = row0 + r, gj = col0 + c;
@@ -251,7 +312,7 @@ __global__ void __launch_bounds__(kThreads)
 // transposed: g_strip[j - strip0][i]. blockIdx.x walks the long side (all of
 // n), blockIdx.y the strip. ROWS also leaves one unscaled scale-gradient
 // partial sum_ij G_ij cos_ij per tile in scale_part (when not null).
-template <typename In, bool ROWS>
+template <typename In, bool TC, bool ROWS>
 __global__ void __launch_bounds__(kThreads)
     grad_strip_kernel(Params<In> p, Stats s, bool vec, int64_t strip0, int64_t ld, In* g_strip,
                       float* scale_part) {
@@ -262,7 +323,7 @@ __global__ void __launch_bounds__(kThreads)
                             : static_cast<int64_t>(blockIdx.x) * kRows;
   const int64_t col0 = ROWS ? static_cast<int64_t>(blockIdx.x) * kCols
                             : strip0 + static_cast<int64_t>(blockIdx.y) * kCols;
-  tile_dots(p, vec, row0, col0, smem);
+  tile_dots<In, TC>(p, vec, row0, col0, smem);
   float scale_sum = 0.f;
   for (int e = threadIdx.x; e < kRows * kCols; e += kThreads) {
     // Consecutive threads walk the stored row (columns of G, or rows of G for
@@ -333,22 +394,21 @@ __device__ __forceinline__ void stage_unit_rows(const In* src, const float* inv,
 // that range; blockIdx = (128-row block of the strip, 64-column block of d,
 // K split z). The K ranges are multiples of kDepth inside [0, ld); an empty
 // one writes zeros, so the finishing kernel may sum every split.
-template <typename In>
+template <typename In, bool TC>
 __global__ void __launch_bounds__(kThreads)
     strip_gemm_kernel(const In* g_strip, int64_t ld, int64_t strip, const In* src,
                       const float* src_inv, int64_t n, int64_t d, bool vec, int64_t k_per_split,
                       float* c) {
   __shared__ __align__(128) unsigned char smem[kSmemBytes];
-  constexpr int kLdA = kLdStage<In>, kLdB = kLdPanel<In>, kWidth = kVecWidth<In>;
+  constexpr int kLdA = kLdStage<In>, kWidth = kVecWidth<In>;
   In* as = reinterpret_cast<In*>(smem);
   In* panel = as + kRows * kLdA;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kRows;
   const int64_t col0 = static_cast<int64_t>(blockIdx.y) * kCols;
   const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * k_per_split;
   const int64_t k_end = min(ld, k_begin + k_per_split);
-  AccFragment<In> acc[2][2];
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+  TileAccumulator<In, TC> acc;
+  acc.zero();
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kDepth) {
     // The strip is allocated whole (ld % 128 == 0): no bounds to check.
     constexpr int kVecsPerRow = kDepth / kWidth;
@@ -359,10 +419,11 @@ __global__ void __launch_bounds__(kThreads)
     }
     stage_unit_rows(src, src_inv, n, d, k0, col0, vec, panel);
     __syncthreads();
-    mma_stage<In, wmma::row_major>(acc, as, kLdA, panel, 1, kLdB, kLdB);
+    acc.stage_product(as, panel);
     __syncthreads();
   }
-  store_tile<In>(acc, smem);
+  acc.store(reinterpret_cast<float*>(smem));
+  __syncthreads();
   const float* tile = reinterpret_cast<const float*>(smem);
   float* out = c + static_cast<int64_t>(blockIdx.z) * strip * d;
   for (int e = threadIdx.x; e < kRows * kCols; e += kThreads) {
@@ -386,30 +447,25 @@ unsigned grid_side(int64_t value, const char* what) {
 
 }  // namespace
 
-template <typename In>
-void tensor_core_forward_tiles(const Params<In>& p, const Stats& s, const Workspace& w,
-                               cudaStream_t stream) {
+namespace {
+
+template <typename In, bool TC>
+void forward_tiles_on(const Params<In>& p, const Stats& s, const Workspace& w,
+                      cudaStream_t stream) {
   const int64_t row_per = ceil_div(ceil_div(p.n, kRows), w.row_splits);
   const int64_t col_per = ceil_div(ceil_div(p.n, kCols), w.col_splits);
   dim3 grid(grid_side(w.row_splits, "row splits"), grid_side(w.col_splits, "column splits"));
-  forward_tiles_kernel<In><<<grid, kThreads, 0, stream>>>(
+  forward_tiles_kernel<In, TC><<<grid, kThreads, 0, stream>>>(
       p, vector_loads(p), row_per, col_per, w.row_max_part, w.row_sum_part, w.col_max_part,
       w.col_sum_part, s.diag);
-  check_launch("forward_tiles_kernel (tensor cores)");
+  check_launch("forward_tiles_kernel");
 }
 
-template <typename In>
-void backward_strips(const Params<In>& p, const Stats& s, float factor, const float* coef,
-                     const StripWorkspace<In>& w, bool need_scale, In* grad_x, In* grad_y,
-                     cudaStream_t stream) {
+template <typename In, bool TC>
+void backward_on(const Params<In>& p, const Stats& s, float factor, const float* coef,
+                 const StripWorkspace<In>& w, bool need_scale, In* grad_x, In* grad_y,
+                 cudaStream_t stream) {
   const int64_t n = p.n, d = p.d;
-  if (w.strip < kRows || w.strip % kRows != 0 || w.ld < n || w.ld % kRows != 0 ||
-      w.k_splits < 1) {
-    throw std::invalid_argument(
-        "clipfast._cuda: strip workspace needs strip and ld multiples of 128, ld >= n and "
-        "k_splits >= 1; got strip=" + std::to_string(w.strip) + ", ld=" + std::to_string(w.ld) +
-        ", n=" + std::to_string(n) + ", k_splits=" + std::to_string(w.k_splits));
-  }
   const bool vec = vector_loads(p);
   const int64_t strips = ceil_div(n, w.strip);
   const int64_t k_per_split = ceil_div(ceil_div(w.ld, w.k_splits), kDepth) * kDepth;
@@ -422,7 +478,7 @@ void backward_strips(const Params<In>& p, const Stats& s, float factor, const fl
     const dim3 grid(grid_side(w.ld / kCols, "columns"), grid_side(w.strip / kRows, "strip rows"));
     for (int64_t t = 0; t < strips; ++t) {
       const int64_t s0 = t * w.strip, rows = std::min(w.strip, n - s0);
-      grad_strip_kernel<In, true><<<grid, kThreads, 0, stream>>>(
+      grad_strip_kernel<In, TC, true><<<grid, kThreads, 0, stream>>>(
           p, s, vec, s0, w.ld, w.g_strip, need_scale ? w.scale_part : nullptr);
       check_launch("grad_strip_kernel (rows)");
       if (need_scale) {
@@ -432,7 +488,7 @@ void backward_strips(const Params<In>& p, const Stats& s, float factor, const fl
         check_launch("sum_kernel (scale gradient)");
       }
       if (grad_x != nullptr) {
-        strip_gemm_kernel<In><<<gemm_grid, kThreads, 0, stream>>>(
+        strip_gemm_kernel<In, TC><<<gemm_grid, kThreads, 0, stream>>>(
             w.g_strip, w.ld, w.strip, p.y, p.inv_y, n, d, vec, k_per_split, w.c_strip);
         check_launch("strip_gemm_kernel (image)");
         launch_finish<In>(w.c_strip, w.k_splits, part_stride, p.x + s0 * d, p.inv_x + s0, rows,
@@ -445,10 +501,10 @@ void backward_strips(const Params<In>& p, const Stats& s, float factor, const fl
     const dim3 grid(grid_side(w.ld / kRows, "rows"), grid_side(w.strip / kCols, "strip columns"));
     for (int64_t t = 0; t < strips; ++t) {
       const int64_t s0 = t * w.strip, rows = std::min(w.strip, n - s0);
-      grad_strip_kernel<In, false><<<grid, kThreads, 0, stream>>>(p, s, vec, s0, w.ld,
-                                                                  w.g_strip, nullptr);
+      grad_strip_kernel<In, TC, false><<<grid, kThreads, 0, stream>>>(p, s, vec, s0, w.ld,
+                                                                      w.g_strip, nullptr);
       check_launch("grad_strip_kernel (columns)");
-      strip_gemm_kernel<In><<<gemm_grid, kThreads, 0, stream>>>(
+      strip_gemm_kernel<In, TC><<<gemm_grid, kThreads, 0, stream>>>(
           w.g_strip, w.ld, w.strip, p.x, p.inv_x, n, d, vec, k_per_split, w.c_strip);
       check_launch("strip_gemm_kernel (text)");
       launch_finish<In>(w.c_strip, w.k_splits, part_stride, p.y + s0 * d, p.inv_y + s0, rows, d,
@@ -458,14 +514,49 @@ void backward_strips(const Params<In>& p, const Stats& s, float factor, const fl
   }
 }
 
-#define CLIPFAST_INSTANTIATE_TC(In)                                                            \
-  template void tensor_core_forward_tiles<In>(const Params<In>&, const Stats&,                 \
-                                              const Workspace&, cudaStream_t);                 \
-  template void backward_strips<In>(const Params<In>&, const Stats&, float, const float*,      \
-                                    const StripWorkspace<In>&, bool, In*, In*, cudaStream_t);
-CLIPFAST_INSTANTIATE_TC(float)
-CLIPFAST_INSTANTIATE_TC(__half)
-CLIPFAST_INSTANTIATE_TC(__nv_bfloat16)
+// fp16/bf16 always run on tensor cores; fp32 on TF32 ones or IEEE FMAs.
+template <typename In>
+bool use_fma(bool tensor_cores) {
+  return std::is_same_v<In, float> && !tensor_cores;
+}
+
+}  // namespace
+
+template <typename In>
+void forward_tiles(const Params<In>& p, const Stats& s, const Workspace& w, bool tensor_cores,
+                   cudaStream_t stream) {
+  if constexpr (std::is_same_v<In, float>) {
+    if (use_fma<In>(tensor_cores)) return forward_tiles_on<In, false>(p, s, w, stream);
+  }
+  forward_tiles_on<In, true>(p, s, w, stream);
+}
+
+template <typename In>
+void backward(const Params<In>& p, const Stats& s, float factor, const float* coef,
+              const StripWorkspace<In>& w, bool tensor_cores, bool need_scale, In* grad_x,
+              In* grad_y, cudaStream_t stream) {
+  if (w.strip < kRows || w.strip % kRows != 0 || w.ld < p.n || w.ld % kRows != 0 ||
+      w.k_splits < 1) {
+    throw std::invalid_argument(
+        "clipfast._cuda: strip workspace needs strip and ld multiples of 128, ld >= n and "
+        "k_splits >= 1; got strip=" + std::to_string(w.strip) + ", ld=" + std::to_string(w.ld) +
+        ", n=" + std::to_string(p.n) + ", k_splits=" + std::to_string(w.k_splits));
+  }
+  if constexpr (std::is_same_v<In, float>) {
+    if (use_fma<In>(tensor_cores))
+      return backward_on<In, false>(p, s, factor, coef, w, need_scale, grad_x, grad_y, stream);
+  }
+  backward_on<In, true>(p, s, factor, coef, w, need_scale, grad_x, grad_y, stream);
+}
+
+#define CLIPFAST_INSTANTIATE_TILES(In)                                                        \
+  template void forward_tiles<In>(const Params<In>&, const Stats&, const Workspace&, bool,    \
+                                  cudaStream_t);                                              \
+  template void backward<In>(const Params<In>&, const Stats&, float, const float*,           \
+                             const StripWorkspace<In>&, bool, bool, In*, In*, cudaStream_t);
+CLIPFAST_INSTANTIATE_TILES(float)
+CLIPFAST_INSTANTIATE_TILES(__half)
+CLIPFAST_INSTANTIATE_TILES(__nv_bfloat16)
 
 }  // namespace cuda
 }  // namespace clipfast
