@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import digits
+from .api import BACKENDS
 from .evaluation import retrieval_metrics, zero_shot_classifier, zero_shot_metrics
 from .api import BACKENDS
 from .gradcache import cached_contrastive_backward
@@ -196,8 +197,8 @@ def main(argv=None) -> TrainResult:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = TrainConfig()
     parser.add_argument("--device", default=defaults.device)
-    parser.add_argument("--backend", default=defaults.backend,
-                        help="loss backend: auto, reference, chunked or triton")
+    parser.add_argument("--backend", default=defaults.backend, choices=BACKENDS,
+                        help="loss backend (default auto)")
     parser.add_argument("--image-encoder", default=defaults.image_encoder, choices=["vit", "resnet"])
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
