@@ -1,5 +1,5 @@
 import os
-import re
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -27,45 +27,6 @@ def _cuda_root(nvcc):
             if Path(root, lib, "libcudart_static.a").exists():
                 return root, str(Path(root, lib))
     raise RuntimeError(f"found {nvcc} but no CUDA toolkit with libcudart_static.a; set CUDA_HOME")
-
-
-_LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;]*>)?)<<<(.*?)>>>\((.*?)\);", re.S)
-
-
-def _top_level_split(text):
-    parts, depth, current = [], 0, ""
-    for ch in text:
-        depth += ch in "(<[" and 1 or (ch in ")>]" and -1 or 0)
-        if ch == "," and depth == 0:
-            parts.append(current.strip())
-            current = ""
-        else:
-            current += ch
-    return parts + [current.strip()]
-
-
-def emulated_cuda_sources(out_dir):
-    """csrc/cuda/*.cu as C++ for the CPU emulation (csrc/emulate): every
-    `kernel<<<grid, block, smem, stream>>>(args);` becomes a call of
-    clipfast_emulation::launch running the kernel as each thread of each block."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sources = []
-    for src in sorted(Path("csrc/cuda").glob("*.cu")):
-        def launch(match):
-            name, config, args = match.groups()
-            grid, block = _top_level_split(config)[:2]
-            return (f"::clipfast_emulation::launch(dim3({grid}), dim3({block}), "
-                    f"[&] {{ {name}({args}); }});")
-
-        text, count = _LAUNCH.subn(launch, src.read_text())
-        if "<<<" in text:
-            raise RuntimeError(f"{src}: a kernel launch the emulation build cannot rewrite")
-        target = out_dir / (src.stem + ".cpp")
-        if not target.exists() or target.read_text() != text:
-            target.write_text(text)
-        sources.append(str(target))
-    return sources
 
 
 def cpp_extensions():
@@ -98,6 +59,9 @@ def cpp_extensions():
     )]
 
     if os.environ.get("CLIPFAST_CUDA_EMULATION", "1") != "0":
+        sys.path.insert(0, str(Path(__file__).parent / "csrc" / "emulate"))
+        from rewrite_launches import emulated_cuda_sources
+
         extensions.append(Pybind11Extension(
             "clipfast._cuda_emulated",
             sources=["csrc/cuda_bindings.cpp", *emulated_cuda_sources("build/emulated_cuda")],
