@@ -143,7 +143,9 @@ setup(
         "train": ["scikit-learn>=1.2", "tokenizers>=0.15", "matplotlib>=3.7"],
         # numpy<2.4: Triton 3.6's interpreter converts 1-element arrays to
         # Python scalars, which numpy 2.4 turned into an error.
+        # pybind11: scripts/asan_emulated.sh compiles the sanitised CUDA
+        # emulation outside pip's isolated build environment.
         "test": ["pytest>=7", "pytest-xdist>=3", "numpy<2.4", "matplotlib>=3.7",
-                 "scikit-learn>=1.2", "tokenizers>=0.15"],
+                 "scikit-learn>=1.2", "tokenizers>=0.15", "pybind11>=2.10"],
     },
 )
