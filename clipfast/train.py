@@ -18,7 +18,6 @@ from typing import Dict, List, Optional
 import torch
 
 from . import digits
-from .api import BACKENDS
 from .evaluation import retrieval_metrics, zero_shot_classifier, zero_shot_metrics
 from .api import BACKENDS
 from .gradcache import cached_contrastive_backward

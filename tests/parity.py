@@ -34,6 +34,26 @@ def make_features(n, d, dtype, device, seed, correlated=True):
     return x.to(device=device, dtype=dtype), y.to(device=device, dtype=dtype)
 
 
+def assert_gpu_memory_is_linear(backend: str, limit: float, n: int = 131072, d: int = 1024):
+    """Peak extra CUDA memory of one bf16 forward+backward (the gradients
+    included) at most ``limit`` x the two gradients' bytes. N = 131072 is where
+    the plain loss no longer fits in 80 GB."""
+    x, y = make_features(n, d, torch.bfloat16, "cuda", seed=1)
+    x.requires_grad_()
+    y.requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = clipfast.clip_loss(x, y, 100.0, backend=backend)
+    loss.backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    grad_bytes = 2 * n * d * 2
+    assert torch.isfinite(loss)
+    assert extra <= limit * grad_bytes, (
+        f"{backend}: peak extra {extra / 2**30:.2f} GiB vs grads {grad_bytes / 2**30:.2f} GiB")
+
+
 def unaligned_copy(t: torch.Tensor) -> torch.Tensor:
     """A leaf copy of ``t`` whose data starts one element past its storage's
     start, i.e. off a 16-byte boundary."""

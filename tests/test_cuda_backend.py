@@ -10,7 +10,8 @@ import torch
 from clipfast import clip_loss
 from clipfast.cuda_backend import available, strip_plan
 
-from .parity import HAS_CUDA, assert_parity, make_features, requires_cuda, unaligned_copy
+from .parity import (HAS_CUDA, assert_gpu_memory_is_linear, assert_parity, make_features,
+                     requires_cuda, unaligned_copy)
 
 HAS_NVCC = shutil.which("nvcc") is not None
 
@@ -162,19 +163,5 @@ def test_cuda_matches_triton(dtype):
 
 @requires_cuda
 def test_cuda_gpu_memory_is_linear():
-    # The memory target: peak extra memory (gradients included) within
-    # 1.25x the two bf16 gradients at N = 131072, d = 1024.
-    n, d = 131072, 1024
-    x, y = make_features(n, d, torch.bfloat16, "cuda", seed=1)
-    x.requires_grad_()
-    y.requires_grad_()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    loss = clip_loss(x, y, 100.0, backend="cuda")
-    loss.backward()
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base
-    grad_bytes = 2 * n * d * 2
-    assert torch.isfinite(loss)
-    assert extra <= 1.25 * grad_bytes, f"peak extra {extra / 2**30:.2f} GiB vs grads {grad_bytes / 2**30:.2f} GiB"
+    # The memory target: within 1.25x the two bf16 gradients.
+    assert_gpu_memory_is_linear("cuda", 1.25)
