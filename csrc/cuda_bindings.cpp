@@ -88,6 +88,28 @@ void backward_typed(const py::tuple& a, cudaStream_t stream) {
   cu::backward<In>(p, s, factor, coef, w, tensor_cores, need_scale, grad_x, grad_y, stream);
 }
 
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Checks an entry point's argument count, sizes and dtype code (args[0]) and
+// runs run(TypeTag<In>{}, stream) for that dtype; the stream handle is the
+// last argument.
+template <typename Run>
+void dispatch(const char* name, const py::args& args, size_t count, Run&& run) {
+  if (args.size() != count) {
+    throw std::invalid_argument(std::string("clipfast._cuda.") + name + " takes " +
+                                std::to_string(count) + " arguments");
+  }
+  const int dtype = args[0].cast<int>();
+  check(args[3].cast<int64_t>(), args[4].cast<int64_t>(), dtype);
+  auto stream = reinterpret_cast<cudaStream_t>(args[count - 1].cast<std::uintptr_t>());
+  if (dtype == kFloat32) run(TypeTag<float>{}, stream);
+  else if (dtype == kFloat16) run(TypeTag<__half>{}, stream);
+  else run(TypeTag<__nv_bfloat16>{}, stream);
+}
+
 // forward(dtype, x, y, n, d, scale, bias, normalize, inv_x, inv_y, row_max,
 //         row_logsum, col_max, col_logsum, diag, row_splits, col_splits,
 //         row_max_part, row_sum_part, col_max_part, col_sum_part, tensor_cores,
@@ -95,13 +117,9 @@ void backward_typed(const py::tuple& a, cudaStream_t stream) {
 // tensor_cores: float32 features on TF32 tensor cores (else IEEE fp32 FMAs);
 // float16/bfloat16 always run on tensor cores.
 void forward(py::args args) {
-  if (args.size() != 23) throw std::invalid_argument("clipfast._cuda.forward takes 23 arguments");
-  const int dtype = args[0].cast<int>();
-  check(args[3].cast<int64_t>(), args[4].cast<int64_t>(), dtype);
-  auto stream = reinterpret_cast<cudaStream_t>(args[22].cast<std::uintptr_t>());
-  if (dtype == kFloat32) forward_typed<float>(args, stream);
-  else if (dtype == kFloat16) forward_typed<__half>(args, stream);
-  else forward_typed<__nv_bfloat16>(args, stream);
+  dispatch("forward", args, 23, [&](auto tag, cudaStream_t stream) {
+    forward_typed<typename decltype(tag)::type>(args, stream);
+  });
 }
 
 // backward(dtype, x, y, n, d, scale, bias, normalize, inv_x, inv_y, row_max,
@@ -110,13 +128,9 @@ void forward(py::args args) {
 //          grad_x, grad_y, stream)
 // Gradients are scaled by factor * (*coef), coef a device float (0: none).
 void backward(py::args args) {
-  if (args.size() != 28) throw std::invalid_argument("clipfast._cuda.backward takes 28 arguments");
-  const int dtype = args[0].cast<int>();
-  check(args[3].cast<int64_t>(), args[4].cast<int64_t>(), dtype);
-  auto stream = reinterpret_cast<cudaStream_t>(args[27].cast<std::uintptr_t>());
-  if (dtype == kFloat32) backward_typed<float>(args, stream);
-  else if (dtype == kFloat16) backward_typed<__half>(args, stream);
-  else backward_typed<__nv_bfloat16>(args, stream);
+  dispatch("backward", args, 28, [&](auto tag, cudaStream_t stream) {
+    backward_typed<typename decltype(tag)::type>(args, stream);
+  });
 }
 
 }  // namespace
