@@ -365,11 +365,16 @@ def _panel_grads_kernel(
 
 @triton.jit
 def _load_accumulator(acc_ptr, acc_lo_ptr, offs, mask, SPLIT_ACC: tl.constexpr):
+    # One return at the end: compiled code (not the interpreter) types an early
+    # return inside a constexpr branch against the fall-through one, and an
+    # int16 pointer's load is not fp32 ("Return type mismatch").
     if SPLIT_ACC:
         hi = tl.load(acc_ptr + offs, mask=mask, other=0).to(tl.int32)
         lo = tl.load(acc_lo_ptr + offs, mask=mask, other=0).to(tl.int32)
-        return ((hi << 16) | (lo << 8)).to(tl.float32, bitcast=True)
-    return tl.load(acc_ptr + offs, mask=mask, other=0.0)
+        value = ((hi << 16) | (lo << 8)).to(tl.float32, bitcast=True)
+    else:
+        value = tl.load(acc_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return value
 
 
 @triton.jit
@@ -448,6 +453,17 @@ _MIN_PANEL = 2048
 _MAX_PANEL = 8192
 
 
+# The forward and the backward's recomputation must round every logit alike
+# (see _logits_from_dots). With FP contraction on, the compiler fused the
+# backward's ``logits - row_max`` into one FMA on the unrounded product
+# ``cosine * scale``, which the forward, needing the rounded logits for its
+# max, did not: an ulp apart exactly where a one-hot softmax makes it a
+# spurious gradient. Both tile kernels are therefore compiled without FP
+# contraction (a ptxas --fmad=false build); the AOT check asserts it from the
+# PTX. The GEMM-only kernels keep contraction.
+_LOGIT_FUSION = False
+
+
 def _tile_config(dot_dtype: torch.dtype, interpret: bool) -> dict:
     if interpret:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=1, num_stages=1)
@@ -464,7 +480,14 @@ def _matmul_config(dot_dtype: torch.dtype, interpret: bool) -> dict:
     return dict(BLOCK_M=128, BLOCK_D=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
+# Ahead-of-time compilation (``aot.py``) sizes grids for the GPU it compiles
+# for, which this process need not have: it sets the SM count here.
+_AOT_SM_COUNT: Optional[int] = None
+
+
 def _num_programs_target(device: torch.device, interpret: bool) -> int:
+    if _AOT_SM_COUNT is not None:
+        return 2 * _AOT_SM_COUNT
     if interpret or device.type != "cuda":
         return 4
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count
@@ -552,6 +575,7 @@ def block_stats(x, y, inv_x, inv_y, scale, bias, diag_offset: Optional[int], wit
         HAS_BIAS=bias is not None, HAS_DIAG=diag_offset is not None, WITH_COLS=with_cols,
         DOT_DTYPE=_TORCH_TO_TL[dot_dtype],
         INPUT_PRECISION=_input_precision(dot_dtype, allow_tf32, interpret),
+        enable_fp_fusion=_LOGIT_FUSION,
         **cfg,
     )
     row_max, row_sum = merge_partial_sums(row_max_part, row_sum_part)
@@ -652,6 +676,7 @@ def block_grads(x, y, inv_x, inv_y, scale, bias, row_stats, col_stats, diag_offs
                 USE_ROWS=row_stats is not None, USE_COLS=col_stats is not None,
                 FOLD_INV_NORMS=fold,
                 DOT_DTYPE=_TORCH_TO_TL[dot_dtype], INPUT_PRECISION=precision,
+                enable_fp_fusion=_LOGIT_FUSION,
                 **cfg,
             )
             scale_grad += scale_grad_part.sum()
