@@ -59,13 +59,14 @@ def _load_extra(path: str):
     return module
 
 
-def triton_rows(targets: List[str], extra=None) -> List[Row]:
+def triton_rows(targets: List[str], extra=None, only_extra: bool = False) -> List[Row]:
     from ._triton import aot
 
     rows: List[Row] = []
     for target in targets:
         arch, sm_count = aot.TARGETS[target]
-        chosen = aot.scenarios() + (extra.aot_scenarios() if extra is not None else [])
+        chosen = [] if only_extra else aot.scenarios()
+        chosen += extra.aot_scenarios() if extra is not None else []
         extra_labels = {s.label for s in extra.aot_scenarios()} if extra is not None else set()
         by_config: Dict[tuple, Row] = {}
         for scenario in aot.compile_scenarios(arch, sm_count, chosen):
@@ -221,6 +222,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-cuda", action="store_true", help="skip the nvcc compiles of csrc/cuda")
     parser.add_argument("--no-triton", action="store_true", help="skip the Triton kernels")
     parser.add_argument("--extra", help="a Python file with aot_scenarios() to compile as well")
+    parser.add_argument("--only-extra", action="store_true",
+                        help="compile only --extra's scenarios (implies --no-cuda)")
     parser.add_argument("--json", help="also write the rows as JSON lines here")
     args = parser.parse_args(argv)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -235,9 +238,12 @@ def main(argv=None) -> int:
     import triton
 
     rows: List[Row] = []
+    if args.only_extra and not args.extra:
+        parser.error("--only-extra needs --extra")
     if not args.no_triton:
-        rows += triton_rows(targets, _load_extra(args.extra) if args.extra else None)
-    if not args.no_cuda:
+        rows += triton_rows(targets, _load_extra(args.extra) if args.extra else None,
+                            args.only_extra)
+    if not (args.no_cuda or args.only_extra):
         rows += cuda_rows(targets)
     print(f"triton {triton.__version__}, targets {', '.join(targets)}")
     print(format_table(rows))

@@ -13,6 +13,9 @@ fi
 .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}" "triton==${TRITON_VERSION:-3.6.0}"
 .venv/bin/python -m pip install -q -e '.[test]'
 .venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" -q -p no:cacheprovider tests "$@"
+# Every GPU kernel compiled for sm_80 and sm_90 as a GPU would (the
+# interpreter and the emulation compile nothing): errors, spills, shared memory.
+PYTHON=.venv/bin/python bash scripts/aot_check.sh
 # The CUDA kernels once more through the CPU emulation, under AddressSanitizer
 # and alignment checks (CLIPFAST_ASAN=0 skips this).
 if [ "${CLIPFAST_ASAN:-1}" != "0" ]; then

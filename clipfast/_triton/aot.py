@@ -102,6 +102,18 @@ def _jit_functions() -> List[JITFunction]:
     return [v for v in vars(_kernels).values() if isinstance(v, JITFunction)]
 
 
+def _error_summary(exc: BaseException) -> str:
+    """The innermost cause's message and where the outermost one points."""
+    causes = [exc]
+    while causes[-1].__cause__ is not None and len(causes) < 8:
+        causes.append(causes[-1].__cause__)
+    inner = causes[-1]
+    # Triton's CompilationError carries (source, node, message) as args.
+    message = inner.args[-1] if getattr(inner, "args", None) else inner
+    where = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(inner).__name__}: {message}" + (f" ({where})" if where else "")
+
+
 @contextlib.contextmanager
 def compiling_for(arch: int, sm_count: int, sink: List[Launch]) -> Iterator[None]:
     """Within this block, kernel launches compile for ``arch`` and land in ``sink``."""
@@ -120,8 +132,7 @@ def compiling_for(arch: int, sm_count: int, sink: List[Launch]) -> Iterator[None
         try:
             launch.compiled = original_run(self, *args, grid=grid, warmup=True, **kwargs)
         except Exception as exc:  # every failure lands in the table, not just the first
-            lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-            launch.error = " | ".join(lines[-3:]) if lines else type(exc).__name__
+            launch.error = _error_summary(exc)
         sink.append(launch)
         return None
 

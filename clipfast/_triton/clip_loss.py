@@ -464,12 +464,20 @@ _MAX_PANEL = 8192
 _LOGIT_FUSION = False
 
 
-def _tile_config(dot_dtype: torch.dtype, interpret: bool) -> dict:
+def _tile_config(dot_dtype: torch.dtype, precision: str, interpret: bool) -> dict:
     if interpret:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=1, num_stages=1)
+    if dot_dtype == torch.float32 and precision == "ieee":
+        # FMA dots hold their operand slices in registers: BLOCK_K 32 spills
+        # with Triton 3.9 on sm_90.
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=3)
     if dot_dtype == torch.float32:
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+    # 128 x 128 tiles need 255 registers and spill on sm_90 (the softmax
+    # epilogue keeps the accumulator, the logits and their exponentials live
+    # at once); 128 x 64 compiles to ~210 registers without spills
+    # (python -m clipfast.aot_check).
+    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
 def _matmul_config(dot_dtype: torch.dtype, interpret: bool) -> dict:
@@ -549,7 +557,8 @@ def block_stats(x, y, inv_x, inv_y, scale, bias, diag_offset: Optional[int], wit
     k = y.shape[0]
     interpret = interpreter_active()
     dot_dtype = _dot_dtype(x, y)
-    cfg = _tile_config(dot_dtype, interpret)
+    precision = _input_precision(dot_dtype, allow_tf32, interpret)
+    cfg = _tile_config(dot_dtype, precision, interpret)
     num_row_blocks = triton.cdiv(m, cfg["BLOCK_M"])
     num_col_blocks = triton.cdiv(k, cfg["BLOCK_N"])
     side = max(1, int(_num_programs_target(x.device, interpret) ** 0.5))
@@ -573,8 +582,7 @@ def block_stats(x, y, inv_x, inv_y, scale, bias, diag_offset: Optional[int], wit
         m, k, d, diag_offset or 0, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         row_blocks_per_split, col_blocks_per_split,
         HAS_BIAS=bias is not None, HAS_DIAG=diag_offset is not None, WITH_COLS=with_cols,
-        DOT_DTYPE=_TORCH_TO_TL[dot_dtype],
-        INPUT_PRECISION=_input_precision(dot_dtype, allow_tf32, interpret),
+        DOT_DTYPE=_TORCH_TO_TL[dot_dtype], INPUT_PRECISION=precision,
         enable_fp_fusion=_LOGIT_FUSION,
         **cfg,
     )
@@ -633,9 +641,9 @@ def block_grads(x, y, inv_x, inv_y, scale, bias, row_stats, col_stats, diag_offs
     k = y.shape[0]
     interpret = interpreter_active()
     dot_dtype = _dot_dtype(x, y)
-    cfg = _tile_config(dot_dtype, interpret)
-    mm_cfg = _matmul_config(dot_dtype, interpret)
     precision = _input_precision(dot_dtype, allow_tf32, interpret)
+    cfg = _tile_config(dot_dtype, precision, interpret)
+    mm_cfg = _matmul_config(dot_dtype, interpret)
     side = _panel_size(max(m, k), d, panel, max(cfg["BLOCK_M"], cfg["BLOCK_N"]))
     device = x.device
     fold = folds_inv_norms(x, y, normalize)

@@ -1,0 +1,62 @@
+"""The ahead-of-time compile check (python -m clipfast.aot_check) fails on
+broken kernels. CI runs the check itself on the real kernels through
+scripts/aot_check.sh (scripts/test.sh)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clipfast import aot_check
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run_check(*args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "clipfast.aot_check", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("target", ["sm_80", "sm_90"])
+def test_broken_kernels_fail_the_check(target):
+    proc = _run_check("--targets", target, "--extra", "tests/aot/broken_kernels.py", "--only-extra")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    fails = [line for line in out.splitlines() if line.startswith("FAIL")]
+    by_kernel = {line.split()[2]: line for line in fails}
+    assert "Inconsistent return types" in by_kernel["_early_return_kernel"], out
+    assert "spills" in by_kernel["_spilling_kernel"], out
+    if target == "sm_90":  # sm_80's mma.sync path keeps fewer stages in shared memory
+        assert "shared memory" in by_kernel["_shared_overflow_kernel"], out
+    else:
+        assert "_shared_overflow_kernel" in by_kernel, out
+    assert "FP contraction on" in by_kernel["_forward_tiles_kernel"], out
+    assert "4 kernel configurations, 4 with problems" in out
+
+
+def test_interpreter_is_refused():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "clipfast.aot_check", "--no-cuda"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "TRITON_INTERPRET" in proc.stderr
+
+
+PTXAS_LOG = """\
+ptxas info    : Compiling entry function '_Z6kernelPf' for 'sm_90'
+ptxas info    : Function properties for _Z6kernelPf
+    128 bytes stack frame, 96 bytes spill stores, 64 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 35840 bytes smem, 400 bytes cmem[0]
+ptxas info    : Compiling entry function '_Z5cleanPf' for 'sm_90'
+ptxas info    : Function properties for _Z5cleanPf
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 30 registers, 384 bytes cmem[0]
+"""
+
+
+def test_ptxas_report_is_read():
+    assert aot_check._parse_ptxas(PTXAS_LOG) == [
+        ("_Z6kernelPf", 255, 160, 35840), ("_Z5cleanPf", 30, 0, 0)]
