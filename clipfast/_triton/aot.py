@@ -47,6 +47,7 @@ class Launch:
     kernel: str
     config: Dict[str, object]          # constexpr arguments and compile options
     grid: Tuple[int, ...]
+    scalars: Dict[str, int] = field(default_factory=dict)  # integer arguments by name
     compiled: Optional[object] = None  # triton CompiledKernel
     error: Optional[str] = None
 
@@ -128,7 +129,9 @@ def compiling_for(arch: int, sm_count: int, sink: List[Launch]) -> Iterator[None
         constexprs = {p.name for p in self.params if p.is_constexpr}
         config = {k: v for k, v in kwargs.items() if k in constexprs or k in
                   ("num_warps", "num_stages", "enable_fp_fusion", "maxnreg")}
-        launch = Launch(self.fn.__name__, config, tuple(int(g) for g in grid))
+        scalars = {p.name: a for p, a in zip(self.params, args)
+                   if isinstance(a, int) and not isinstance(a, bool)}
+        launch = Launch(self.fn.__name__, config, tuple(int(g) for g in grid), scalars)
         try:
             launch.compiled = original_run(self, *args, grid=grid, warmup=True, **kwargs)
         except Exception as exc:  # every failure lands in the table, not just the first
@@ -256,7 +259,8 @@ def compile_scenarios(arch: int, sm_count: int,
             try:
                 scenario.run()
             except Exception as exc:  # a launcher bug: report it as a failed launch
-                scenario.launches.append(Launch("<launcher>", {}, (), error=f"{type(exc).__name__}: {exc}"))
+                scenario.launches.append(
+                    Launch("<launcher>", {}, (), error=f"{type(exc).__name__}: {exc}"))
     return chosen
 
 

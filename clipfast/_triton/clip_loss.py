@@ -141,6 +141,14 @@ def _forward_tiles_kernel(
 
     The label of row i is column i + diag_offset (HAS_DIAG); WITH_COLS also
     gathers column statistics. The square loss is M = K, diag_offset = 0.
+
+    Each program sweeps its super-tile column block by column block, and
+    within one, row block by row block. Row statistics are cheap to reduce
+    per tile (a row's values sit in one warp) and merge into the program's
+    slot of the row partials. Column statistics are not reduced per tile
+    (a column spans every warp: a shared-memory pass): each tile element
+    keeps its own running (max, sum) in registers, updated with one
+    exponential, and they are reduced once per column block.
     """
     row_split = tl.program_id(0)
     col_split = tl.program_id(1)
@@ -155,23 +163,28 @@ def _forward_tiles_kernel(
     col_part_base = row_split.to(tl.int64) * K
     row_part_base = col_split.to(tl.int64) * M
 
-    for rb in range(rb_start, rb_stop):
-        offs_m = (rb * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        mask_m = offs_m < M
-        inv_x = tl.load(inv_x_ptr + offs_m, mask=mask_m, other=0.0)
-        row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for cb in range(cb_start, cb_stop):
-            offs_n = (cb * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-            mask_n = offs_n < K
+    for cb in range(cb_start, cb_stop):
+        offs_n = (cb * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        mask_n = offs_n < K
+        inv_y = tl.load(inv_y_ptr + offs_n, mask=mask_n, other=0.0)
+        if WITH_COLS:
+            # A finite floor, not -inf: (L - max) stays a number for masked
+            # (-inf) logits, and exp(floor - real max) is 0.
+            elem_max = tl.full((BLOCK_M, BLOCK_N), -3.0e38, tl.float32)
+            elem_sum = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for rb in range(rb_start, rb_stop):
+            offs_m = (rb * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+            mask_m = offs_m < M
+            inv_x = tl.load(inv_x_ptr + offs_m, mask=mask_m, other=0.0)
             acc = _similarity_tile(
                 x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D,
                 stride_xn, stride_xd, stride_yn, stride_yd,
                 DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
             )
-            inv_y = tl.load(inv_y_ptr + offs_n, mask=mask_n, other=0.0)
             _, logits = _logits_from_dots(acc, inv_x, inv_y, scale, bias_ptr, HAS_BIAS)
-            logits = tl.where(mask_m[:, None] & mask_n[None, :], logits, float("-inf"))
+            if ((rb + 1) * BLOCK_M > M) | ((cb + 1) * BLOCK_N > K):
+                # Only edge tiles pay for the mask.
+                logits = tl.where(mask_m[:, None] & mask_n[None, :], logits, float("-inf"))
             if HAS_DIAG:
                 label_lo = rb * BLOCK_M + diag_offset
                 if (label_lo < (cb + 1) * BLOCK_N) & (cb * BLOCK_N < label_lo + BLOCK_M):
@@ -184,34 +197,39 @@ def _forward_tiles_kernel(
                                & (labels < K))
                     tl.store(diag_ptr + offs_m, diag, mask=in_tile)
 
-            # Row statistics: online log-sum-exp kept in registers.
+            # Row statistics: this tile's online log-sum-exp merged into the
+            # program's own slot (nothing to read on its first column block).
+            row_ptrs = row_part_base + offs_m
+            first = cb == cb_start
+            row_max = tl.load(row_max_part_ptr + row_ptrs, mask=mask_m & (not first),
+                              other=float("-inf"))
+            row_sum = tl.load(row_sum_part_ptr + row_ptrs, mask=mask_m & (not first), other=0.0)
             new_row_max = tl.maximum(row_max, tl.max(logits, axis=1))
             row_sum = row_sum * tl.exp(row_max - new_row_max) + tl.sum(
                 tl.exp(logits - new_row_max[:, None]), axis=1)
-            row_max = new_row_max
+            tl.store(row_max_part_ptr + row_ptrs, new_row_max, mask=mask_m)
+            tl.store(row_sum_part_ptr + row_ptrs, row_sum, mask=mask_m)
 
             if WITH_COLS:
-                # Column statistics: this program's private slot, so no atomics.
-                col_ptrs = col_part_base + offs_n
-                old_col_max = tl.load(col_max_part_ptr + col_ptrs, mask=mask_n, other=float("-inf"))
-                old_col_sum = tl.load(col_sum_part_ptr + col_ptrs, mask=mask_n, other=0.0)
-                new_col_max = tl.maximum(old_col_max, tl.max(logits, axis=0))
-                new_col_sum = old_col_sum * tl.exp(old_col_max - new_col_max) + tl.sum(
-                    tl.exp(logits - new_col_max[None, :]), axis=0)
-                tl.store(col_max_part_ptr + col_ptrs, new_col_max, mask=mask_n)
-                tl.store(col_sum_part_ptr + col_ptrs, new_col_sum, mask=mask_n)
-                # The next row block re-reads these columns; the threads that load
-                # them need not be the ones that stored them.
-                tl.debug_barrier()
-        tl.store(row_max_part_ptr + row_part_base + offs_m, row_max, mask=mask_m)
-        tl.store(row_sum_part_ptr + row_part_base + offs_m, row_sum, mask=mask_m)
+                # Per element: e = exp(-|L - max|) serves both cases of the
+                # online update (a new max rescales the old sum by e).
+                delta = logits - elem_max
+                e = tl.exp(-tl.abs(delta))
+                elem_sum = tl.where(delta > 0, elem_sum * e + 1.0, elem_sum + e)
+                elem_max = tl.maximum(elem_max, logits)
+        if WITH_COLS:
+            col_max = tl.max(elem_max, axis=0)
+            col_sum = tl.sum(elem_sum * tl.exp(elem_max - col_max[None, :]), axis=0)
+            col_ptrs = col_part_base + offs_n
+            tl.store(col_max_part_ptr + col_ptrs, col_max, mask=mask_n)
+            tl.store(col_sum_part_ptr + col_ptrs, col_sum, mask=mask_n)
 
 
 @triton.jit
 def _grad_logits_kernel(
     x_ptr, y_ptr, inv_x_ptr, inv_y_ptr, scale_ptr, bias_ptr,
     row_max_ptr, row_logsum_ptr, col_max_ptr, col_logsum_ptr, grad_panel_ptr, scale_grad_part_ptr,
-    M, K, D, diag_offset, row_start, col_start, panel_rows, panel_cols,
+    M, K, D, diag_offset, row_start, col_start, panel_rows, panel_cols, scale_part_pitch,
     stride_xn, stride_xd, stride_yn, stride_yd,
     stride_gm, stride_gn,
     HAS_BIAS: tl.constexpr, HAS_DIAG: tl.constexpr, USE_ROWS: tl.constexpr,
@@ -263,8 +281,15 @@ def _grad_logits_kernel(
     valid = mask_m[:, None] & mask_n[None, :]
     grad = tl.where(valid, grad, 0.0)
 
-    tile_id = pid_m * tl.num_programs(1) + pid_n
-    tl.store(scale_grad_part_ptr + tile_id, tl.sum(tl.sum(grad * cosine, axis=1), axis=0))
+    # Scale-gradient partials stay on the device: one slot per row tile of the
+    # block and column tile of a panel, summed over the column panels in
+    # launch order (deterministic, no atomics) and once at the end.
+    slot = scale_grad_part_ptr + (row_start // BLOCK_M + pid_m).to(tl.int64) * scale_part_pitch + pid_n
+    partial = tl.sum(tl.sum(grad * cosine, axis=1), axis=0)
+    if col_start == 0:
+        tl.store(slot, partial)
+    else:
+        tl.store(slot, tl.load(slot) + partial)
     if FOLD_INV_NORMS:
         grad = grad * inv_x[:, None] * inv_y[None, :]
     g_ptrs = (grad_panel_ptr + local_m[:, None].to(tl.int64) * stride_gm
@@ -275,7 +300,7 @@ def _grad_logits_kernel(
 @triton.jit
 def _accumulate_product_tile(
     pid, a_ptr, b_ptr, b_row_scale_ptr, c_ptr, c_lo_ptr,
-    M, K, D,
+    M, K, D, b_row0, c_row0,
     stride_am, stride_ak, stride_bk, stride_bd, stride_cm, stride_cd,
     SCALE_B_ROWS: tl.constexpr, SPLIT_ACC: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -283,6 +308,10 @@ def _accumulate_product_tile(
     GROUP_M: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_D tile of C += A (M x K) @ diag(b_row_scale) B (K x D).
+
+    B's rows start at row ``b_row0`` of ``b_ptr`` (and of the row scales), C's
+    at row ``c_row0`` of ``c_ptr``: the launcher passes whole tensors, never
+    slices, so a panel costs no host-side tensor operations.
 
     C is fp32, or (SPLIT_ACC) a 24-bit float held as two planes: the top 16
     bits of the fp32 pattern in ``c_ptr`` (int16 view of the 16-bit gradient
@@ -310,16 +339,16 @@ def _accumulate_product_tile(
         mask_k = offs_k < K
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_d[None, :] * stride_bd,
+        b = tl.load(b_ptr + (b_row0 + offs_k)[:, None] * stride_bk + offs_d[None, :] * stride_bd,
                     mask=mask_k[:, None] & mask_d[None, :], other=0.0)
         if SCALE_B_ROWS:
             # Normalise the feature rows on the fly, rounding to the dot dtype
             # exactly where PyTorch would round its normalised copy.
-            row_scale = tl.load(b_row_scale_ptr + offs_k, mask=mask_k, other=0.0)
+            row_scale = tl.load(b_row_scale_ptr + b_row0 + offs_k, mask=mask_k, other=0.0)
             b = b.to(tl.float32) * row_scale[:, None]
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
 
-    c_offs = offs_m[:, None] * stride_cm + offs_d[None, :] * stride_cd
+    c_offs = (c_row0 + offs_m)[:, None] * stride_cm + offs_d[None, :] * stride_cd
     mask_c = mask_m[:, None] & mask_d[None, :]
     if SPLIT_ACC:
         hi = tl.load(c_ptr + c_offs, mask=mask_c, other=0).to(tl.int32)
@@ -337,7 +366,7 @@ def _accumulate_product_tile(
 
 @triton.jit
 def _panel_grads_kernel(
-    grad_panel_ptr, stride_gm, stride_gn, rows, cols, D,
+    grad_panel_ptr, stride_gm, stride_gn, rows, cols, D, row_start, col_start, gx_row0,
     x_ptr, stride_xn, stride_xd, inv_x_ptr,
     y_ptr, stride_yn, stride_yd, inv_y_ptr,
     gx_ptr, stride_gxm, stride_gxd,
@@ -349,17 +378,21 @@ def _panel_grads_kernel(
     GROUP_M: tl.constexpr,
 ):
     """Both products of one G panel in a single launch (twice the tiles to fill
-    the GPU): dX^[rows] += G @ Y^[cols] and dY^[cols] += G^T @ X^[rows]."""
+    the GPU): dX^[rows] += G @ Y^[cols] and dY^[cols] += G^T @ X^[rows]. The
+    panel covers rows row_start.. of X and col_start.. of Y; dX^ lands at row
+    gx_row0 + i of gx (0 for a panel-sized buffer), dY^ at row col_start + j."""
     pid = tl.program_id(0)
     if pid < x_tiles:
         _accumulate_product_tile(
             pid, grad_panel_ptr, y_ptr, inv_y_ptr, gx_ptr, gx_ptr,
-            rows, cols, D, stride_gm, stride_gn, stride_yn, stride_yd, stride_gxm, stride_gxd,
+            rows, cols, D, col_start, gx_row0,
+            stride_gm, stride_gn, stride_yn, stride_yd, stride_gxm, stride_gxd,
             SCALE_ROWS, False, DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_K, GROUP_M)
     else:
         _accumulate_product_tile(
             pid - x_tiles, grad_panel_ptr, x_ptr, inv_x_ptr, gy_ptr, gy_lo_ptr,
-            cols, rows, D, stride_gn, stride_gm, stride_xn, stride_xd, stride_gym, stride_gyd,
+            cols, rows, D, row_start, col_start,
+            stride_gn, stride_gm, stride_xn, stride_xd, stride_gym, stride_gyd,
             SCALE_ROWS, SPLIT_ACC_Y, DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_K, GROUP_M)
 
 
@@ -573,8 +606,9 @@ def block_stats(x, y, inv_x, inv_y, scale, bias, diag_offset: Optional[int], wit
     row_max_part = torch.empty(col_splits, m, **f32)
     row_sum_part = torch.empty_like(row_max_part)
     diag = torch.empty(m, **f32) if diag_offset is not None else None
-    col_max_part = torch.full((row_splits, k), float("-inf"), **f32) if with_cols else row_max_part
-    col_sum_part = torch.zeros(row_splits, k, **f32) if with_cols else row_sum_part
+    # Every slot is written by its program: no initialisation.
+    col_max_part = torch.empty(row_splits, k, **f32) if with_cols else row_max_part
+    col_sum_part = torch.empty(row_splits, k, **f32) if with_cols else row_sum_part
     _forward_tiles_kernel[(row_splits, col_splits)](
         x, y, inv_x, inv_y, scale, bias if bias is not None else scale,
         row_max_part, row_sum_part, col_max_part, col_sum_part,
@@ -654,32 +688,33 @@ def block_grads(x, y, inv_x, inv_y, scale, bias, row_stats, col_stats, diag_offs
     if x_out is not None:
         panel_acc = torch.empty(min(side, m), d, dtype=torch.float32, device=device)
     grad_panel = torch.empty(min(side, m), min(side, k), dtype=dot_dtype, device=device)
-    scale_grad = torch.zeros((), dtype=torch.float32, device=device)
-    unused = scale_grad.view(1, 1)  # pointer arguments a specialisation never reads
-    row_max, row_logsum = row_stats if row_stats is not None else (scale_grad, scale_grad)
-    col_max, col_logsum = col_stats if col_stats is not None else (scale_grad, scale_grad)
+    scale_part_pitch = triton.cdiv(min(side, k), cfg["BLOCK_N"])
+    scale_grad_part = torch.empty(triton.cdiv(m, cfg["BLOCK_M"]), scale_part_pitch,
+                                  dtype=torch.float32, device=device)
+    unused = scale_grad_part  # pointer arguments a specialisation never reads
+    row_max, row_logsum = row_stats if row_stats is not None else (unused, unused)
+    col_max, col_logsum = col_stats if col_stats is not None else (unused, unused)
+    gx, gx_is_panel = (panel_acc, True) if panel_acc is not None else (
+        (x_acc, False) if x_acc is not None else (unused, True))
+    gy = y_acc if need_y else unused
+    gy_lo = y_acc_lo if y_acc_lo is not None else gy
+    tiles_d = triton.cdiv(d, mm_cfg["BLOCK_D"])
+    bias_arg = bias if bias is not None else scale
 
+    # The loop body is two launches and no tensor operations: every offset
+    # travels as a kernel argument, so the host keeps ahead of the GPU.
     for row_start in range(0, m, side):
         rows = min(side, m - row_start)
-        x_rows = x[row_start:row_start + rows]
         if panel_acc is not None:
-            gx_rows = panel_acc[:rows]
-            gx_rows.zero_()
-        elif x_acc is not None:
-            gx_rows = x_acc[row_start:row_start + rows]
-        else:
-            gx_rows = unused
+            panel_acc.zero_()
         for col_start in range(0, k, side):
             cols = min(side, k - col_start)
-            grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(cols, cfg["BLOCK_N"]))
-            scale_grad_part = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=device)
-            g = grad_panel[:rows, :cols]
-            _grad_logits_kernel[grid](
-                x, y, inv_x, inv_y, scale, bias if bias is not None else scale,
-                row_max, row_logsum, col_max, col_logsum, g, scale_grad_part,
-                m, k, d, diag_offset or 0, row_start, col_start, rows, cols,
+            _grad_logits_kernel[(triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(cols, cfg["BLOCK_N"]))](
+                x, y, inv_x, inv_y, scale, bias_arg,
+                row_max, row_logsum, col_max, col_logsum, grad_panel, scale_grad_part,
+                m, k, d, diag_offset or 0, row_start, col_start, rows, cols, scale_part_pitch,
                 x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-                g.stride(0), g.stride(1),
+                grad_panel.stride(0), grad_panel.stride(1),
                 HAS_BIAS=bias is not None, HAS_DIAG=diag_offset is not None,
                 USE_ROWS=row_stats is not None, USE_COLS=col_stats is not None,
                 FOLD_INV_NORMS=fold,
@@ -687,20 +722,16 @@ def block_grads(x, y, inv_x, inv_y, scale, bias, row_stats, col_stats, diag_offs
                 enable_fp_fusion=_LOGIT_FUSION,
                 **cfg,
             )
-            scale_grad += scale_grad_part.sum()
             if not (need_x or need_y):
                 continue
-            tiles_d = triton.cdiv(d, mm_cfg["BLOCK_D"])
             x_tiles = triton.cdiv(rows, mm_cfg["BLOCK_M"]) * tiles_d if need_x else 0
             y_tiles = triton.cdiv(cols, mm_cfg["BLOCK_M"]) * tiles_d if need_y else 0
-            y_cols = y[col_start:col_start + cols]
-            gy = y_acc[col_start:col_start + cols] if need_y else unused
-            gy_lo = y_acc_lo[col_start:col_start + cols] if y_acc_lo is not None else gy
             _panel_grads_kernel[(x_tiles + y_tiles,)](
-                g, g.stride(0), g.stride(1), rows, cols, d,
-                x_rows, x_rows.stride(0), x_rows.stride(1), inv_x[row_start:],
-                y_cols, y_cols.stride(0), y_cols.stride(1), inv_y[col_start:],
-                gx_rows, gx_rows.stride(0), gx_rows.stride(1),
+                grad_panel, grad_panel.stride(0), grad_panel.stride(1), rows, cols, d,
+                row_start, col_start, 0 if gx_is_panel else row_start,
+                x, x.stride(0), x.stride(1), inv_x,
+                y, y.stride(0), y.stride(1), inv_y,
+                gx, gx.stride(0), gx.stride(1),
                 gy, gy_lo, gy.stride(0), gy.stride(1),
                 x_tiles,
                 SCALE_ROWS=normalize and not fold, SPLIT_ACC_Y=y_acc_lo is not None,
@@ -709,9 +740,9 @@ def block_grads(x, y, inv_x, inv_y, scale, bias, row_stats, col_stats, diag_offs
             )
         if x_out is not None:
             finish_feature_grad(
-                gx_rows, x_rows, inv_x[row_start:row_start + rows],
+                panel_acc, x[row_start:row_start + rows], inv_x[row_start:row_start + rows],
                 x_factor, normalize, fold, x_out[row_start:row_start + rows])
-    return scale_grad
+    return scale_grad_part.sum()
 
 
 def merge_partial_sums(part_max: torch.Tensor, part_sum: torch.Tensor):

@@ -1,0 +1,437 @@
+"""A static performance model of the Triton backend on an H100, from compiled code.
+
+    python -m clipfast.perfmodel [--shapes 65536x1024,...] [--dtype bf16] [--breakdown]
+
+No GPU is needed and none is measured: the launchers run for the requested
+shape with every launch compiled for sm_90 instead of run
+(``clipfast/_triton/aot.py``), so the model sees the grids, panel counts and
+configurations the library would use, and the SASS of every kernel. From the
+SASS it counts, per tile, the main loop's instructions and the epilogue's
+(instructions and MUFU exponentials outside the matmul loop), and from ptxas
+the registers and shared memory that decide how many CTAs share an SM.
+
+Each kernel's time is the slowest of its limits:
+
+* tensor cores: the tile's FLOPs at the rate cuBLAS reaches on the same GPU
+  (``GPU.gemm_rate``: the 4-GEMM anchor of DESIGN.md, 49.3 ms for
+  N = 65536, d = 1024, i.e. 714 TFLOP/s bf16), a rate the Triton main loop is
+  assumed to match when nothing else limits it;
+* operand traffic from L2: every tile streams its (BM + BN) x K operands
+  through L2 (``GPU.l2_bandwidth``, an assumption: no public number, about
+  5.5 TB/s was measured on the 114-SM PCIe H100);
+* instruction issue and the MUFU unit for the epilogue, serial with the main
+  loop when one CTA fits on an SM, overlapped with the other CTA's main loop
+  when two do;
+* HBM for the bytes each kernel must move at least once;
+* waves: programs are rounded up to whole rounds of SMs x CTAs per SM;
+* the host: each launch and each PyTorch op costs CPU time
+  (``GPU.host_launch_s``, ``GPU.host_op_s``); a phase whose host time exceeds
+  its GPU time is host-bound.
+
+Everything is a model: numbers printed here are never measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    sms: int
+    clock_hz: float
+    gemm_rate: Dict[str, float]   # FLOP/s cuBLAS reaches, per dot dtype
+    l2_bandwidth: float           # bytes/s into the SMs, all SMs together
+    hbm_bandwidth: float          # bytes/s achievable
+    issue_per_clk: float          # warp instructions per SM per clock, achieved
+    mufu_per_clk: float           # exponentials (lanes) per SM per clock
+    regs_per_sm: int = 65536
+    smem_per_sm: int = 228 * 1024
+    launch_gpu_s: float = 4e-6    # a launch's fixed cost on the GPU
+    host_launch_s: float = 20e-6  # Python + Triton launch path, per kernel
+    host_op_s: float = 6e-6       # one eager PyTorch op (view, sum, zero_, ...)
+
+
+# H100 SXM 80GB. gemm_rate: DESIGN.md's cuBLAS anchor (bf16; TF32 at half).
+# Clock: 1.755 GHz sustained. issue: 4 schedulers at 75% (dependent FP
+# chains with two warps each). MUFU: 16 lanes/clk/SM. L2: assumed 10 TB/s.
+H100 = GPU(
+    name="H100 SXM (model)",
+    sms=132,
+    clock_hz=1.755e9,
+    gemm_rate={"bf16": 8 * 65536**2 * 1024 / 49.3e-3, "fp16": 8 * 65536**2 * 1024 / 49.3e-3,
+               "fp32": 4 * 65536**2 * 1024 / 49.3e-3},
+    l2_bandwidth=10e12,
+    hbm_bandwidth=3.35e12 * 0.9,
+    issue_per_clk=3.0,
+    mufu_per_clk=16.0,
+)
+
+# 4-GEMM bound measured on an H100 (DESIGN.md), bf16, ms.
+GEMM4_MEASURED_MS = {(32768, 512): 6.9, (32768, 1024): 12.8, (65536, 768): 42.0,
+                     (65536, 1024): 49.3, (131072, 1024): 220.0}
+TORCH_COMPILE_MEASURED_MS = {(32768, 512): 10.0, (32768, 1024): 14.4, (65536, 768): 50.9,
+                             (65536, 1024): 56.5, (131072, 1024): 233.0}
+
+# --------------------------------------------------------------------------- #
+# SASS
+# --------------------------------------------------------------------------- #
+
+_INSTR_RE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]+)?")
+_LABEL_RE = re.compile(r"^\s*(\.L_x_\d+):")
+_BRANCH_RE = re.compile(r"\bBRA(?:\.\w+)*\s+`?\(?(\.L_x_\d+)")
+MMA_OPS = ("HGMMA", "HMMA")
+
+
+@dataclass
+class SassProfile:
+    """Instruction counts of one kernel, per warp."""
+
+    total: int
+    loop_instrs: int            # one iteration of the matmul main loop
+    loop_mma: int               # MMA instructions in it
+    epilogue_instrs: int        # per tile, outside the main loop, common path
+    epilogue_mufu: int
+    rare_instrs: int            # in large conditional regions (edge / label tiles)
+    has_tile_loop: bool
+    opcodes: Counter = field(default_factory=Counter)
+
+
+def parse_sass(sass: str):
+    """[(opcode, branch_label or None, guarded)], {label: index}."""
+    instrs, labels = [], {}
+    for line in sass.splitlines():
+        m = _LABEL_RE.match(line)
+        if m:
+            labels[m.group(1)] = len(instrs)
+            continue
+        m = _INSTR_RE.search(line)
+        if m:
+            b = _BRANCH_RE.search(line)
+            instrs.append((m.group(3), b.group(1) if b else None, bool(m.group(2))))
+    return instrs, labels
+
+
+def profile_sass(sass: str, rare_region: int = 64) -> SassProfile:
+    instrs, labels = parse_sass(sass)
+    loops, forward = [], []
+    for i, (op, target, guarded) in enumerate(instrs):
+        if target is None or target not in labels:
+            continue
+        j = labels[target]
+        if j <= i:
+            loops.append((j, i))
+        elif guarded:
+            forward.append((i, j))
+
+    def count(lo, hi, pred=lambda op: True):
+        return sum(1 for op, _, _ in instrs[lo:hi + 1] if pred(op))
+
+    def is_mma(op):
+        return op in MMA_OPS
+
+    def is_fma(op):
+        return op == "FFMA"
+
+    # Main loop: the innermost loop holding tensor-core MMAs, else the one
+    # densest in FFMAs (the IEEE fp32 path).
+    candidates = [lp for lp in loops if count(*lp, is_mma)] or \
+        sorted(loops, key=lambda lp: -count(*lp, is_fma) / max(1, lp[1] - lp[0]))[:1]
+    main = min(candidates, key=lambda lp: lp[1] - lp[0]) if candidates else None
+    outer = None
+    if main is not None:
+        enclosing = [lp for lp in loops if lp[0] <= main[0] and lp[1] >= main[1] and lp != main]
+        outer = min(enclosing, key=lambda lp: lp[1] - lp[0]) if enclosing else None
+    lo, hi = outer if outer is not None else (0, len(instrs) - 1)
+    skipped = set()
+    for start, stop in forward:
+        if lo <= start and stop <= hi + 1 and stop - start >= rare_region:
+            if main is None or not (start <= main[0] and main[1] < stop):
+                skipped.update(range(start, stop))
+    body = [k for k in range(lo, hi + 1) if main is None or not (main[0] <= k <= main[1])]
+    common = [k for k in body if k not in skipped]
+    return SassProfile(
+        total=len(instrs),
+        loop_instrs=(main[1] - main[0] + 1) if main else 0,
+        loop_mma=count(*main, is_mma) if main else 0,
+        epilogue_instrs=len(common),
+        epilogue_mufu=sum(1 for k in common if instrs[k][0] == "MUFU"),
+        rare_instrs=len(skipped),
+        has_tile_loop=outer is not None,
+        opcodes=Counter(op for op, _, _ in instrs),
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Kernels
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class KernelEstimate:
+    phase: str
+    kernel: str
+    launches: int
+    programs: int
+    ctas_per_sm: int
+    registers: int
+    tile: str
+    t_mma_us: float        # per tile, tensor cores alone
+    t_l2_us: float         # per tile, operand traffic alone
+    t_epi_us: float        # per tile, epilogue alone
+    gpu_ms: float          # all launches
+    hbm_ms: float
+    note: str = ""
+
+
+_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def _ctas_per_sm(gpu: GPU, regs: int, warps: int, smem: int) -> int:
+    regs_alloc = max(1, math.ceil(regs / 8) * 8) * 32 * warps
+    by_regs = gpu.regs_per_sm // regs_alloc
+    by_smem = gpu.smem_per_sm // max(1, smem + 1024)
+    return max(1, min(by_regs, by_smem, 64 // warps))
+
+
+def _dtype_name(value) -> str:
+    text = str(value)
+    for name in ("bf16", "fp16", "fp32"):
+        if name in text:
+            return name
+    return "fp32"
+
+
+def estimate_launch(gpu: GPU, launch, info, prof: SassProfile, n: int, d: int,
+                    feat_bytes: int) -> Tuple[float, float, float, float, float, int, str]:
+    """(time s, hbm s, t_mma, t_l2, t_epi) for one launch; tile description."""
+    cfg = launch.config
+    warps = int(cfg.get("num_warps", 4))
+    ctas = _ctas_per_sm(gpu, info.registers, warps, info.shared_bytes)
+    dot = _dtype_name(cfg.get("DOT_DTYPE", "fp32"))
+    rate_per_sm = gpu.gemm_rate[dot if cfg.get("INPUT_PRECISION", "tf32") != "ieee" or dot != "fp32"
+                                else "fp32"] / gpu.sms
+    if dot == "fp32" and cfg.get("INPUT_PRECISION") == "ieee":
+        rate_per_sm = 2 * 128 * gpu.clock_hz * 0.8  # FFMA: 128 lanes/clk/SM
+    l2_per_sm = gpu.l2_bandwidth / gpu.sms
+    clk = gpu.clock_hz
+    name = launch.kernel
+    programs = launch.programs
+    if name in ("_forward_tiles_kernel", "_grad_logits_kernel"):
+        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+        kdim = d
+        if name == "_forward_tiles_kernel":
+            rows_split, cols_split = launch.grid[0], launch.grid[1]
+            tiles_per_program = math.ceil(math.ceil(n / bm) / rows_split) * \
+                math.ceil(math.ceil(n / bn) / cols_split)
+            hbm = (cols_split + rows_split) * n * d * feat_bytes
+        else:
+            tiles_per_program = 1
+            hbm = programs * bm * bn * 2 + (launch.grid[0] * bm + launch.grid[1] * bn) * d * feat_bytes
+        tile = f"{bm}x{bn}x{bk}"
+        op_bytes = (bm + bn) * kdim * feat_bytes
+    elif name == "_panel_grads_kernel":
+        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_D"], cfg["BLOCK_K"]
+        # Rows of the panel on one side, columns on the other: K is the panel side.
+        kdim = (launch.scalars["rows"] + launch.scalars["cols"]) // 2
+        tiles_per_program = 1
+        tile = f"{bm}x{bn}x{bk}"
+        op_bytes = (bm * kdim * 2) + kdim * bn * feat_bytes
+        side = kdim
+        acc_bytes = 8 if not cfg.get("SPLIT_ACC_Y") else 7  # fp32 RMW / split
+        hbm = 2 * side * side * 2 + 2 * side * d * (feat_bytes + acc_bytes)
+    else:  # row-wise kernels: memory-bound
+        rows = programs * int(cfg.get("BLOCK_R", 8))
+        hbm = rows * d * (feat_bytes + 8)
+        t = hbm / gpu.hbm_bandwidth + gpu.launch_gpu_s
+        return t, hbm / gpu.hbm_bandwidth, 0.0, 0.0, 0.0, ctas, "rows"
+
+    t_mma = 2 * bm * bn * kdim / rate_per_sm
+    t_l2 = op_bytes / l2_per_sm
+    iters = math.ceil(kdim / bk)
+    t_loop_issue = warps * prof.loop_instrs * iters / gpu.issue_per_clk / clk
+    t_main = max(t_mma, t_l2, t_loop_issue)
+    t_epi = max(warps * prof.epilogue_instrs / gpu.issue_per_clk,
+                warps * prof.epilogue_mufu * 32 / gpu.mufu_per_clk) / clk
+    if ctas >= 2:
+        t_tile_sm = max(t_main, t_epi, (t_main + t_epi) / ctas)
+    else:
+        t_tile_sm = t_main + t_epi
+    slots = gpu.sms * ctas
+    rounds = math.ceil(programs / slots)
+    # Within a round each CTA gets 1/ctas of its SM.
+    t = rounds * tiles_per_program * t_tile_sm * min(ctas, math.ceil(programs / gpu.sms)) \
+        + gpu.launch_gpu_s
+    t_hbm = hbm / gpu.hbm_bandwidth
+    return max(t, t_hbm), t_hbm, t_mma, t_l2, t_epi, ctas, tile
+
+
+# --------------------------------------------------------------------------- #
+# Model of one loss call
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class Estimate:
+    n: int
+    d: int
+    dtype: str
+    kernels: List[KernelEstimate]
+    phase_gpu_ms: Dict[str, float]
+    phase_host_ms: Dict[str, float]
+    phase_launches: Dict[str, int]
+    phase_ops: Dict[str, int]
+
+    @property
+    def phase_ms(self) -> Dict[str, float]:
+        return {p: max(self.phase_gpu_ms[p], self.phase_host_ms[p]) for p in self.phase_gpu_ms}
+
+    @property
+    def total_ms(self) -> float:
+        return sum(self.phase_ms.values())
+
+
+def _run_launchers(n: int, d: int, dtype, arch: int, sm_count: int):
+    """Forward and backward through the launchers, compiled not run; returns
+    the launches and PyTorch ops of each phase."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ._triton import aot
+    from ._triton import clip_loss as kernels
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    x = torch.empty(n, d, dtype=dtype, device="meta", requires_grad=True)
+    y = torch.empty(n, d, dtype=dtype, device="meta", requires_grad=True)
+    scale = torch.empty((), device="meta", requires_grad=True)
+    launches, ops = {}, {}
+    for phase in ("forward", "backward"):
+        launches[phase] = []
+    with aot.compiling_for(arch, sm_count, launches["forward"]):
+        with CountOps() as fwd_ops:
+            loss = kernels.TritonClipLossFunction.apply(x, y, scale, None, True, True, None)
+    ops["forward"] = fwd_ops.count
+    with aot.compiling_for(arch, sm_count, launches["backward"]):
+        with CountOps() as bwd_ops:
+            loss.backward()
+    ops["backward"] = bwd_ops.count
+    return launches, ops
+
+
+def estimate(n: int, d: int, dtype: str = "bf16", gpu: GPU = H100, arch: int = 90) -> Estimate:
+    import torch
+
+    from ._triton import aot
+
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    launches, ops = _run_launchers(n, d, torch_dtype, arch, gpu.sms)
+    infos: Dict[tuple, tuple] = {}
+    kernels: List[KernelEstimate] = []
+    phase_gpu, phase_host, phase_launches = {}, {}, {}
+    for phase, phase_launch_list in launches.items():
+        groups: Dict[tuple, list] = {}
+        for launch in phase_launch_list:
+            if launch.error:
+                raise RuntimeError(f"{launch.kernel} does not compile: {launch.error}")
+            groups.setdefault((launch.kernel, launch.config_key(), launch.grid), []).append(launch)
+        total = 0.0
+        for (name, key, grid), group in groups.items():
+            launch = group[0]
+            if (name, key) not in infos:
+                info = aot.inspect(launch.compiled)
+                infos[(name, key)] = (info, profile_sass(info.sass))
+            info, prof = infos[(name, key)]
+            t, t_hbm, t_mma, t_l2, t_epi, ctas, tile = estimate_launch(
+                gpu, launch, info, prof, n, d, _DTYPE_BYTES[dtype])
+            total += t * len(group)
+            kernels.append(KernelEstimate(
+                phase, name, len(group), launch.programs, ctas, info.registers, tile,
+                t_mma * 1e6, t_l2 * 1e6, t_epi * 1e6, t * len(group) * 1e3, t_hbm * len(group) * 1e3,
+                note=f"grid {grid}"))
+        phase_gpu[phase] = total * 1e3
+        phase_launches[phase] = len(phase_launch_list)
+        phase_host[phase] = (len(phase_launch_list) * gpu.host_launch_s + ops[phase] * gpu.host_op_s) * 1e3
+    return Estimate(n, d, dtype, kernels, phase_gpu, phase_host, phase_launches, ops)
+
+
+def gemm4_ms(n: int, d: int, dtype: str, gpu: GPU = H100) -> Tuple[float, str]:
+    if dtype in ("bf16", "fp16") and (n, d) in GEMM4_MEASURED_MS:
+        return GEMM4_MEASURED_MS[(n, d)], "measured"
+    return 8 * n * n * d / gpu.gemm_rate[dtype] * 1e3, "rate"
+
+
+def format_summary(estimates: List[Estimate], gpu: GPU = H100) -> str:
+    lines = [f"Model of the Triton backend on {gpu.name}: forward + backward, ms "
+             "(a model from compiled SASS, not a measurement)", "",
+             "| dtype | N | d | forward | backward | total | 4-GEMM bound | x bound | torch.compile (measured) | host-bound phases |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for e in estimates:
+        bound, how = gemm4_ms(e.n, e.d, e.dtype, gpu)
+        tc = TORCH_COMPILE_MEASURED_MS.get((e.n, e.d)) if e.dtype != "fp32" else None
+        host_bound = [p for p in e.phase_gpu_ms if e.phase_host_ms[p] > e.phase_gpu_ms[p]]
+        lines.append(
+            f"| {e.dtype} | {e.n} | {e.d} | {e.phase_ms['forward']:.1f} | {e.phase_ms['backward']:.1f} | "
+            f"{e.total_ms:.1f} | {bound:.1f} ({how}) | {e.total_ms / bound:.2f} | "
+            f"{'%.1f' % tc if tc else '-'} | {', '.join(host_bound) or 'none'} |")
+    return "\n".join(lines)
+
+
+def format_breakdown(e: Estimate) -> str:
+    lines = [f"Breakdown, {e.dtype} N={e.n} d={e.d} (per tile: tensor cores / L2 operands / epilogue, us)", "",
+             "| phase | kernel | launches | programs | CTAs/SM | regs | tile | t_mma | t_L2 | t_epilogue | GPU ms | HBM ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for k in sorted(e.kernels, key=lambda k: (k.phase != "forward", -k.gpu_ms)):
+        lines.append(f"| {k.phase} | {k.kernel} | {k.launches} | {k.programs} | {k.ctas_per_sm} | "
+                     f"{k.registers} | {k.tile} | {k.t_mma_us:.2f} | {k.t_l2_us:.2f} | {k.t_epi_us:.2f} | "
+                     f"{k.gpu_ms:.2f} | {k.hbm_ms:.2f} |")
+    for phase in e.phase_gpu_ms:
+        lines.append(f"\n{phase}: GPU {e.phase_gpu_ms[phase]:.1f} ms, host {e.phase_host_ms[phase]:.1f} ms "
+                     f"({e.phase_launches[phase]} launches, {e.phase_ops[phase]} PyTorch ops)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m clipfast.perfmodel",
+                                     description="Static H100 model of the Triton backend (no GPU).")
+    parser.add_argument("--shapes", default="32768x512,32768x1024,65536x768,65536x1024,131072x1024",
+                        help="comma-separated NxD")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--breakdown", default="65536x1024",
+                        help="NxD whose per-kernel breakdown to print ('' for none)")
+    args = parser.parse_args(argv)
+    shapes = []
+    for item in args.shapes.split(","):
+        try:
+            n, d = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            parser.error(f"--shapes: {item!r} is not NxD")
+        if n < 2 or d < 1:
+            parser.error(f"--shapes: {item!r} needs N >= 2 and D >= 1")
+        shapes.append((n, d))
+    estimates = [estimate(n, d, args.dtype) for n, d in shapes]
+    print(format_summary(estimates))
+    if args.breakdown:
+        bn, bd = (int(v) for v in args.breakdown.lower().split("x"))
+        chosen = [e for e in estimates if (e.n, e.d) == (bn, bd)] or [estimate(bn, bd, args.dtype)]
+        print()
+        print(format_breakdown(chosen[0]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
