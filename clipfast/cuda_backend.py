@@ -13,6 +13,7 @@ slow, for tests on machines without a GPU.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -120,7 +121,8 @@ class CudaClipLossFunction(torch.autograd.Function):
                       *(row.data_ptr() for row in stats[:4]), s_value, coef.data_ptr())
             outputs = (0 if gx is None else gx.data_ptr(), 0 if gy is None else gy.data_ptr(),
                        _stream(xc.device))
-            scale_sums = _strip_backward(ext, common, outputs, xc, ctx.tensor_cores, need_scale)
+            scale_sums = _panel_backward(ext, common, outputs, xc, ctx.tensor_cores, need_scale,
+                                         need_x, need_y)
             grad_x = None if gx is None else gx.to(x_dtype)
             grad_y = None if gy is None else gy.to(y_dtype)
             if need_scale:
@@ -130,34 +132,53 @@ class CudaClipLossFunction(torch.autograd.Function):
         return grad_x, grad_y, grad_scale, grad_bias, None, None
 
 
-def strip_plan(n: int, d: int, multi_processors: int, align: int = 128) -> tuple:
-    """(strip, ld, k_splits) of the tensor-core backward.
+# The G panel and the fp32 dX^ accumulator of the backward get 3/32 of the two
+# gradients' bytes (the 20-bit dY^ accumulator's 4-bit plane takes 1/8 for
+# fp16/bf16, so the extra memory stays within 1.25x the gradients), but at
+# least 32 MiB, so that small batches still get panels that fill a GPU.
+_PANEL_BUDGET_FLOOR = 32 << 20
 
-    A strip of G holds about N*d/4 elements (1/8 of the two input gradients'
-    bytes), at least one 128-row tile and at most all of N. The strip GEMM
-    splits K (the N columns it sums over) until it has about two blocks per
-    multiprocessor, at most 16 ways and never below 1024 columns per split.
+
+def panel_plan(n: int, d: int, element_bytes: int, align: int = 128) -> tuple:
+    """(panel, ld) of the backward's square panels of G (csrc/cuda/tiles.cu).
+
+    ld is N rounded up to ``align``; the panel p the largest multiple of
+    ``align`` (at least one, at most ld) with p^2 G elements plus a p x d fp32
+    accumulator within max(3 N d element_bytes / 16, 32 MiB) bytes.
     """
     ld = -(-n // align) * align
-    strip = align * max(1, (n * d // 4) // (align * ld))
-    strip = min(strip, ld)
-    blocks = (strip // align) * -(-d // 64)
-    k_splits = max(1, min(16, -(-2 * multi_processors // blocks), ld // 1024))
-    return strip, ld, k_splits
+    budget = max(3 * n * d * element_bytes // 16, _PANEL_BUDGET_FLOOR)
+    # element_bytes * p^2 + 4 d p <= budget
+    p = int((-4 * d + math.sqrt(16 * d * d + 4 * element_bytes * budget)) / (2 * element_bytes))
+    p = p // align * align
+    while p > align and element_bytes * p * p + 4 * d * p > budget:
+        p -= align
+    return min(max(p, align), ld), ld
 
 
-def _strip_backward(ext, common, outputs, xc, tensor_cores, need_scale):
-    """The backward by strips of G (csrc/cuda/tiles.cu)."""
+def _panel_backward(ext, common, outputs, xc, tensor_cores, need_scale, need_x, need_y):
+    """The backward by square panels of G (csrc/cuda/tiles.cu); returns the
+    per-panel unscaled scale-gradient sums."""
     n, d = xc.shape
-    strip, ld, k_splits = strip_plan(n, d, _multiprocessors(xc.device), ext.STRIP_ALIGN)
-    f32 = dict(dtype=torch.float32, device=xc.device)
-    g_strip = torch.empty(strip, ld, dtype=xc.dtype, device=xc.device)
-    c_strip = torch.empty(k_splits, strip, d, **f32)
-    scale_part = torch.empty((strip // ext.STRIP_ALIGN) * (ld // 64), **f32)
-    scale_acc = torch.zeros(-(-n // strip), **f32)
-    ext.backward(*common, strip, ld, k_splits, g_strip.data_ptr(), c_strip.data_ptr(),
-                 scale_part.data_ptr(), scale_acc.data_ptr(), bool(tensor_cores), bool(need_scale),
-                 *outputs)
+    panel, ld = panel_plan(n, d, xc.element_size(), ext.PANEL_ALIGN)
+    device = xc.device
+    f32 = dict(dtype=torch.float32, device=device)
+    panels = -(-n // panel)
+    tiles = panel // ext.PANEL_ALIGN
+    g_panel = torch.empty(panel, panel, dtype=xc.dtype, device=device)
+    x_acc = torch.empty(panel, d, **f32) if need_x else None
+    # fp16/bf16: the low 4 bits of the 20-bit dY^ accumulator (its top 16 live
+    # in the gradient's own storage); fp32 accumulates in the gradient itself.
+    y_lo = (torch.empty(n, -(-d // 2), dtype=torch.uint8, device=device)
+            if need_y and xc.dtype != torch.float32 else None)
+    scale_part = torch.empty(tiles * tiles, **f32) if need_scale else None
+    scale_acc = torch.zeros(panels * panels, **f32)
+
+    def ptr(t):
+        return 0 if t is None else t.data_ptr()
+
+    ext.backward(*common, panel, ld, g_panel.data_ptr(), ptr(x_acc), ptr(y_lo), ptr(scale_part),
+                 scale_acc.data_ptr(), bool(tensor_cores), bool(need_scale), *outputs)
     return scale_acc
 
 

@@ -75,9 +75,10 @@ void backward_typed(const py::tuple& a, cudaStream_t stream) {
   auto s = stats(a, false);
   const float factor = static_cast<float>(a[14].cast<double>());
   const float* coef = ptr<const float>(a[15].cast<std::uintptr_t>());
-  cu::StripWorkspace<In> w{a[16].cast<int64_t>(), a[17].cast<int64_t>(), a[18].cast<int64_t>(),
-                           ptr<In>(a[19].cast<std::uintptr_t>()),
-                           ptr<float>(a[20].cast<std::uintptr_t>()),
+  cu::PanelWorkspace<In> w{a[16].cast<int64_t>(), a[17].cast<int64_t>(),
+                           ptr<In>(a[18].cast<std::uintptr_t>()),
+                           ptr<float>(a[19].cast<std::uintptr_t>()),
+                           ptr<uint8_t>(a[20].cast<std::uintptr_t>()),
                            ptr<float>(a[21].cast<std::uintptr_t>()),
                            ptr<float>(a[22].cast<std::uintptr_t>())};
   const bool tensor_cores = a[23].cast<bool>();
@@ -123,10 +124,11 @@ void forward(py::args args) {
 }
 
 // backward(dtype, x, y, n, d, scale, bias, normalize, inv_x, inv_y, row_max,
-//          row_logsum, col_max, col_logsum, factor, coef, strip, ld, k_splits,
-//          g_strip, c_strip, scale_part, scale_acc, tensor_cores, need_scale,
+//          row_logsum, col_max, col_logsum, factor, coef, panel, ld, g_panel,
+//          x_acc, y_lo, scale_part, scale_acc, tensor_cores, need_scale,
 //          grad_x, grad_y, stream)
 // Gradients are scaled by factor * (*coef), coef a device float (0: none).
+// The buffers are clip_loss_cuda.h's PanelWorkspace.
 void backward(py::args args) {
   dispatch("backward", args, 28, [&](auto tag, cudaStream_t stream) {
     backward_typed<typename decltype(tag)::type>(args, stream);
@@ -144,11 +146,11 @@ void backward(py::args args) {
 PYBIND11_MODULE(CLIPFAST_CUDA_MODULE, m) {
   m.doc() = "clipfast's CUDA backend (no libtorch: pointers, sizes, dtype codes, stream handle)";
   m.def("forward", &forward, "Fused CLIP loss forward statistics");
-  m.def("backward", &backward, "Fused CLIP loss gradients, by strips of G");
+  m.def("backward", &backward, "Fused CLIP loss gradients, by square panels of G");
   m.attr("FLOAT32") = static_cast<int>(kFloat32);
   m.attr("FLOAT16") = static_cast<int>(kFloat16);
   m.attr("BFLOAT16") = static_cast<int>(kBFloat16);
-  m.attr("STRIP_ALIGN") = static_cast<int>(cu::kStripAlign);
+  m.attr("PANEL_ALIGN") = static_cast<int>(cu::kPanelAlign);
   m.attr("TILE_ROWS") = static_cast<int>(cu::kTileRows);
   m.attr("TILE_COLS") = static_cast<int>(cu::kTileCols);
 }

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from clipfast import clip_loss
-from clipfast.cuda_backend import available, strip_plan
+from clipfast.cuda_backend import available, panel_plan
 
 from .parity import (HAS_CUDA, assert_gpu_memory_is_linear, assert_parity, make_features,
                      requires_cuda, unaligned_copy)
@@ -40,7 +40,7 @@ def test_backward_rejects_bad_arguments():
     with pytest.raises(ValueError, match="dtype code"):
         _cuda.backward(9, 0, 0, 4, 4, 1.0, 0.0, True, *ptrs, 1.0, 0,
                        128, 128, 1, 0, 0, 0, 0, True, True, 0, 0, 0)
-    with pytest.raises(ValueError, match="strip and ld multiples of 128"):
+    with pytest.raises(ValueError, match="panel and ld multiples of 128"):
         _cuda.backward(_cuda.BFLOAT16, 0, 0, 4, 4, 1.0, 0.0, True, *ptrs, 1.0, 0,
                        100, 128, 1, 0, 0, 0, 0, True, True, 0, 0, 0)
     with pytest.raises(ValueError, match="ld >= n"):
@@ -59,24 +59,34 @@ def test_launch_failure_is_a_python_exception():
 
     with pytest.raises(RuntimeError, match="clipfast._cuda: launching inverse_norms_kernel"):
         _cuda.forward(0, 0, 0, 4, 4, 1.0, 0.0, True, *([0] * 7), 1, 1, 0, 0, 0, 0, False, 0)
-    with pytest.raises(RuntimeError, match="clipfast._cuda: launching grad_strip_kernel"):
+    with pytest.raises(RuntimeError, match="clipfast._cuda: launching grad_panel_kernel"):
         _cuda.backward(_cuda.BFLOAT16, 0, 0, 4, 4, 1.0, 0.0, True, *([0] * 6), 1.0, 0,
                        128, 128, 1, 0, 0, 0, 0, True, True, 0, 0, 0)
 
 
 @pytest.mark.parametrize("n,d", [(1, 1), (7, 65), (128, 512), (4099, 1024), (32768, 512),
                                  (131072, 1024), (1_000_003, 768)])
-@pytest.mark.parametrize("sms", [1, 132])
-def test_strip_plan(n, d, sms):
-    strip, ld, k_splits = strip_plan(n, d, sms)
+@pytest.mark.parametrize("element_bytes", [2, 4])
+def test_panel_plan(n, d, element_bytes):
+    panel, ld = panel_plan(n, d, element_bytes)
     assert ld % 128 == 0 and n <= ld < n + 128
-    assert strip % 128 == 0 and 128 <= strip <= ld
-    assert 1 <= k_splits <= 16 and (k_splits == 1 or ld // k_splits >= 1024)
-    # A strip of G is at most N*d/4 elements unless one 128-row tile is more.
-    assert strip * ld <= max(n * d // 4, 128 * ld)
-    # Two blocks per multiprocessor where the K splits allow it.
-    blocks = (strip // 128) * -(-d // 64) * k_splits
-    assert blocks >= min(2 * sms, (strip // 128) * -(-d // 64) * min(16, ld // 1024))
+    assert panel % 128 == 0 and 128 <= panel <= ld
+    # The largest panel whose G (p^2) and fp32 dX^ accumulator (p x d) fit in
+    # max(3/32 of the two gradients' bytes, 32 MiB).
+    budget = max(3 * n * d * element_bytes // 16, 32 << 20)
+
+    def cost(p):
+        return element_bytes * p * p + 4 * d * p
+
+    assert panel == 128 or cost(panel) <= budget
+    assert panel == ld or cost(panel + 128) > budget
+    if element_bytes == 2 and n >= 131072:
+        # The memory target: gradients, the 4-bit plane of the 20-bit dY^
+        # accumulator, G panel, dX^ accumulator and the O(N) statistics within
+        # 1.25x the gradients (tests the formula; the GPU test measures it).
+        grads = 2 * n * d * element_bytes
+        extra = grads + n * -(-d // 2) + cost(panel) + 4 * 7 * n + 4 * (panel // 128) ** 2
+        assert extra <= 1.25 * grads
 
 
 def test_cuda_backend_rejects_cpu_tensors():

@@ -56,13 +56,26 @@ def test_emulated_mixed_dtypes():
     assert_parity("cuda", 37, 29, x_dtype=torch.bfloat16, y_dtype=torch.float32, allow_tf32=False)
 
 
-@pytest.mark.parametrize("k_splits", [3, 5])
-def test_emulated_split_k_and_many_strips(monkeypatch, k_splits):
-    # Several strips (the last one partial) and a split-K strip GEMM whose last
-    # split is empty for k_splits=5 (384 columns in splits of 96).
-    monkeypatch.setattr(cuda_backend, "strip_plan",
-                        lambda n, d, sms, align=128: (128, -(-n // 128) * 128, k_splits))
-    assert_parity("cuda", 300, 16, x_dtype=torch.bfloat16, scale=30.0)
+@pytest.mark.parametrize("dtype,tf32,ref_dtype", PATHS)
+@pytest.mark.parametrize("d", [104, 99])
+def test_emulated_several_panels(monkeypatch, dtype, tf32, ref_dtype, d):
+    # 3 x 3 panels of G of 128 (the last partial: 300 = 2 * 128 + 44): dX^
+    # accumulates over the column panels in fp32, dY^ over the row panels in
+    # the gradient itself (the 20-bit split for fp16/bf16). d = 104 takes the
+    # cp.async stages (K = d in 4 or 7 stages of the 3-stage pipeline, the last
+    # one partial); d = 99 the scalar loads, and an odd d leaves the last 4-bit
+    # plane entry of each row half used.
+    monkeypatch.setattr(cuda_backend, "panel_plan",
+                        lambda n, d, element_bytes, align=128: (128, -(-n // 128) * 128))
+    assert_parity("cuda", 300, d, x_dtype=dtype, scale=30.0, bias=0.5, allow_tf32=tf32,
+                  ref_dtype=ref_dtype)
+
+
+@pytest.mark.parametrize("needs", [(True, False, False, False), (False, True, True, False)])
+def test_emulated_several_panels_partial_requires_grad(monkeypatch, needs):
+    monkeypatch.setattr(cuda_backend, "panel_plan",
+                        lambda n, d, element_bytes, align=128: (128, -(-n // 128) * 128))
+    assert_parity("cuda", 260, 40, x_dtype=torch.bfloat16, needs=needs, scale=20.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

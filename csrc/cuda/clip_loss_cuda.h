@@ -46,34 +46,37 @@ template <typename In>
 void forward(const Params<In>& p, const Stats& s, const Workspace& w, bool tensor_cores,
              cudaStream_t stream);
 
-// Buffers of the backward. A strip is `strip` rows of X (or columns of Y,
-// for dY^) against all of the other side.
+// Buffers of the backward, which sweeps G by square panels (tiles.cu): for
+// row panel I, column panel J, G_IJ is recomputed once into g_panel and feeds
+// both dX^[I] += G_IJ Y^[J] (fp32, x_acc) and dY^[J] += G_IJ^T X^[I].
 template <typename In>
-struct StripWorkspace {
-  int64_t strip;         // rows per strip, a multiple of kStripAlign
-  int64_t ld;            // row length of g_strip: n rounded up to kStripAlign
-  int64_t k_splits;      // split-K factor of the strip GEMM
-  In* g_strip;           // (strip, ld) gradient weights of one strip
-  float* c_strip;        // (k_splits, strip, d) fp32 partial products
-  float* scale_part;     // (strip / 128) * (ld / 64) per-tile partial sums
-  float* scale_acc;      // one unscaled scale-gradient sum per strip
+struct PanelWorkspace {
+  int64_t panel;       // rows = columns of a panel, a multiple of kPanelAlign
+  int64_t ld;          // n rounded up to kPanelAlign
+  In* g_panel;         // (panel, panel) G of one panel, in In
+  float* x_acc;        // (panel, d) fp32 dX^ of one row panel; null without grad_x
+  uint8_t* y_lo;       // (n, ceil(d / 2)) low 4 bits of the 20-bit dY^ accumulator
+                       // (16-bit In with grad_y; null otherwise)
+  float* scale_part;   // (panel / 128)^2 per-tile partial sums
+  float* scale_acc;    // (ceil(n / panel))^2 per-panel sums, row panel major
 };
 // Tiles are kTileRows rows (image side) x kTileCols columns (text side);
-// strips are whole row tiles.
-constexpr int64_t kTileRows = 128, kTileCols = 64;
-constexpr int64_t kStripAlign = kTileRows;
+// panels are whole tiles.
+constexpr int64_t kTileRows = 128, kTileCols = 128;
+constexpr int64_t kPanelAlign = kTileRows;
 
-// Backward by strips (tiles.cu): for each strip, a kernel recomputes the
-// strip's logits and writes G (P + Q - 2[i==j], in In) once, then a GEMM kernel
-// multiplies it by the other side's unit rows with fp32 accumulation over all
-// n, and the normalisation backward finishes the strip's rows, scaled by
-// factor * (*coef) (coef read on the device). Extra memory is one strip of G
-// plus O(k_splits * strip * d): no n x d accumulator. grad_x / grad_y may be
-// null when not needed; scale_acc receives the unscaled sums
-// sum_ij (P + Q - 2[i==j]) * cos_ij when need_scale.
+// Backward by panels (tiles.cu), 3 GEMM-equivalents: G is recomputed once.
+// dX^ of a row panel accumulates in x_acc (fp32) and is finished (the
+// normalisation backward, scaled by factor * (*coef), coef read on the
+// device) when the row panel is done. dY^ accumulates over the row panels in
+// grad_y itself: fp32 for float; for fp16/bf16 a 20-bit float (8-bit exponent,
+// 11-bit mantissa: the top 16 bits of the fp32 pattern in grad_y's storage,
+// the next 4 in y_lo), round to nearest at every update, finished in place at
+// the end. grad_x / grad_y may be null when not needed; scale_acc receives the
+// unscaled sums sum_ij (P + Q - 2[i==j]) * cos_ij per panel when need_scale.
 template <typename In>
 void backward(const Params<In>& p, const Stats& s, float factor, const float* coef,
-              const StripWorkspace<In>& w, bool tensor_cores, bool need_scale, In* grad_x,
+              const PanelWorkspace<In>& w, bool tensor_cores, bool need_scale, In* grad_x,
               In* grad_y, cudaStream_t stream);
 
 }  // namespace cuda

@@ -1,7 +1,8 @@
 """csrc/cuda/*.cu as C++ sources for the CPU emulation (cuda_emulation.h).
 
 Every `kernel<<<grid, block, smem, stream>>>(args);` becomes a call of
-clipfast_emulation::launch that runs the kernel as each thread of each block.
+clipfast_emulation::launch that runs the kernel as each thread of each block
+with `smem` bytes of dynamic shared memory.
 Used by setup.py (clipfast._cuda_emulated) and scripts/asan_emulated.sh:
     python csrc/emulate/rewrite_launches.py OUT_DIR   # prints the sources
 """
@@ -35,9 +36,11 @@ def emulated_cuda_sources(out_dir):
     for src in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
         def launch(match):
             name, config, args = match.groups()
-            grid, block = _top_level_split(config)[:2]
+            config = _top_level_split(config)
+            grid, block = config[:2]
+            smem = config[2] if len(config) > 2 else "0"
             return (f"::clipfast_emulation::launch(dim3({grid}), dim3({block}), "
-                    f"[&] {{ {name}({args}); }});")
+                    f"static_cast<size_t>({smem}), [&] {{ {name}({args}); }});")
 
         text = _LAUNCH.sub(launch, src.read_text())
         if "<<<" in text:
