@@ -139,28 +139,53 @@ class CudaClipLossFunction(torch.autograd.Function):
 _PANEL_BUDGET_FLOOR = 32 << 20
 
 
-def panel_plan(n: int, d: int, element_bytes: int, align: int = 128) -> tuple:
+# The launch overhead of one panel's three kernels, in units of one 128 x 128
+# tile's MMA time per unit of K (about 4 us per launch against 6 ns per K).
+_PANEL_LAUNCH_COST = 2000
+
+
+def panel_plan(n: int, d: int, element_bytes: int, multi_processors: int,
+               align: int = 128) -> tuple:
     """(panel, ld) of the backward's square panels of G (csrc/cuda/tiles.cu).
 
-    ld is N rounded up to ``align``; the panel p the largest multiple of
-    ``align`` (at least one, at most ld) with p^2 G elements plus a p x d fp32
-    accumulator within max(3 N d element_bytes / 16, 32 MiB) bytes.
+    ld is N rounded up to ``align``. The panel p is a multiple of ``align``
+    (at least one, at most ld) whose G panel (p^2 elements) plus p x d fp32
+    accumulator fit in max(3 N d element_bytes / 16, 32 MiB) bytes. Among
+    those, it takes the one whose launches waste least on partial rounds of
+    blocks: per panel, grad_panel_kernel runs (p/128)^2 tiles with K = d and
+    panel_products_kernel 2 (p/128) ceil(d/128) tiles with K = p, each in
+    whole rounds of (multiprocessors x blocks per SM) blocks, plus a launch
+    cost; ties go to the larger panel (fewer launches and dY^ updates).
     """
     ld = -(-n // align) * align
     budget = max(3 * n * d * element_bytes // 16, _PANEL_BUDGET_FLOOR)
     # element_bytes * p^2 + 4 d p <= budget
-    p = int((-4 * d + math.sqrt(16 * d * d + 4 * element_bytes * budget)) / (2 * element_bytes))
-    p = p // align * align
-    while p > align and element_bytes * p * p + 4 * d * p > budget:
-        p -= align
-    return min(max(p, align), ld), ld
+    p_max = int((-4 * d + math.sqrt(16 * d * d + 4 * element_bytes * budget)) / (2 * element_bytes))
+    p_max = p_max // align * align
+    while p_max > align and element_bytes * p_max * p_max + 4 * d * p_max > budget:
+        p_max -= align
+    p_max = min(max(p_max, align), ld)
+    # fp16/bf16 tile kernels fit two blocks per SM, fp32 ones one.
+    slots = max(1, multi_processors) * (2 if element_bytes == 2 else 1)
+    d_tiles = -(-d // align)
+    best = None
+    for tiles in range(p_max // align, 0, -1):
+        p = tiles * align
+        panels = -(-n // p)
+        grad = -(-tiles * tiles // slots) * d
+        products = -(-2 * tiles * d_tiles // slots) * p
+        cost = panels * panels * (grad + products + _PANEL_LAUNCH_COST)
+        if best is None or cost < best[0]:
+            best = (cost, p)
+    return best[1], ld
 
 
 def _panel_backward(ext, common, outputs, xc, tensor_cores, need_scale, need_x, need_y):
     """The backward by square panels of G (csrc/cuda/tiles.cu); returns the
     per-panel unscaled scale-gradient sums."""
     n, d = xc.shape
-    panel, ld = panel_plan(n, d, xc.element_size(), ext.PANEL_ALIGN)
+    panel, ld = panel_plan(n, d, xc.element_size(), _multiprocessors(xc.device),
+                           ext.PANEL_ALIGN)
     device = xc.device
     f32 = dict(dtype=torch.float32, device=device)
     panels = -(-n // panel)

@@ -65,28 +65,32 @@ def test_launch_failure_is_a_python_exception():
 
 
 @pytest.mark.parametrize("n,d", [(1, 1), (7, 65), (128, 512), (4099, 1024), (32768, 512),
-                                 (131072, 1024), (1_000_003, 768)])
+                                 (65536, 1024), (131072, 1024), (1_000_003, 768)])
 @pytest.mark.parametrize("element_bytes", [2, 4])
-def test_panel_plan(n, d, element_bytes):
-    panel, ld = panel_plan(n, d, element_bytes)
+@pytest.mark.parametrize("sms", [1, 132])
+def test_panel_plan(n, d, element_bytes, sms):
+    panel, ld = panel_plan(n, d, element_bytes, sms)
     assert ld % 128 == 0 and n <= ld < n + 128
     assert panel % 128 == 0 and 128 <= panel <= ld
-    # The largest panel whose G (p^2) and fp32 dX^ accumulator (p x d) fit in
-    # max(3/32 of the two gradients' bytes, 32 MiB).
+    # G (p^2) and the fp32 dX^ accumulator (p x d) fit in max(3/32 of the two
+    # gradients' bytes, 32 MiB), unless one 128-row tile is more.
     budget = max(3 * n * d * element_bytes // 16, 32 << 20)
-
-    def cost(p):
-        return element_bytes * p * p + 4 * d * p
-
-    assert panel == 128 or cost(panel) <= budget
-    assert panel == ld or cost(panel + 128) > budget
+    cost = element_bytes * panel * panel + 4 * d * panel
+    assert panel == 128 or cost <= budget
     if element_bytes == 2 and n >= 131072:
         # The memory target: gradients, the 4-bit plane of the 20-bit dY^
         # accumulator, G panel, dX^ accumulator and the O(N) statistics within
         # 1.25x the gradients (tests the formula; the GPU test measures it).
         grads = 2 * n * d * element_bytes
-        extra = grads + n * -(-d // 2) + cost(panel) + 4 * 7 * n + 4 * (panel // 128) ** 2
+        scale_sums = 4 * (-(-n // panel)) ** 2 + 4 * (panel // 128) ** 2
+        extra = grads + n * -(-d // 2) + cost + 4 * 7 * n + scale_sums
         assert extra <= 1.25 * grads
+    if sms == 132 and element_bytes == 2 and (n, d) in ((65536, 1024), (131072, 1024)):
+        # Whole rounds of blocks (2 per SM): G tiles and product tiles of a
+        # panel each fill at least 90% of the rounds they take.
+        tiles, slots = panel // 128, 2 * sms
+        for blocks in (tiles * tiles, 2 * tiles * -(-d // 128)):
+            assert blocks / (slots * -(-blocks // slots)) >= 0.9
 
 
 def test_cuda_backend_rejects_cpu_tensors():

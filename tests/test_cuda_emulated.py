@@ -66,7 +66,7 @@ def test_emulated_several_panels(monkeypatch, dtype, tf32, ref_dtype, d):
     # one partial); d = 99 the scalar loads, and an odd d leaves the last 4-bit
     # plane entry of each row half used.
     monkeypatch.setattr(cuda_backend, "panel_plan",
-                        lambda n, d, element_bytes, align=128: (128, -(-n // 128) * 128))
+                        lambda n, d, element_bytes, sms, align=128: (128, -(-n // 128) * 128))
     assert_parity("cuda", 300, d, x_dtype=dtype, scale=30.0, bias=0.5, allow_tf32=tf32,
                   ref_dtype=ref_dtype)
 
@@ -74,7 +74,7 @@ def test_emulated_several_panels(monkeypatch, dtype, tf32, ref_dtype, d):
 @pytest.mark.parametrize("needs", [(True, False, False, False), (False, True, True, False)])
 def test_emulated_several_panels_partial_requires_grad(monkeypatch, needs):
     monkeypatch.setattr(cuda_backend, "panel_plan",
-                        lambda n, d, element_bytes, align=128: (128, -(-n // 128) * 128))
+                        lambda n, d, element_bytes, sms, align=128: (128, -(-n // 128) * 128))
     assert_parity("cuda", 260, 40, x_dtype=torch.bfloat16, needs=needs, scale=20.0)
 
 

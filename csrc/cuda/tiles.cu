@@ -49,10 +49,11 @@
 //   + 2 p^2                  g_panel
 //   + 4 p d                  x_acc
 //   + 4 (p/128)^2 + 4 ceil(N/p)^2 + O(N) fp32 statistics,
-// with p the largest multiple of 128 (<= N rounded up) where
-// 2 p^2 + 4 p d <= max(3 N d / 8, 32 MiB) (clipfast/cuda_backend.py:
-// panel_plan). At N = 131072, d = 1024: 64 + 32 + 16 + 3.5 MiB = 1.23x the
-// gradients' 512 MiB counting the gradients (target: 1.25x).
+// with p a multiple of 128 (<= N rounded up) where 2 p^2 + 4 p d <=
+// max(3 N d / 8, 32 MiB), chosen among those to fill whole rounds of blocks
+// (clipfast/cuda_backend.py: panel_plan). At N = 131072, d = 1024 (p = 4096):
+// 512 + 64 + 32 + 16 + 3.5 MiB = 1.23x the gradients' 512 MiB, the gradients
+// included (target: 1.25x).
 #include <mma.h>
 
 #include <algorithm>
