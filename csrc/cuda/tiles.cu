@@ -204,14 +204,16 @@ struct StageCursor {
   // Once this thread's copies of stage k0 have landed (visible to it without
   // a barrier): scales the unit rows among its own chunks.
   __device__ void land(int k0, In* dst) const {
-    if (S != Shape::kCols || !vec || inv == nullptr) return;
+    if constexpr (S == Shape::kCols) {
+      if (!vec || inv == nullptr) return;
 #pragma unroll
-    for (int c = 0; c < kPer; ++c) {
-      if (k0 < room[c]) {
-        const float scale = inv[k0 + chunk_row(c)];
-        In* q = dst + chunk_row(c) * G::kLd + chunk_col(c);
+      for (int c = 0; c < kPer; ++c) {
+        if (k0 < room[c]) {
+          const float scale = inv[k0 + chunk_row(c)];
+          In* q = dst + chunk_row(c) * G::kLd + chunk_col(c);
 #pragma unroll
-        for (int t = 0; t < kVec<In>; ++t) q[t] = from_float<In>(to_float(q[t]) * scale);
+          for (int t = 0; t < kVec<In>; ++t) q[t] = from_float<In>(to_float(q[t]) * scale);
+        }
       }
     }
   }
@@ -673,11 +675,16 @@ unsigned grid_side(int64_t value, const char* what) {
   return static_cast<unsigned>(value);
 }
 
-// More than 48 KB of dynamic shared memory must be asked for, per kernel.
+// More than 48 KB of dynamic shared memory must be asked for, per kernel;
+// the largest shared-memory carveout lets two 66 KB blocks share an SM.
 template <typename Kernel>
 void allow_shared_memory(Kernel kernel, size_t bytes, const char* what) {
-  const cudaError_t err = cudaFuncSetAttribute(
-      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(bytes));
+  if (err == cudaSuccess) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                               static_cast<int>(cudaSharedmemCarveoutMaxShared));
+  }
   if (err != cudaSuccess) {
     (void)cudaGetLastError();
     throw std::runtime_error(std::string("clipfast._cuda: launching ") + what + " failed: " +
