@@ -150,19 +150,27 @@ def profile_sass(sass: str, rare_region: int = 64) -> SassProfile:
         enclosing = [lp for lp in loops if lp[0] <= main[0] and lp[1] >= main[1] and lp != main]
         outer = min(enclosing, key=lambda lp: lp[1] - lp[0]) if enclosing else None
     lo, hi = outer if outer is not None else (0, len(instrs) - 1)
+    # Every innermost matmul loop (a kernel with one per branch, like the
+    # panel products' dX / dY halves, has several); a program runs one.
+    main_loops = [lp for lp in candidates
+                  if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in candidates)]
+    in_main = set()
+    for a, b in main_loops:
+        in_main.update(range(a, b + 1))
     skipped = set()
     for start, stop in forward:
         if lo <= start and stop <= hi + 1 and stop - start >= rare_region:
-            if main is None or not (start <= main[0] and main[1] < stop):
-                skipped.update(range(start, stop))
-    body = [k for k in range(lo, hi + 1) if main is None or not (main[0] <= k <= main[1])]
+            if not any(start <= a and b < stop for a, b in main_loops):
+                skipped.update(range(start + 1, stop))
+    body = [k for k in range(lo, hi + 1) if k not in in_main]
     common = [k for k in body if k not in skipped]
+    share = max(1, len(main_loops)) if outer is None else 1
     return SassProfile(
         total=len(instrs),
         loop_instrs=(main[1] - main[0] + 1) if main else 0,
         loop_mma=count(*main, is_mma) if main else 0,
-        epilogue_instrs=len(common),
-        epilogue_mufu=sum(1 for k in common if instrs[k][0] == "MUFU"),
+        epilogue_instrs=len(common) // share,
+        epilogue_mufu=sum(1 for k in common if instrs[k][0] == "MUFU") // share,
         rare_instrs=len(skipped),
         has_tile_loop=outer is not None,
         opcodes=Counter(op for op, _, _ in instrs),
@@ -391,6 +399,18 @@ def format_summary(estimates: List[Estimate], gpu: GPU = H100) -> str:
     return "\n".join(lines)
 
 
+def l2_sensitivity(n: int, d: int, dtype: str, bandwidths=(7e12, 10e12, 15e12, 20e12)) -> str:
+    """The estimate under other L2 bandwidths, the model's least certain input."""
+    import dataclasses
+
+    parts = []
+    for bw in bandwidths:
+        e = estimate(n, d, dtype, dataclasses.replace(H100, l2_bandwidth=bw))
+        bound, _ = gemm4_ms(n, d, dtype)
+        parts.append(f"{bw / 1e12:.0f} TB/s: {e.total_ms:.1f} ms ({e.total_ms / bound:.2f}x)")
+    return f"L2 bandwidth sensitivity, {dtype} N={n} d={d}: " + "; ".join(parts)
+
+
 def format_breakdown(e: Estimate) -> str:
     lines = [f"Breakdown, {e.dtype} N={e.n} d={e.d} (per tile: tensor cores / L2 operands / epilogue, us)", "",
              "| phase | kernel | launches | programs | CTAs/SM | regs | tile | t_mma | t_L2 | t_epilogue | GPU ms | HBM ms |",
@@ -430,6 +450,8 @@ def main(argv=None) -> int:
         chosen = [e for e in estimates if (e.n, e.d) == (bn, bd)] or [estimate(bn, bd, args.dtype)]
         print()
         print(format_breakdown(chosen[0]))
+        print()
+        print(l2_sensitivity(bn, bd, args.dtype))
     return 0
 
 

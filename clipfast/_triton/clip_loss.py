@@ -333,22 +333,28 @@ def _accumulate_product_tile(
     offs_d = (pid_d * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
     mask_m = offs_m < M
     mask_d = offs_d < D
+    # Row offsets move the base pointers once (scalar int64 arithmetic), so the
+    # per-element addresses stay as cheap as for a slice.
+    b_ptr += tl.cast(b_row0, tl.int64) * stride_bk
+    b_row_scale_ptr += b_row0
+    c_ptr += tl.cast(c_row0, tl.int64) * stride_cm
+    c_lo_ptr += tl.cast(c_row0, tl.int64) * stride_cm
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         mask_k = offs_k < K
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(b_ptr + (b_row0 + offs_k)[:, None] * stride_bk + offs_d[None, :] * stride_bd,
+        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_d[None, :] * stride_bd,
                     mask=mask_k[:, None] & mask_d[None, :], other=0.0)
         if SCALE_B_ROWS:
             # Normalise the feature rows on the fly, rounding to the dot dtype
             # exactly where PyTorch would round its normalised copy.
-            row_scale = tl.load(b_row_scale_ptr + b_row0 + offs_k, mask=mask_k, other=0.0)
+            row_scale = tl.load(b_row_scale_ptr + offs_k, mask=mask_k, other=0.0)
             b = b.to(tl.float32) * row_scale[:, None]
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
 
-    c_offs = (c_row0 + offs_m)[:, None] * stride_cm + offs_d[None, :] * stride_cd
+    c_offs = offs_m[:, None] * stride_cm + offs_d[None, :] * stride_cd
     mask_c = mask_m[:, None] & mask_d[None, :]
     if SPLIT_ACC:
         hi = tl.load(c_ptr + c_offs, mask=mask_c, other=0).to(tl.int32)
@@ -372,6 +378,7 @@ def _panel_grads_kernel(
     gx_ptr, stride_gxm, stride_gxd,
     gy_ptr, gy_lo_ptr, stride_gym, stride_gyd,
     x_tiles,
+    WITH_X: tl.constexpr, WITH_Y: tl.constexpr,
     SCALE_ROWS: tl.constexpr, SPLIT_ACC_Y: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -381,14 +388,16 @@ def _panel_grads_kernel(
     the GPU): dX^[rows] += G @ Y^[cols] and dY^[cols] += G^T @ X^[rows]. The
     panel covers rows row_start.. of X and col_start.. of Y; dX^ lands at row
     gx_row0 + i of gx (0 for a panel-sized buffer), dY^ at row col_start + j."""
+    # WITH_X / WITH_Y compile out a side nobody asked for: its registers
+    # would count against the other (a spill, for an unused branch).
     pid = tl.program_id(0)
-    if pid < x_tiles:
+    if WITH_X and (pid < x_tiles or not WITH_Y):
         _accumulate_product_tile(
             pid, grad_panel_ptr, y_ptr, inv_y_ptr, gx_ptr, gx_ptr,
             rows, cols, D, col_start, gx_row0,
             stride_gm, stride_gn, stride_yn, stride_yd, stride_gxm, stride_gxd,
             SCALE_ROWS, False, DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_K, GROUP_M)
-    else:
+    elif WITH_Y:
         _accumulate_product_tile(
             pid - x_tiles, grad_panel_ptr, x_ptr, inv_x_ptr, gy_ptr, gy_lo_ptr,
             cols, rows, D, row_start, col_start,
@@ -501,9 +510,11 @@ def _tile_config(dot_dtype: torch.dtype, precision: str, interpret: bool) -> dic
     if interpret:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=1, num_stages=1)
     if dot_dtype == torch.float32 and precision == "ieee":
-        # FMA dots hold their operand slices in registers: BLOCK_K 32 spills
-        # with Triton 3.9 on sm_90.
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=3)
+        # FMA dots hold their operand slices in registers. Larger tiles, more
+        # stages or no explicit register budget (ptxas then trades a few spilled
+        # bytes for occupancy at 128 registers) spill with some Triton version
+        # on sm_80 or sm_90; this is the exact-fp32 option, not the fast one.
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=1, maxnreg=255)
     if dot_dtype == torch.float32:
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)
     # 128 x 128 tiles need 255 registers and spill on sm_90 (the softmax
@@ -513,11 +524,14 @@ def _tile_config(dot_dtype: torch.dtype, precision: str, interpret: bool) -> dic
     return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
-def _matmul_config(dot_dtype: torch.dtype, interpret: bool) -> dict:
+def _matmul_config(dot_dtype: torch.dtype, scale_rows: bool, interpret: bool) -> dict:
     if interpret:
         return dict(BLOCK_M=32, BLOCK_D=32, BLOCK_K=32, GROUP_M=2, num_warps=1, num_stages=1)
-    if dot_dtype == torch.float32:
-        return dict(BLOCK_M=128, BLOCK_D=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+    if dot_dtype == torch.float32 or scale_rows:
+        # Rows normalised on load (fp16) pass B through registers: with
+        # 128-wide B tiles that spills (python -m clipfast.aot_check).
+        return dict(BLOCK_M=128, BLOCK_D=64, BLOCK_K=32 if dot_dtype == torch.float32 else 64,
+                    GROUP_M=8, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_D=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
@@ -677,10 +691,10 @@ def block_grads(x, y, inv_x, inv_y, scale, bias, row_stats, col_stats, diag_offs
     dot_dtype = _dot_dtype(x, y)
     precision = _input_precision(dot_dtype, allow_tf32, interpret)
     cfg = _tile_config(dot_dtype, precision, interpret)
-    mm_cfg = _matmul_config(dot_dtype, interpret)
+    fold = folds_inv_norms(x, y, normalize)
+    mm_cfg = _matmul_config(dot_dtype, normalize and not fold, interpret)
     side = _panel_size(max(m, k), d, panel, max(cfg["BLOCK_M"], cfg["BLOCK_N"]))
     device = x.device
-    fold = folds_inv_norms(x, y, normalize)
     need_x = x_out is not None or x_acc is not None
     need_y = y_acc is not None
 
@@ -733,7 +747,7 @@ def block_grads(x, y, inv_x, inv_y, scale, bias, row_stats, col_stats, diag_offs
                 y, y.stride(0), y.stride(1), inv_y,
                 gx, gx.stride(0), gx.stride(1),
                 gy, gy_lo, gy.stride(0), gy.stride(1),
-                x_tiles,
+                x_tiles, WITH_X=need_x, WITH_Y=need_y,
                 SCALE_ROWS=normalize and not fold, SPLIT_ACC_Y=y_acc_lo is not None,
                 DOT_DTYPE=_TORCH_TO_TL[dot_dtype], INPUT_PRECISION=precision,
                 **mm_cfg,
