@@ -57,11 +57,15 @@ class GPU:
     launch_gpu_s: float = 4e-6    # a launch's fixed cost on the GPU
     host_launch_s: float = 20e-6  # Python + Triton launch path, per kernel
     host_op_s: float = 6e-6       # one eager PyTorch op (view, sum, zero_, ...)
+    mma_sync_fraction: float = 0.65  # legacy mma.sync (HMMA) against wgmma's rate, sm_90
 
 
 # H100 SXM 80GB. gemm_rate: DESIGN.md's cuBLAS anchor (bf16; TF32 at half).
 # Clock: 1.755 GHz sustained. issue: 4 schedulers at 75% (dependent FP
 # chains with two warps each). MUFU: 16 lanes/clk/SM. L2: assumed 10 TB/s.
+# mma.sync: Hopper reaches its matrix peak only through wgmma; public
+# mma.sync-based kernels (FlashAttention-2) reach roughly half to two thirds
+# of what wgmma ones (FlashAttention-3) do on the same H100: assumed 0.65.
 H100 = GPU(
     name="H100 SXM (model)",
     sms=132,
@@ -95,7 +99,7 @@ class SassProfile:
     """Instruction counts of one kernel, per warp."""
 
     total: int
-    loop_instrs: int            # one iteration of the matmul main loop
+    loop_instrs: int            # one iteration of the matmul main loop, common path
     loop_mma: int               # MMA instructions in it
     epilogue_instrs: int        # per tile, outside the main loop, common path
     epilogue_mufu: int
@@ -159,15 +163,18 @@ def profile_sass(sass: str, rare_region: int = 64) -> SassProfile:
         in_main.update(range(a, b + 1))
     skipped = set()
     for start, stop in forward:
-        if lo <= start and stop <= hi + 1 and stop - start >= rare_region:
+        if stop - start >= rare_region and (lo <= start and stop <= hi + 1 or main is not None
+                                             and main[0] <= start and stop <= main[1] + 1):
             if not any(start <= a and b < stop for a, b in main_loops):
                 skipped.update(range(start + 1, stop))
+    main_common = 0 if main is None else sum(
+        1 for k in range(main[0], main[1] + 1) if k not in skipped)
     body = [k for k in range(lo, hi + 1) if k not in in_main]
     common = [k for k in body if k not in skipped]
     share = max(1, len(main_loops)) if outer is None else 1
     return SassProfile(
         total=len(instrs),
-        loop_instrs=(main[1] - main[0] + 1) if main else 0,
+        loop_instrs=main_common,
         loop_mma=count(*main, is_mma) if main else 0,
         epilogue_instrs=len(common) // share,
         epilogue_mufu=sum(1 for k in common if instrs[k][0] == "MUFU") // share,
@@ -228,8 +235,6 @@ def estimate_launch(gpu: GPU, launch, info, prof: SassProfile, n: int, d: int,
                                 else "fp32"] / gpu.sms
     if dot == "fp32" and cfg.get("INPUT_PRECISION") == "ieee":
         rate_per_sm = 2 * 128 * gpu.clock_hz * 0.8  # FFMA: 128 lanes/clk/SM
-    l2_per_sm = gpu.l2_bandwidth / gpu.sms
-    clk = gpu.clock_hz
     name = launch.kernel
     programs = launch.programs
     if name in ("_forward_tiles_kernel", "_grad_logits_kernel"):
@@ -261,24 +266,43 @@ def estimate_launch(gpu: GPU, launch, info, prof: SassProfile, n: int, d: int,
         t = hbm / gpu.hbm_bandwidth + gpu.launch_gpu_s
         return t, hbm / gpu.hbm_bandwidth, 0.0, 0.0, 0.0, ctas, "rows"
 
-    t_mma = 2 * bm * bn * kdim / rate_per_sm
-    t_l2 = op_bytes / l2_per_sm
-    iters = math.ceil(kdim / bk)
-    t_loop_issue = warps * prof.loop_instrs * iters / gpu.issue_per_clk / clk
+    if arch_uses_mma_sync(prof):
+        rate_per_sm *= gpu.mma_sync_fraction
+    t_tile_sm, t_mma, t_l2, t_epi = tile_time(gpu, prof, warps, ctas, bm * bn, kdim, bk,
+                                              op_bytes, rate_per_sm)
+    t = launch_time(gpu, t_tile_sm, ctas, programs, tiles_per_program)
+    t_hbm = hbm / gpu.hbm_bandwidth
+    return max(t, t_hbm), t_hbm, t_mma, t_l2, t_epi, ctas, tile
+
+
+def arch_uses_mma_sync(prof: SassProfile) -> bool:
+    """Tensor cores through HMMA (mma.sync) rather than HGMMA (wgmma)."""
+    return prof.opcodes.get("HMMA", 0) > 0 and prof.opcodes.get("HGMMA", 0) == 0
+
+
+def tile_time(gpu: GPU, prof: SassProfile, warps: int, ctas: int, tile_elems: int, kdim: float,
+              block_k: int, op_bytes: float, rate_per_sm: float):
+    """(SM time per tile, t_mma, t_l2, t_epilogue) in seconds: the main loop
+    is the slowest of tensor cores, L2 operand traffic and its instruction
+    issue; the epilogue runs after it in the same CTA, hidden behind another
+    CTA's main loop only when two or more fit on an SM."""
+    clk = gpu.clock_hz
+    t_mma = 2 * tile_elems * kdim / rate_per_sm
+    t_l2 = op_bytes / (gpu.l2_bandwidth / gpu.sms)
+    t_loop_issue = warps * prof.loop_instrs * math.ceil(kdim / block_k) / gpu.issue_per_clk / clk
     t_main = max(t_mma, t_l2, t_loop_issue)
     t_epi = max(warps * prof.epilogue_instrs / gpu.issue_per_clk,
                 warps * prof.epilogue_mufu * 32 / gpu.mufu_per_clk) / clk
-    if ctas >= 2:
-        t_tile_sm = max(t_main, t_epi, (t_main + t_epi) / ctas)
-    else:
-        t_tile_sm = t_main + t_epi
-    slots = gpu.sms * ctas
-    rounds = math.ceil(programs / slots)
-    # Within a round each CTA gets 1/ctas of its SM.
-    t = rounds * tiles_per_program * t_tile_sm * min(ctas, math.ceil(programs / gpu.sms)) \
-        + gpu.launch_gpu_s
-    t_hbm = hbm / gpu.hbm_bandwidth
-    return max(t, t_hbm), t_hbm, t_mma, t_l2, t_epi, ctas, tile
+    t_sm = max(t_main, t_epi, (t_main + t_epi) / ctas) if ctas >= 2 else t_main + t_epi
+    return t_sm, t_mma, t_l2, t_epi
+
+
+def launch_time(gpu: GPU, t_tile_sm: float, ctas: int, programs: int,
+                tiles_per_program: int = 1) -> float:
+    """Whole rounds of SMs x CTAs; within a round each CTA gets 1/ctas of its SM."""
+    rounds = math.ceil(programs / (gpu.sms * ctas))
+    return (rounds * tiles_per_program * t_tile_sm * min(ctas, math.ceil(programs / gpu.sms))
+            + gpu.launch_gpu_s)
 
 
 # --------------------------------------------------------------------------- #
@@ -377,14 +401,116 @@ def estimate(n: int, d: int, dtype: str = "bf16", gpu: GPU = H100, arch: int = 9
     return Estimate(n, d, dtype, kernels, phase_gpu, phase_host, phase_launches, ops)
 
 
+# --------------------------------------------------------------------------- #
+# The CUDA backend (csrc/cuda/tiles.cu), from nvcc's SASS
+# --------------------------------------------------------------------------- #
+
+_CUDA_TILE = 128          # 128 x 128 output tiles, 8 warps (tiles.cu)
+_CUDA_STAGE_BYTES = 64    # bytes of K per row per pipeline stage
+
+
+def cuda_kernels(arch: int = 90):
+    """{kernel: (SassProfile, registers, shared bytes)} of csrc/cuda/tiles.cu
+    compiled by nvcc for ``arch``."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    from ._triton.aot import _nvidia_tool
+    from .aot_check import REPO, _demangle, _parse_ptxas
+
+    nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
+    if nvcc is None:
+        raise RuntimeError("the CUDA model needs nvcc (CUDA_HOME or PATH)")
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "tiles.cubin")
+        proc = subprocess.run(
+            [nvcc, "-cubin", "-std=c++17", "-O3", "-gencode", f"arch=compute_{arch},code=sm_{arch}",
+             f"-I{REPO / 'csrc'}", f"-I{REPO / 'csrc' / 'include'}", "-Xptxas", "-v",
+             str(REPO / "csrc" / "cuda" / "tiles.cu"), "-o", cubin],
+            capture_output=True, text=True, check=True)
+        sass = subprocess.run([_nvidia_tool("nvdisasm"), "-c", cubin], capture_output=True,
+                              text=True, check=True).stdout
+    entries = _parse_ptxas(proc.stderr)
+    pretty = _demangle([e[0] for e in entries])
+    chunks = re.split(r"//-+ \.text\.(\S+) -+", sass)
+    by_mangled = {chunks[i]: chunks[i + 1] for i in range(1, len(chunks) - 1, 2)}
+    out = {}
+    for mangled, regs, _spill, smem in entries:
+        if mangled in by_mangled:
+            out[pretty[mangled].replace("void ", "")] = (profile_sass(by_mangled[mangled]), regs, smem)
+    return out
+
+
+def estimate_cuda(n: int, d: int, dtype: str = "bf16", gpu: GPU = H100, arch: int = 90,
+                  kernels=None) -> Estimate:
+    """The CUDA backend's schedule (cuda_backend.py, tiles.cu) on the same
+    per-tile model: forward super-tiles, then per p x p panel of G one
+    recompute launch and one launch of both products, dX^ finished per row
+    panel. Launches come from a C++ loop: host cost ``host_launch_s / 4``."""
+    from .cuda_backend import panel_plan
+
+    cpp_type = {"bf16": "__nv_bfloat16", "fp16": "__half", "fp32": "float"}[dtype]
+    kernels = cuda_kernels(arch) if kernels is None else kernels
+    b = _DTYPE_BYTES[dtype]
+    rate = gpu.gemm_rate[dtype] / gpu.sms
+    t = _CUDA_TILE
+    bk = _CUDA_STAGE_BYTES // b
+    smem_dynamic = 67584  # tiles.cu kSmemBytes: three stages, reused for the output tile
+
+    def kernel(prefix):
+        for name, value in kernels.items():
+            if name.startswith(prefix) and f"<{cpp_type}, true" in name:
+                return name, value
+        raise KeyError(f"{prefix}<{cpp_type}, true...> not in the compiled kernels")
+
+    estimates = []
+
+    def timed(phase, prefix, programs, tiles_per_program, kdim, launches=1):
+        name, (prof, regs, smem) = kernel(prefix)
+        ctas = _ctas_per_sm(gpu, regs, 8, smem + smem_dynamic)
+        kernel_rate = rate * (gpu.mma_sync_fraction if arch_uses_mma_sync(prof) else 1.0)
+        t_sm, t_mma, t_l2, t_epi = tile_time(gpu, prof, 8, ctas, t * t, kdim, bk,
+                                             2 * t * kdim * b, kernel_rate)
+        total = launch_time(gpu, t_sm, ctas, programs, tiles_per_program) * launches
+        estimates.append(KernelEstimate(phase, name, launches, programs, ctas, regs,
+                                        f"{t}x{t}x{bk}", t_mma * 1e6, t_l2 * 1e6, t_epi * 1e6,
+                                        total * 1e3, 0.0))
+        return total
+
+    blocks = math.ceil(n / t)
+    splits = max(1, min(blocks, int((2 * gpu.sms) ** 0.5)))
+    fwd = timed("forward", "forward_tiles_kernel", splits * splits, math.ceil(blocks / splits) ** 2, d)
+    p, _ = panel_plan(n, d, b, gpu.sms)
+    panels = math.ceil(n / p)
+    full, last = p, n - (panels - 1) * p
+    bwd = 0.0
+    for rows, count in ((full, (panels - 1) ** 2), (last, 1), (None, 2 * (panels - 1))):
+        if count == 0:
+            continue
+        r = math.ceil((rows or full) / t)
+        c = math.ceil((rows or last) / t)
+        bwd += timed("backward", "grad_panel_kernel", r * c, 1, d, count)
+        bwd += timed("backward", "panel_products_kernel", (r + c) * math.ceil(d / t), 1,
+                     ((rows or full) + (rows or last)) / 2, count)
+    # dY^'s 20-bit accumulator read and written per row panel, the finish kernels.
+    hbm = (panels * n * d * (b + 0.5) * 2 + 2 * n * d * (b + 8)) / gpu.hbm_bandwidth
+    bwd += hbm
+    launches = {"forward": 3, "backward": 2 * panels * panels + panels + 2}
+    host = {phase: count * gpu.host_launch_s / 4 * 1e3 for phase, count in launches.items()}
+    return Estimate(n, d, dtype, estimates, {"forward": fwd * 1e3, "backward": bwd * 1e3},
+                    host, launches, {"forward": 0, "backward": 0})
+
+
 def gemm4_ms(n: int, d: int, dtype: str, gpu: GPU = H100) -> Tuple[float, str]:
     if dtype in ("bf16", "fp16") and (n, d) in GEMM4_MEASURED_MS:
         return GEMM4_MEASURED_MS[(n, d)], "measured"
     return 8 * n * n * d / gpu.gemm_rate[dtype] * 1e3, "rate"
 
 
-def format_summary(estimates: List[Estimate], gpu: GPU = H100) -> str:
-    lines = [f"Model of the Triton backend on {gpu.name}: forward + backward, ms "
+def format_summary(estimates: List[Estimate], gpu: GPU = H100, backend: str = "triton") -> str:
+    lines = [f"Model of the {backend} backend on {gpu.name}: forward + backward, ms "
              "(a model from compiled SASS, not a measurement)", "",
              "| dtype | N | d | forward | backward | total | 4-GEMM bound | x bound | torch.compile (measured) | host-bound phases |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -399,13 +525,15 @@ def format_summary(estimates: List[Estimate], gpu: GPU = H100) -> str:
     return "\n".join(lines)
 
 
-def l2_sensitivity(n: int, d: int, dtype: str, bandwidths=(7e12, 10e12, 15e12, 20e12)) -> str:
+def l2_sensitivity(n: int, d: int, dtype: str, model=None,
+                   bandwidths=(7e12, 10e12, 15e12, 20e12)) -> str:
     """The estimate under other L2 bandwidths, the model's least certain input."""
     import dataclasses
 
+    model = model or (lambda n, d, gpu: estimate(n, d, dtype, gpu))
     parts = []
     for bw in bandwidths:
-        e = estimate(n, d, dtype, dataclasses.replace(H100, l2_bandwidth=bw))
+        e = model(n, d, dataclasses.replace(H100, l2_bandwidth=bw))
         bound, _ = gemm4_ms(n, d, dtype)
         parts.append(f"{bw / 1e12:.0f} TB/s: {e.total_ms:.1f} ms ({e.total_ms / bound:.2f}x)")
     return f"L2 bandwidth sensitivity, {dtype} N={n} d={d}: " + "; ".join(parts)
@@ -431,6 +559,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default="32768x512,32768x1024,65536x768,65536x1024,131072x1024",
                         help="comma-separated NxD")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--backend", default="triton", choices=["triton", "cuda"],
+                        help="which backend's kernels and schedule to model")
     parser.add_argument("--breakdown", default="65536x1024",
                         help="NxD whose per-kernel breakdown to print ('' for none)")
     args = parser.parse_args(argv)
@@ -443,15 +573,23 @@ def main(argv=None) -> int:
         if n < 2 or d < 1:
             parser.error(f"--shapes: {item!r} needs N >= 2 and D >= 1")
         shapes.append((n, d))
-    estimates = [estimate(n, d, args.dtype) for n, d in shapes]
-    print(format_summary(estimates))
+    if args.backend == "cuda":
+        compiled = cuda_kernels()
+
+        def model(n, d, gpu=H100):
+            return estimate_cuda(n, d, args.dtype, gpu, kernels=compiled)
+    else:
+        def model(n, d, gpu=H100):
+            return estimate(n, d, args.dtype, gpu)
+    estimates = [model(n, d) for n, d in shapes]
+    print(format_summary(estimates, backend=args.backend))
     if args.breakdown:
         bn, bd = (int(v) for v in args.breakdown.lower().split("x"))
-        chosen = [e for e in estimates if (e.n, e.d) == (bn, bd)] or [estimate(bn, bd, args.dtype)]
+        chosen = [e for e in estimates if (e.n, e.d) == (bn, bd)] or [model(bn, bd)]
         print()
         print(format_breakdown(chosen[0]))
         print()
-        print(l2_sensitivity(bn, bd, args.dtype))
+        print(l2_sensitivity(bn, bd, args.dtype, model))
     return 0
 
 
