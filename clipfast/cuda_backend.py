@@ -133,15 +133,25 @@ class CudaClipLossFunction(torch.autograd.Function):
 
 
 # The G panel and the fp32 dX^ accumulator of the backward get 3/32 of the two
-# gradients' bytes (the 20-bit dY^ accumulator's 4-bit plane takes 1/8 for
-# fp16/bf16, so the extra memory stays within 1.25x the gradients), but at
-# least 32 MiB, so that small batches still get panels that fill a GPU.
+# gradients' bytes (bf16's 20-bit dY^ accumulator's 4-bit plane takes 1/8, so
+# the extra memory stays within 1.25x the gradients; fp16's 8-bit plane takes
+# 1/4: 1.35x), but at least 32 MiB, so that small batches still get panels
+# that fill a GPU.
 _PANEL_BUDGET_FLOOR = 32 << 20
 
 
 # The launch overhead of one panel's three kernels, in units of one 128 x 128
 # tile's MMA time per unit of K (about 4 us per launch against 6 ns per K).
 _PANEL_LAUNCH_COST = 2000
+
+
+def split_low_bytes(d: int, dtype: torch.dtype) -> int:
+    """Bytes per row of the dY^ accumulator's low plane (tiles.cu kLoBits): its
+    top 16 bits live in the 16-bit gradient itself, the next 4 (bf16: 20 bits,
+    11 of mantissa against the output's 7) or 8 (fp16: 24 bits, since fp16's
+    10-bit output mantissa leaves a 4-bit extension too little headroom for
+    ceil(N/p) rounded updates) in this plane; fp32 accumulates in the gradient."""
+    return d if dtype == torch.float16 else -(-d // 2)
 
 
 def panel_plan(n: int, d: int, element_bytes: int, multi_processors: int,
@@ -192,9 +202,7 @@ def _panel_backward(ext, common, outputs, xc, tensor_cores, need_scale, need_x, 
     tiles = panel // ext.PANEL_ALIGN
     g_panel = torch.empty(panel, panel, dtype=xc.dtype, device=device)
     x_acc = torch.empty(panel, d, **f32) if need_x else None
-    # fp16/bf16: the low 4 bits of the 20-bit dY^ accumulator (its top 16 live
-    # in the gradient's own storage); fp32 accumulates in the gradient itself.
-    y_lo = (torch.empty(n, -(-d // 2), dtype=torch.uint8, device=device)
+    y_lo = (torch.empty(n, split_low_bytes(d, xc.dtype), dtype=torch.uint8, device=device)
             if need_y and xc.dtype != torch.float32 else None)
     scale_part = torch.empty(tiles * tiles, **f32) if need_scale else None
     scale_acc = torch.zeros(panels * panels, **f32)

@@ -55,7 +55,7 @@ struct PanelWorkspace {
   int64_t ld;          // n rounded up to kPanelAlign
   In* g_panel;         // (panel, panel) G of one panel, in In
   float* x_acc;        // (panel, d) fp32 dX^ of one row panel; null without grad_x
-  uint8_t* y_lo;       // (n, ceil(d / 2)) low 4 bits of the 20-bit dY^ accumulator
+  uint8_t* y_lo;       // low bits of the split dY^ accumulator: bf16 (n, ceil(d / 2)), fp16 (n, d)
                        // (16-bit In with grad_y; null otherwise)
   float* scale_part;   // (panel / 128)^2 per-tile partial sums
   float* scale_acc;    // (ceil(n / panel))^2 per-panel sums, row panel major
@@ -69,10 +69,10 @@ constexpr int64_t kPanelAlign = kTileRows;
 // dX^ of a row panel accumulates in x_acc (fp32) and is finished (the
 // normalisation backward, scaled by factor * (*coef), coef read on the
 // device) when the row panel is done. dY^ accumulates over the row panels in
-// grad_y itself: fp32 for float; for fp16/bf16 a 20-bit float (8-bit exponent,
-// 11-bit mantissa: the top 16 bits of the fp32 pattern in grad_y's storage,
-// the next 4 in y_lo), round to nearest at every update, finished in place at
-// the end. grad_x / grad_y may be null when not needed; scale_acc receives the
+// grad_y itself: fp32 for float; for bf16 a 20-bit and for fp16 a 24-bit
+// float (8-bit exponent; the top 16 bits of the fp32 pattern in grad_y's
+// storage, the next 4 or 8 in y_lo), round to nearest at every update,
+// finished in place at the end. grad_x / grad_y may be null when not needed; scale_acc receives the
 // unscaled sums sum_ij (P + Q - 2[i==j]) * cos_ij per panel when need_scale.
 template <typename In>
 void backward(const Params<In>& p, const Stats& s, float factor, const float* coef,

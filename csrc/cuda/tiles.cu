@@ -40,20 +40,21 @@
 // normalised copy would be).
 //
 // dY^ accumulates over the row panels in place: for float in grad_y (fp32);
-// for fp16/bf16 as a 20-bit float (sign, 8-bit exponent, 11-bit mantissa:
-// fp16's precision with fp32's range), the top 16 bits of the fp32 pattern in
-// grad_y's own storage and the next 4 in y_lo (n x ceil(d/2) bytes), rounded
-// to nearest at each of the ceil(N / p) updates. Extra memory of a 16-bit
-// backward beyond the inputs and their gradients (4 N d bytes):
-//   N * ceil(d/2)            y_lo
+// for bf16 as a 20-bit float (sign, 8-bit exponent, 11-bit mantissa), for
+// fp16 as a 24-bit one (15-bit mantissa), the top 16 bits of the fp32 pattern
+// in grad_y's own storage and the next 4 (bf16: y_lo is n x ceil(d/2) bytes)
+// or 8 (fp16: n x d bytes) in y_lo, rounded to nearest at each of the
+// ceil(N / p) updates (see kLoBits). Extra memory of a 16-bit backward beyond
+// the inputs and their gradients (4 N d bytes):
+//   N * ceil(d/2) (bf16) or N * d (fp16)   y_lo
 //   + 2 p^2                  g_panel
 //   + 4 p d                  x_acc
 //   + 4 (p/128)^2 + 4 ceil(N/p)^2 + O(N) fp32 statistics,
 // with p a multiple of 128 (<= N rounded up) where 2 p^2 + 4 p d <=
 // max(3 N d / 8, 32 MiB), chosen among those to fill whole rounds of blocks
 // (clipfast/cuda_backend.py: panel_plan). At N = 131072, d = 1024 (p = 4096):
-// 512 + 64 + 32 + 16 + 3.5 MiB = 1.23x the gradients' 512 MiB, the gradients
-// included (target: 1.25x).
+// bf16: 512 + 64 + 32 + 16 + 3.5 MiB = 1.23x the gradients' 512 MiB, the
+// gradients included (target: 1.25x); fp16: 512 + 128 + ... = 1.35x.
 #include <mma.h>
 
 #include <algorithm>
@@ -540,14 +541,24 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<In>)
   }
 }
 
-// The 20-bit dY^ accumulator: fp32 rounded to nearest at bit 12 (NaN kept),
-// stored as its top 16 bits and the next 4.
-__device__ __forceinline__ unsigned round_to_20_bits(float v) {
+// The split dY^ accumulator: fp32 rounded to nearest after its top 16 + LO
+// bits (NaN kept), stored as the top 16 bits and the next LO. bf16 keeps
+// LO = 4 (20 bits: 11 mantissa bits against the output's 7); fp16, whose
+// output has 10 mantissa bits, keeps LO = 8 (24 bits): with 4, the rounding
+// at each of ceil(N/p) updates (32 at N = 131072) grew the error to 2.4x an
+// fp32 accumulator's, past the tests' 2x rule.
+template <typename In>
+constexpr int kLoBits = std::is_same_v<In, __half> ? 8 : 4;
+template <typename In>
+constexpr int kLoPerByte = 8 / kLoBits<In>;
+template <typename In>
+__device__ __forceinline__ unsigned round_split(float v) {
   const unsigned bits = __float_as_uint(v);
-  return v == v ? bits + 0x800u : bits;
+  return v == v ? bits + (1u << (15 - kLoBits<In>)) : bits;
 }
-__device__ __forceinline__ float from_20_bits(uint16_t hi, unsigned nibble) {
-  return __uint_as_float((static_cast<unsigned>(hi) << 16) | (nibble << 12));
+template <typename In>
+__device__ __forceinline__ float from_split(uint16_t hi, unsigned lo) {
+  return __uint_as_float((static_cast<unsigned>(hi) << 16) | (lo << (16 - kLoBits<In>)));
 }
 
 // The two products of one G panel (rows [r0, r0 + rows), columns
@@ -589,22 +600,24 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<In>)
   const Operand<In> b{p.x, d, n, d, r0, f0, p.normalize ? p.inv_x : nullptr, vec};
   product_tile<In, TC, Shape::kCols, Shape::kCols>(a, b, rows, smem);
   if constexpr (SPLIT) {
-    // Pairs of features: both nibbles of a y_lo byte belong to one thread.
+    // kLoPerByte features per y_lo byte, all handled by one thread.
+    constexpr int kLo = kLoBits<In>, kPer = kLoPerByte<In>;
+    constexpr unsigned kMask = (1u << kLo) - 1u;
     uint16_t* hi = reinterpret_cast<uint16_t*>(y_acc);
-    const int64_t ld_lo = (d + 1) / 2;
-    for (int e = threadIdx.x; e < kTile * kTile / 2; e += kThreads) {
-      const int r = e / (kTile / 2), c = (e % (kTile / 2)) * 2;
+    const int64_t ld_lo = (d + kPer - 1) / kPer;
+    for (int e = threadIdx.x; e < kTile * kTile / kPer; e += kThreads) {
+      const int r = e / (kTile / kPer), c = (e % (kTile / kPer)) * kPer;
       const int64_t j = c0 + m0 + r, f = f0 + c;
       if (j >= n || f >= d) continue;
-      uint8_t& lo = y_lo[j * ld_lo + f / 2];
+      uint8_t& lo = y_lo[j * ld_lo + f / kPer];
       const unsigned old_lo = y_first ? 0u : lo;
       unsigned packed = 0;
-      for (int h = 0; h < 2 && f + h < d; ++h) {
+      for (int h = 0; h < kPer && f + h < d; ++h) {
         float v = tile[r * kLdTile + c + h];
-        if (!y_first) v = from_20_bits(hi[j * d + f + h], (old_lo >> (4 * h)) & 0xFu) + v;
-        const unsigned bits = round_to_20_bits(v);
+        if (!y_first) v = from_split<In>(hi[j * d + f + h], (old_lo >> (kLo * h)) & kMask) + v;
+        const unsigned bits = round_split<In>(v);
         hi[j * d + f + h] = static_cast<uint16_t>(bits >> 16);
-        packed |= ((bits >> 12) & 0xFu) << (4 * h);
+        packed |= ((bits >> (16 - kLo)) & kMask) << (kLo * h);
       }
       lo = static_cast<uint8_t>(packed);
     }
@@ -633,12 +646,13 @@ __global__ void finish_split_kernel(const uint8_t* lo, const In* features, const
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
   const uint16_t* hi = reinterpret_cast<const uint16_t*>(out);
-  const int64_t ld_lo = (d + 1) / 2;
+  constexpr int kLo = kLoBits<In>, kPer = kLoPerByte<In>;
+  const int64_t ld_lo = (d + kPer - 1) / kPer;
   const float scaled = coef == nullptr ? factor : factor * *coef;
   const float inv = inv_norm[row];
   auto grad_at = [&](int64_t k) {
-    const unsigned nibble = (lo[row * ld_lo + k / 2] >> (4 * (k % 2))) & 0xFu;
-    return from_20_bits(hi[row * d + k], nibble) * scaled;
+    const unsigned low = (lo[row * ld_lo + k / kPer] >> (kLo * (k % kPer))) & ((1u << kLo) - 1u);
+    return from_split<In>(hi[row * d + k], low) * scaled;
   };
   float radial = 0.f;
   if (normalize && !norm_is_clamped(inv)) {
