@@ -524,9 +524,16 @@ def _tile_config(dot_dtype: torch.dtype, precision: str, interpret: bool) -> dic
     return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
-def _matmul_config(dot_dtype: torch.dtype, scale_rows: bool, interpret: bool) -> dict:
+def _matmul_config(dot_dtype: torch.dtype, scale_rows: bool, precision: str,
+                   interpret: bool) -> dict:
     if interpret:
         return dict(BLOCK_M=32, BLOCK_D=32, BLOCK_K=32, GROUP_M=2, num_warps=1, num_stages=1)
+    if precision == "ieee" and dot_dtype == torch.float32:
+        # FMA dots hold operand slices in registers; software pipelining keeps
+        # a second set: one stage and an explicit budget stay near 120
+        # registers (two stages took 255 and spilled on some versions).
+        return dict(BLOCK_M=128, BLOCK_D=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=1,
+                    maxnreg=255)
     if dot_dtype == torch.float32 or scale_rows:
         # Rows normalised on load (fp16) pass B through registers: with
         # 128-wide B tiles that spills (python -m clipfast.aot_check).
@@ -713,7 +720,7 @@ def block_grads(x, y, inv_x, inv_y, scale, bias, row_stats, col_stats, diag_offs
     precision = _input_precision(dot_dtype, allow_tf32, interpret)
     cfg = _tile_config(dot_dtype, precision, interpret)
     fold = folds_inv_norms(x, y, normalize)
-    mm_cfg = _matmul_config(dot_dtype, normalize and not fold, interpret)
+    mm_cfg = _matmul_config(dot_dtype, normalize and not fold, precision, interpret)
     sm_count = _num_programs_target(x.device, interpret) // 2 if not interpret else None
     side = _panel_size(max(m, k), d, panel, cfg, mm_cfg, sm_count)
     device = x.device

@@ -45,27 +45,14 @@ __global__ void finish_kernel(const float* acc, int64_t parts, int64_t part_stri
                               const In* features, const float* inv_norm, int64_t rows, int64_t d,
                               float factor, const float* coef, bool normalize, In* out) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
   if (row >= rows) return;
   const float scaled = coef == nullptr ? factor : factor * *coef;
-  const float inv = inv_norm[row];
   auto grad_at = [&](int64_t k) {
     float g = 0.f;
     for (int64_t t = 0; t < parts; ++t) g += acc[t * part_stride + row * d + k];
     return g * scaled;
   };
-  float radial = 0.f;
-  if (normalize && !norm_is_clamped(inv)) {
-    for (int64_t k = lane; k < d; k += 32)
-      radial = fmaf(grad_at(k), to_float(features[row * d + k]) * inv, radial);
-    for (int offset = 16; offset > 0; offset /= 2)
-      radial += __shfl_xor_sync(0xffffffffu, radial, offset);
-  }
-  for (int64_t k = lane; k < d; k += 32) {
-    float g = grad_at(k);
-    if (normalize) g = (g - to_float(features[row * d + k]) * inv * radial) * inv;
-    out[row * d + k] = from_float<In>(g);
-  }
+  finish_row(grad_at, features + row * d, inv_norm[row], d, normalize, out + row * d);
 }
 
 constexpr int kRowsPerBlock = 8;  // warps per block of the per-row kernels

@@ -43,6 +43,28 @@ __device__ __forceinline__ void lse_merge_lanes(float& m, float& s, int width) {
   }
 }
 
+// The normalisation backward of one row, by one warp: out[k] =
+// (g_k - x^_k <x^, g>) / |x| with g_k = grad_at(k) (just g without
+// normalize). Each element is read through grad_at and then written by the
+// same lane, so out may alias what grad_at reads.
+template <typename In, typename GradAt>
+__device__ __forceinline__ void finish_row(GradAt grad_at, const In* features, float inv,
+                                           int64_t d, bool normalize, In* out) {
+  const int lane = threadIdx.x % 32;
+  float radial = 0.f;
+  if (normalize && !norm_is_clamped(inv)) {
+    for (int64_t k = lane; k < d; k += 32)
+      radial = fmaf(grad_at(k), to_float(features[k]) * inv, radial);
+    for (int offset = 16; offset > 0; offset /= 2)
+      radial += __shfl_xor_sync(0xffffffffu, radial, offset);
+  }
+  for (int64_t k = lane; k < d; k += 32) {
+    float g = grad_at(k);
+    if (normalize) g = (g - to_float(features[k]) * inv * radial) * inv;
+    out[k] = from_float<In>(g);
+  }
+}
+
 // Sum of `value` over a block of THREADS threads (a multiple of 32), in a
 // fixed order; the result is valid in thread 0. Every thread must call it.
 template <int THREADS>

@@ -643,29 +643,16 @@ __global__ void finish_split_kernel(const uint8_t* lo, const In* features, const
                                     int64_t rows, int64_t d, float factor, const float* coef,
                                     bool normalize, In* out) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
   if (row >= rows) return;
   const uint16_t* hi = reinterpret_cast<const uint16_t*>(out);
   constexpr int kLo = kLoBits<In>, kPer = kLoPerByte<In>;
   const int64_t ld_lo = (d + kPer - 1) / kPer;
   const float scaled = coef == nullptr ? factor : factor * *coef;
-  const float inv = inv_norm[row];
   auto grad_at = [&](int64_t k) {
     const unsigned low = (lo[row * ld_lo + k / kPer] >> (kLo * (k % kPer))) & ((1u << kLo) - 1u);
     return from_split<In>(hi[row * d + k], low) * scaled;
   };
-  float radial = 0.f;
-  if (normalize && !norm_is_clamped(inv)) {
-    for (int64_t k = lane; k < d; k += 32)
-      radial = fmaf(grad_at(k), to_float(features[row * d + k]) * inv, radial);
-    for (int offset = 16; offset > 0; offset /= 2)
-      radial += __shfl_xor_sync(0xffffffffu, radial, offset);
-  }
-  for (int64_t k = lane; k < d; k += 32) {
-    float gk = grad_at(k);
-    if (normalize) gk = (gk - to_float(features[row * d + k]) * inv * radial) * inv;
-    out[row * d + k] = from_float<In>(gk);
-  }
+  finish_row(grad_at, features + row * d, inv_norm[row], d, normalize, out + row * d);
 }
 
 // out[0] = sum of part[0:count], in a fixed order (deterministic).

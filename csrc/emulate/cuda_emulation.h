@@ -109,14 +109,10 @@ struct __nv_bfloat16 {
   uint16_t bits;
 };
 inline float __bfloat162float(__nv_bfloat16 h) {
-  const uint32_t u = static_cast<uint32_t>(h.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
+  return __uint_as_float(static_cast<uint32_t>(h.bits) << 16);
 }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
+  uint32_t u = __float_as_uint(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{static_cast<uint16_t>((u >> 16) | 0x40u)};
   u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
   return __nv_bfloat16{static_cast<uint16_t>(u >> 16)};
