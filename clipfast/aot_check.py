@@ -65,9 +65,9 @@ def triton_rows(targets: List[str], extra=None, only_extra: bool = False) -> Lis
     rows: List[Row] = []
     for target in targets:
         arch, sm_count = aot.TARGETS[target]
-        chosen = [] if only_extra else aot.scenarios()
-        chosen += extra.aot_scenarios() if extra is not None else []
-        extra_labels = {s.label for s in extra.aot_scenarios()} if extra is not None else set()
+        extra_scenarios = extra.aot_scenarios() if extra is not None else []
+        extra_labels = {s.label for s in extra_scenarios}
+        chosen = ([] if only_extra else aot.scenarios()) + extra_scenarios
         by_config: Dict[tuple, Row] = {}
         for scenario in aot.compile_scenarios(arch, sm_count, chosen):
             for launch in scenario.launches:

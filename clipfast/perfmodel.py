@@ -231,8 +231,7 @@ def estimate_launch(gpu: GPU, launch, info, prof: SassProfile, n: int, d: int,
     warps = int(cfg.get("num_warps", 4))
     ctas = _ctas_per_sm(gpu, info.registers, warps, info.shared_bytes)
     dot = _dtype_name(cfg.get("DOT_DTYPE", "fp32"))
-    rate_per_sm = gpu.gemm_rate[dot if cfg.get("INPUT_PRECISION", "tf32") != "ieee" or dot != "fp32"
-                                else "fp32"] / gpu.sms
+    rate_per_sm = gpu.gemm_rate[dot] / gpu.sms
     if dot == "fp32" and cfg.get("INPUT_PRECISION") == "ieee":
         rate_per_sm = 2 * 128 * gpu.clock_hz * 0.8  # FFMA: 128 lanes/clk/SM
     name = launch.kernel

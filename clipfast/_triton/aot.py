@@ -59,7 +59,7 @@ class Launch:
         return total
 
     def config_key(self) -> str:
-        return ",".join(f"{k}={_short(v)}" for k, v in sorted(self.config.items()))
+        return ",".join(f"{k}={v}" for k, v in sorted(self.config.items()))
 
 
 @dataclass
@@ -67,11 +67,6 @@ class Scenario:
     label: str
     run: Callable[[], None]
     launches: List[Launch] = field(default_factory=list)
-
-
-def _short(value) -> str:
-    text = str(value)
-    return text.replace("triton.language.", "").replace("fp", "f") if "triton" in text else text
 
 
 class _TargetDriver:

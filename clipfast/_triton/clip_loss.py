@@ -3,12 +3,14 @@
 Forward (one pass over the N x N tiles, 2*N^2*d FLOPs):
   * ``_inverse_norms_kernel``: inverse L2 norms of the feature rows.
   * ``_forward_tiles_kernel``: the grid is a ROW_SPLITS x COL_SPLITS grid of
-    "super-tiles"; each program sweeps its super-tile in BLOCK_M x BLOCK_N
-    tiles computed on-chip (fp32 accumulation, norms and scale applied in the
-    epilogue). Row statistics stay in registers across the program's columns;
-    column statistics live in the program's private slice of a small
-    (ROW_SPLITS, N) buffer. Both use an online (running max, running sum)
-    log-sum-exp, so nothing underflows whatever the scale. The per-split
+    "super-tiles"; each program sweeps its super-tile column block by column
+    block in BLOCK_M x BLOCK_N tiles computed on-chip (fp32 accumulation,
+    norms and scale applied in the epilogue). Row statistics merge per tile
+    into the program's slot of a (COL_SPLITS, N) buffer; column statistics
+    are kept per tile element in registers and reduced once per column block
+    into the program's slot of a (ROW_SPLITS, N) buffer. Both use an online
+    (running max, running sum) log-sum-exp, so nothing underflows whatever
+    the scale. The per-split
     partials are merged afterwards (O(splits * N)) and kept as (max, log-sum)
     pairs rather than one rounded LSE: see ``chunked.clip_loss_from_stats``.
     The diagonal logits are read off the same tiles.
@@ -16,8 +18,8 @@ Forward (one pass over the N x N tiles, 2*N^2*d FLOPs):
 Backward (recomputation from the saved LSEs):
   * ``_grad_logits_kernel`` recomputes one panel of logits and writes the
     unscaled gradient weights P + Q - 2*I (values in [-2, 2], so fp16/bf16
-    panels neither overflow nor flush) plus per-tile partial sums for the
-    scale gradient. A panel is at most PANEL x PANEL (8192^2 by default) and
+    panels neither overflow nor flush) and accumulates per-tile partial sums
+    for the scale gradient on the device. A panel is at most PANEL x PANEL (8192^2 by default) and
     never the whole N x N matrix.
   * ``_panel_grads_kernel`` accumulates dX^ += G @ Y^ and dY^ += G^T @ X^
     in one launch. The panel carries the inverse norms (G_ij inv_x_i inv_y_j),
@@ -517,10 +519,9 @@ def _tile_config(dot_dtype: torch.dtype, precision: str, interpret: bool) -> dic
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=1, maxnreg=255)
     if dot_dtype == torch.float32:
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)
-    # 128 x 128 tiles need 255 registers and spill on sm_90 (the softmax
-    # epilogue keeps the accumulator, the logits and their exponentials live
-    # at once); 128 x 64 compiles to ~210 registers without spills
-    # (python -m clipfast.aot_check).
+    # 128 x 128 tiles need 255 registers and spill on sm_90 (the accumulator,
+    # the logits and the per-element column statistics live at once);
+    # 128 x 64 compiles to about 240 without spills (python -m clipfast.aot_check).
     return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
