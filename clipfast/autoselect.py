@@ -19,6 +19,9 @@ The table is built from ``python -m clipfast.bench`` results by
 ``CLIPFAST_AUTO_TABLE`` to such a file makes its points take precedence over
 the shipped ones (calibrate on your own GPU). ``python -m clipfast.autoselect
 --show`` prints the current choices.
+
+Every distinct choice (device and backend) is logged once per process at INFO
+on the ``clipfast`` logger, with the measurement behind it.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import logging
 import math
 import os
+import threading
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -40,6 +45,16 @@ CANDIDATES = ("triton", "cuda", "chunked", "cpu")
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
                 torch.float64: "fp64"}
 _HALF = ("fp16", "bf16")
+_LOG = logging.getLogger("clipfast")
+_LOGGED: set = set()
+_LOGGED_LOCK = threading.Lock()
+
+
+class Choice(NamedTuple):
+    """What ``auto`` runs, and why (one sentence for logs and tables)."""
+
+    backend: str
+    reason: str
 
 
 def _load(path: Path) -> List[dict]:
@@ -74,6 +89,11 @@ def _nearest(points: Sequence[dict], n: int, d: int) -> Optional[dict]:
 def pick(points: Iterable[dict], device_type: str, device: str, dtype: str, n: int, d: int,
          usable: Sequence[str]) -> Optional[str]:
     """The fastest usable backend at the measured point nearest to (n, d)."""
+    return _pick_point(points, device_type, device, dtype, n, d, usable)[0]
+
+
+def _pick_point(points: Iterable[dict], device_type: str, device: str, dtype: str, n: int, d: int,
+                usable: Sequence[str]) -> Tuple[Optional[str], Optional[dict]]:
     rows = [p for p in points if p["device_type"] == device_type
             and any(b in usable for b in p["times_ms"])]
     for narrow in (lambda p: p["device"] == device, lambda p: _same_kind(p["dtype"], dtype)):
@@ -82,9 +102,9 @@ def pick(points: Iterable[dict], device_type: str, device: str, dtype: str, n: i
     exact = [p for p in rows if p["dtype"] == dtype]
     point = _nearest(exact or rows, n, d)
     if point is None:
-        return None
+        return None, None
     times = {b: t for b, t in point["times_ms"].items() if b in usable and t is not None}
-    return min(times, key=times.get) if times else None
+    return (min(times, key=times.get), point) if times else (None, None)
 
 
 def usable_backends(device: torch.device, dtypes: Sequence[torch.dtype]) -> List[str]:
@@ -130,25 +150,58 @@ def _device_name(device: torch.device) -> str:
 
 @functools.lru_cache(maxsize=4096)
 def _choose_cached(device: torch.device, dtypes: tuple, n: int, d: int,
-                   override: Optional[str]) -> str:
+                   override: Optional[str]) -> Choice:
     usable = usable_backends(device, dtypes)
     dtype = _DTYPE_NAMES[dtypes[0] if dtypes[0] == dtypes[1] else torch.float32]
     name = _device_name(device)
-    for points in _tables(override):
-        choice = pick(points, device.type, name, dtype, n, d, usable)
+    sources = (f"CLIPFAST_AUTO_TABLE ({override})", "the shipped table")
+    for source, points in zip(sources, _tables(override)):
+        choice, point = _pick_point(points, device.type, name, dtype, n, d, usable)
         if choice is not None:
-            return choice
-    return _static_choice(device, dtypes)
+            times = {b: t for b, t in point["times_ms"].items() if t is not None}
+            measured = ", ".join(f"{b} {t:.1f} ms" for b, t in sorted(times.items(), key=lambda kv: kv[1]))
+            return Choice(choice, f"fastest usable backend at the nearest measured point "
+                                  f"({point['device']}, {point['dtype']}, N={point['n']}, "
+                                  f"d={point['d']}: {measured}) in {source}")
+    return Choice(_static_choice(device, dtypes),
+                  f"nothing measured that fits {device.type} {dtype}; the static rule "
+                  "(triton for CUDA tensors, chunked otherwise)")
+
+
+def explain(device, dtypes: Sequence[torch.dtype], n: int, d: int) -> Choice:
+    """The backend ``auto`` picks for (n, d) features of ``dtypes`` (image,
+    text) on ``device``, and the reason; no tensors needed and nothing logged
+    (the benchmark's table and the training summary show it)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtypes = tuple(dtypes)
+    if len(dtypes) == 1:
+        dtypes = dtypes * 2
+    return _choose_cached(device, dtypes, int(n), int(d),
+                          os.environ.get("CLIPFAST_AUTO_TABLE") or None)
 
 
 def choose(image_features: torch.Tensor, text_features: torch.Tensor) -> str:
-    """The backend ``backend="auto"`` runs for these features."""
-    device = image_features.device
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    """The backend ``backend="auto"`` runs for these features.
+
+    The first time a process makes a given choice on a given device it is
+    logged at INFO on the ``clipfast`` logger, with its reason; later calls
+    stay silent (this runs on every loss call).
+    """
     n, d = image_features.shape
-    return _choose_cached(device, (image_features.dtype, text_features.dtype), int(n), int(d),
-                          os.environ.get("CLIPFAST_AUTO_TABLE") or None)
+    choice = explain(image_features.device, (image_features.dtype, text_features.dtype), n, d)
+    key = (str(image_features.device), choice.backend)
+    if key not in _LOGGED:
+        with _LOGGED_LOCK:
+            first = key not in _LOGGED
+            _LOGGED.add(key)
+        if first:
+            dtypes = "/".join(sorted({_DTYPE_NAMES.get(t, str(t)) for t in
+                                      (image_features.dtype, text_features.dtype)}))
+            _LOG.info("backend='auto' chose %r for %s features on %s (N=%d, d=%d): %s",
+                      choice.backend, dtypes, image_features.device, n, d, choice.reason)
+    return choice.backend
 
 
 # ----------------------------- building tables ----------------------------- #
@@ -160,8 +213,14 @@ def table_from_results(paths: Iterable[Path]) -> List[dict]:
     for path in paths:
         device = None
         with open(path, encoding="utf-8") as f:
-            for line in f:
-                row = json.loads(line)
+            for number, line in enumerate(f, 1):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    # A run killed while writing leaves a partial last line;
+                    # the complete lines around it are still measurements.
+                    _LOG.warning("%s:%d is not a JSON line (an interrupted run?); skipped", path, number)
+                    continue
                 if "meta" in row:
                     device = row["meta"]["device"]
                     continue
@@ -193,7 +252,8 @@ def show(points: Sequence[dict]) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m clipfast.autoselect",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="*", type=Path, help="results.jsonl files of clipfast.bench")
     parser.add_argument("--out", type=Path, help="write the table here (default: print it)")
     parser.add_argument("--merge", action="store_true",

@@ -115,3 +115,55 @@ def test_table_from_results_and_show(tmp_path):
     out.write_text(json.dumps(points + [other]))
     autoselect.main([str(results), "--out", str(out), "--merge"])
     assert json.loads(out.read_text()) == [other] + points
+
+
+def test_choice_is_logged_once_per_process_per_distinct_choice(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(autoselect, "_LOGGED", set())
+    table = tmp_path / "cpu.json"
+    table.write_text(json.dumps([_point("cpu", "any", "fp32", 64, 16, chunked=1.0, cpu=5.0)]))
+    monkeypatch.setenv("CLIPFAST_AUTO_TABLE", str(table))
+    x = torch.randn(64, 16)
+    with caplog.at_level("INFO", logger="clipfast"):
+        for _ in range(3):
+            clipfast.clip_loss(x, x, 10.0)
+        clipfast.clip_loss(x[:50], x[:50], 10.0)  # another shape, same choice: silent
+    records = [r for r in caplog.records if r.name == "clipfast"]
+    assert len(records) == 1, [r.getMessage() for r in records]
+    message = records[0].getMessage()
+    assert records[0].levelname == "INFO"
+    assert "'chunked'" in message and "N=64, d=16" in message and "chunked 1.0 ms" in message
+    assert str(table) in message
+    # A different choice in the same process is logged, once, too.
+    monkeypatch.setattr(autoselect, "explain", lambda *args: autoselect.Choice("cpu", "a test"))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="clipfast"):
+        assert choose(x, x) == "cpu" and choose(x, x) == "cpu"
+    assert [r.getMessage() for r in caplog.records if r.name == "clipfast"] == [
+        "backend='auto' chose 'cpu' for fp32 features on cpu (N=64, d=16): a test"]
+
+
+def test_explain_gives_the_choice_and_its_reason_without_tensors(monkeypatch):
+    monkeypatch.setattr(autoselect, "_tables", lambda override: ([], []))
+    autoselect._choose_cached.cache_clear()
+    try:
+        choice = autoselect.explain("cpu", (torch.float32,), 1 << 20, 4096)
+        assert choice.backend == "chunked"
+        assert "static rule" in choice.reason
+    finally:
+        autoselect._choose_cached.cache_clear()
+
+
+def test_cli_help_names_the_module(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        autoselect.main(["--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: python -m clipfast.autoselect")
+
+
+def test_table_from_results_skips_a_truncated_line(tmp_path):
+    results = tmp_path / "results.jsonl"
+    row = {"provider": "chunked", "n": 8, "d": 4, "dtype": "fp32", "device": "cpu",
+           "status": "ok", "time_ms": 1.0, "peak_extra_bytes": 1}
+    results.write_text(json.dumps({"meta": {"device": "c"}}) + "\n" + json.dumps(row) + "\n"
+                       + json.dumps(row)[:20])
+    assert [p["times_ms"] for p in table_from_results([results])] == [{"chunked": 1.0}]
