@@ -7,6 +7,12 @@ memory above the inputs: CUDA allocator peak on GPUs, the process's peak RSS
 (VmHWM, reset per point) on CPU. Results go to ``--out`` as JSON lines, a
 markdown table headed with the device name, and a PNG plot.
 
+Earlier results are never destroyed: each run appends to ``results.jsonl``
+(a ``meta`` line, then one line per point as it is measured), and the table
+and plot are replaced whole, only once complete. ``--resume`` reuses the
+points an earlier run in the same folder measured on this device (ok or out
+of memory; errors are measured again) and measures only the rest.
+
 Providers:
   reference    plain PyTorch (N x N logits), eager
   compile      the same function under torch.compile
@@ -28,12 +34,13 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from ._cli import atomic_output, atomic_write_text, progress, show_info_logs, unwritable_folder
 from .api import clip_loss
 from .reference import reference_clip_loss
 
@@ -236,7 +243,31 @@ def _fmt_point(p: Optional[Point]) -> str:
     return f"{p.time_ms:.2f} ms, {mem:.3f} GiB"
 
 
+def _auto_choice(device: str, dtype: str, n: int, d: int) -> str:
+    from .autoselect import explain
+
+    try:
+        return explain(device, (_DTYPES[dtype],), n, d).backend
+    except Exception as err:  # noqa: BLE001 - a broken override table must not lose the results
+        return f"? ({type(err).__name__})"
+
+
+def error_lines(points: List[Point]) -> List[str]:
+    """One line per provider, dtype and d whose sweep ended in an error: the
+    first failing N and the reason (a table cell only says ``error``)."""
+    lines, seen = [], set()
+    for p in sorted(points, key=lambda q: (q.provider, q.dtype, q.d, q.n)):
+        key = (p.provider, p.dtype, p.d)
+        if p.status.startswith("error") and key not in seen:
+            seen.add(key)
+            reason = p.status[len("error"):].lstrip(": ")
+            lines.append(f"- `{p.provider}`, {p.dtype}, d = {p.d}, N = {p.n} (and larger N): {reason}")
+    return lines
+
+
 def markdown_table(points: List[Point], title: str) -> str:
+    """The results as markdown; the last column is what ``backend="auto"``
+    runs for that shape here, and the reasons for ``error`` cells follow."""
     providers = [p for p in PROVIDERS if any(q.provider == p for q in points)]
     keys = sorted({(q.dtype, q.d, q.n) for q in points})
     index = {(q.dtype, q.d, q.n, q.provider): q for q in points}
@@ -244,26 +275,37 @@ def markdown_table(points: List[Point], title: str) -> str:
         f"### {title}",
         "",
         "Forward+backward, median time and peak extra memory above the inputs "
-        "(the input gradients included; their size is the `grads` column).",
+        "(the input gradients included; their size is the `grads` column). "
+        "`auto picks`: the backend `backend=\"auto\"` runs for that shape on this machine.",
         "",
-        "| dtype | d | N | grads | " + " | ".join(providers) + " |",
-        "|---|---|---|---|" + "---|" * len(providers),
+        "| dtype | d | N | grads | " + " | ".join(providers) + " | auto picks |",
+        "|---|---|---|---|" + "---|" * len(providers) + "---|",
     ]
     for dtype, d, n in keys:
-        grad_bytes = next(q.grad_bytes for q in points if (q.dtype, q.d, q.n) == (dtype, d, n))
+        first = next(q for q in points if (q.dtype, q.d, q.n) == (dtype, d, n))
         cells = [_fmt_point(index.get((dtype, d, n, p))) for p in providers]
-        lines.append(f"| {dtype} | {d} | {n} | {grad_bytes / 2**30:.3f} GiB | " + " | ".join(cells) + " |")
+        auto = _auto_choice(first.device, dtype, n, d)
+        lines.append(f"| {dtype} | {d} | {n} | {first.grad_bytes / 2**30:.3f} GiB | "
+                     + " | ".join(cells) + f" | {auto} |")
+    errors = error_lines(points)
+    if errors:
+        lines += ["", "Errors:", ""] + errors
     return "\n".join(lines) + "\n"
 
 
-def plot(points: List[Point], path: Path, title: str) -> None:
+def figure(points: List[Point], title: str):
+    """Time and memory against N, one column of panels per (dtype, d), with
+    one legend for the whole figure (every panel uses the same colours)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     combos = sorted({(q.dtype, q.d) for q in points})
-    fig, axes = plt.subplots(2, len(combos), figsize=(4.5 * len(combos), 7.5), squeeze=False)
+    fig, axes = plt.subplots(2, len(combos), figsize=(4.5 * len(combos), 8), squeeze=False,
+                             layout="constrained")
+    colours = {p: f"C{i}" for i, p in enumerate(PROVIDERS)}
+    handles = {}
     for col, (dtype, d) in enumerate(combos):
         for provider in PROVIDERS:
             pts = sorted((q for q in points if q.provider == provider and q.dtype == dtype
@@ -271,9 +313,10 @@ def plot(points: List[Point], path: Path, title: str) -> None:
             if not pts:
                 continue
             ns = [q.n for q in pts]
-            axes[0][col].plot(ns, [q.time_ms for q in pts], marker="o", label=provider)
+            style = dict(marker="o", color=colours[provider], label=provider)
+            (handles[provider],) = axes[0][col].plot(ns, [q.time_ms for q in pts], **style)
             if provider != "gemm4_bound":
-                axes[1][col].plot(ns, [q.peak_extra_bytes / 2**30 for q in pts], marker="o", label=provider)
+                axes[1][col].plot(ns, [q.peak_extra_bytes / 2**30 for q in pts], **style)
         for row, ylabel in enumerate(["time (ms)", "peak extra memory (GiB)"]):
             ax = axes[row][col]
             ax.set_xscale("log", base=2)
@@ -282,10 +325,20 @@ def plot(points: List[Point], path: Path, title: str) -> None:
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
             ax.set_title(f"{dtype}, d={d}")
-        axes[0][col].legend(fontsize=8)
+    ordered = [handles[p] for p in PROVIDERS if p in handles]
+    if ordered:
+        fig.legend(ordered, [h.get_label() for h in ordered], loc="outside lower center",
+                   ncol=min(len(ordered), 4), fontsize=9)
     fig.suptitle(title.replace(" on ", "\n", 1), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return fig
+
+
+def plot(points: List[Point], path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(points, title)
+    with atomic_output(Path(path)) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -300,49 +353,145 @@ def _defaults(device: torch.device) -> dict:
                 min_n=256, max_n=8192, reps=3)
 
 
+def _comma_list(text: str) -> List[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _check_device(text: str) -> Tuple[Optional[torch.device], Optional[str]]:
+    """(device, None) or (None, why it cannot be benchmarked here)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        return None, f"expected cpu, cuda, cuda:N or auto, got {text!r}"
+    if device.type not in ("cpu", "cuda"):
+        return None, f"expected cpu, cuda, cuda:N or auto, got {text!r}"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return None, (f"{text!r} requested but CUDA is not available here (torch "
+                          f"{torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return None, f"{text!r} requested but there are {torch.cuda.device_count()} CUDA devices"
+    return device, None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    """Parsed and checked arguments: anything that cannot run is an argparse
+    error (exit status 2) naming the argument, before anything is measured."""
     parser = argparse.ArgumentParser(prog="python -m clipfast.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
-    parser.add_argument("--providers", help=f"comma list from {','.join(PROVIDERS)}")
-    parser.add_argument("--dims", help="comma list of embedding dims")
-    parser.add_argument("--dtypes", help="comma list from fp32,bf16,fp16")
-    parser.add_argument("--min-n", type=int, help="smallest N (doubles up to --max-n)")
-    parser.add_argument("--max-n", type=int, help="largest N")
-    parser.add_argument("--reps", type=int, help="timed repetitions per point (median reported)")
+    cpu, gpu = _defaults(torch.device("cpu")), _defaults(torch.device("cuda"))
+
+    def both(key):
+        return f"default {gpu[key]} on CUDA, {cpu[key]} on CPU"
+
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: "
+                        "cuda when available)")
+    parser.add_argument("--providers", help=f"comma list from {','.join(PROVIDERS)} ({both('providers')})")
+    parser.add_argument("--dims", help=f"comma list of embedding dims ({both('dims')})")
+    parser.add_argument("--dtypes", help=f"comma list from {','.join(_DTYPES)} ({both('dtypes')})")
+    parser.add_argument("--min-n", type=int, help=f"smallest N; N doubles up to --max-n ({both('min_n')})")
+    parser.add_argument("--max-n", type=int, help=f"largest N ({both('max_n')})")
+    parser.add_argument("--reps", type=int, help=f"timed repetitions per point, median reported, after "
+                        f"one warm-up ({both('reps')})")
     parser.add_argument("--max-seconds", type=float, default=20.0,
                         help="stop repeating a point after this long (default 20)")
-    parser.add_argument("--out", default="bench_results", help="output folder (default bench_results)")
+    parser.add_argument("--out", default="bench_results", help="output folder (default bench_results); "
+                        "results.jsonl there is appended to, never truncated")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip the points that results.jsonl in --out already holds for this "
+                             "device (ok or OOM); errors are measured again")
     args = parser.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    defaults = _defaults(torch.device(args.device))
-    for key, value in defaults.items():
+
+    def fail(option, message):
+        parser.error(f"argument {option}: {message}")
+
+    device, problem = _check_device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                                    else "cpu" if args.device == "auto" else args.device)
+    if problem:
+        fail("--device", problem)
+    args.device = str(device)
+    for key, value in _defaults(device).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+
+    args.providers = list(dict.fromkeys(_comma_list(args.providers)))
+    unknown = [p for p in args.providers if p not in PROVIDERS]
+    if unknown or not args.providers:
+        fail("--providers", f"unknown provider {unknown[0]!r}; choose from {', '.join(PROVIDERS)}"
+             if unknown else "empty list")
+    try:
+        args.dims = list(dict.fromkeys(int(v) for v in _comma_list(args.dims)))
+    except ValueError:
+        fail("--dims", f"expected a comma list of positive integers, got {args.dims!r}")
+    if not args.dims or min(args.dims) < 1:
+        fail("--dims", f"expected a comma list of positive integers, got {args.dims!r}")
+    args.dtypes = list(dict.fromkeys(_comma_list(args.dtypes)))
+    unknown = [v for v in args.dtypes if v not in _DTYPES]
+    if unknown or not args.dtypes:
+        fail("--dtypes", f"unknown dtype {unknown[0]!r}; choose from {', '.join(_DTYPES)}"
+             if unknown else "empty list")
+    if args.min_n < 1:
+        fail("--min-n", f"must be >= 1, got {args.min_n}")
+    if args.max_n < args.min_n:
+        fail("--max-n", f"must be >= --min-n ({args.min_n}), got {args.max_n}")
+    if args.reps < 1:
+        fail("--reps", f"must be >= 1, got {args.reps}")
+    if not (args.max_seconds > 0 and math.isfinite(args.max_seconds)):
+        fail("--max-seconds", f"must be a positive number of seconds, got {args.max_seconds}")
+    problem = unwritable_folder(Path(args.out))
+    if problem:
+        fail("--out", problem)
     return args
 
 
-def main(argv=None) -> List[Point]:
-    from tqdm import tqdm
+_POINT_FIELDS = {f.name for f in fields(Point)}
 
+
+def earlier_points(jsonl: Path, device_label: str) -> Dict[tuple, Point]:
+    """Points results.jsonl holds for the device ``device_label`` (as a meta
+    line names it), the latest of each (provider, dtype, d, N), errors left out."""
+    found: Dict[tuple, Point] = {}
+    if not jsonl.exists():
+        return found
+    device = None
+    with open(jsonl, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the partial last line of a killed run
+            if "meta" in row:
+                device = row["meta"].get("device")
+            elif device == device_label and _POINT_FIELDS <= row.keys() and row["status"] in ("ok", "oom"):
+                point = Point(**{k: row[k] for k in _POINT_FIELDS})
+                found[(point.provider, point.dtype, point.d, point.n)] = point
+    return found
+
+
+def _open_for_append(jsonl: Path):
+    f = open(jsonl, "a+", encoding="utf-8")
+    f.seek(0, os.SEEK_END)
+    if f.tell() > 0:
+        f.seek(f.tell() - 1)
+        if f.read(1) != "\n":
+            f.write("\n")  # a killed run's partial line stays on its own line
+    return f
+
+
+def main(argv=None) -> List[Point]:
     args = parse_args(argv)
+    show_info_logs()
     device = torch.device(args.device)
-    providers = [p.strip() for p in args.providers.split(",") if p.strip()]
-    for p in providers:
-        if p not in PROVIDERS:
-            raise SystemExit(f"unknown provider {p!r}; choose from {PROVIDERS}")
-    dims = [int(v) for v in args.dims.split(",")]
-    dtypes = [_DTYPES[v.strip()] for v in args.dtypes.split(",")]
+    dtypes = [_DTYPES[v] for v in args.dtypes]
     ns = []
     n = args.min_n
     while n <= args.max_n:
         ns.append(n)
         n *= 2
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     name = device_name(device)
-    meta = dict(device=name, torch=torch.__version__, python=sys.version.split()[0])
+    meta = dict(device=name, torch=torch.__version__, python=sys.version.split()[0],
+                argv=list(sys.argv[1:] if argv is None else argv))
     try:
         import triton
 
@@ -350,34 +499,45 @@ def main(argv=None) -> List[Point]:
     except ImportError:
         pass
 
-    jobs = [(dt, d, p) for dt in dtypes for d in dims for p in providers]
-    points: List[Point] = []
     jsonl = out / "results.jsonl"
-    with open(jsonl, "w") as f, tqdm(total=len(jobs) * len(ns), desc="bench", unit="pt") as bar:
+    earlier = earlier_points(jsonl, name) if args.resume else {}
+    jobs = [(dt, d, p) for dt in dtypes for d in args.dims for p in args.providers]
+    points: List[Point] = []
+    reused = 0
+    with _open_for_append(jsonl) as f, \
+            progress(len(jobs) * len(ns), "bench", "pt") as bar:
         f.write(json.dumps({"meta": meta}) + "\n")
+        f.flush()
         for dtype, d, provider in jobs:
+            dtype_name = {v: k for k, v in _DTYPES.items()}[dtype]
             dead = None  # once a provider fails at some N, larger N are skipped
             for n in ns:
-                bar.set_postfix_str(f"{provider} {str(dtype).replace('torch.', '')} d={d} N={n}")
-                if dead is not None:
-                    point = Point(provider, n, d, {v: k for k, v in _DTYPES.items()}[dtype],
-                                  str(device), dead)
+                bar.set_postfix_str(f"{provider} {dtype_name} d={d} N={n}")
+                point = earlier.get((provider, dtype_name, d, n))
+                if point is not None:
+                    reused += 1
+                elif dead is not None:
+                    point = Point(provider, n, d, dtype_name, str(device), dead)
                     point.grad_bytes = 2 * n * d * torch.tensor([], dtype=dtype).element_size()
                 else:
                     point = measure(provider, n, d, dtype, device, args.reps, args.max_seconds)
-                    if point.status != "ok":
-                        dead = point.status
+                if point.status != "ok":
+                    dead = point.status
+                if earlier.get((provider, dtype_name, d, n)) is not point:
+                    # One write per line: a kill leaves at most a partial last line.
+                    f.write(json.dumps(asdict(point)) + "\n")
+                    f.flush()
                 points.append(point)
-                f.write(json.dumps(asdict(point)) + "\n")
-                f.flush()
                 bar.update(1)
 
     title = f"clipfast benchmark on {name} (torch {torch.__version__})"
     table = markdown_table(points, title)
-    (out / "results.md").write_text(table)
+    atomic_write_text(out / "results.md", table)
     plot(points, out / "results.png", title)
     print(table)
-    print(f"wrote {jsonl}, {out / 'results.md'} and {out / 'results.png'}")
+    if reused:
+        print(f"--resume: {reused} of {len(points)} points taken from {jsonl}")
+    print(f"appended to {jsonl}; wrote {out / 'results.md'} and {out / 'results.png'}")
     return points
 
 

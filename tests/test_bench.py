@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+import clipfast
 from clipfast import bench
 
 
@@ -44,9 +45,150 @@ def test_bench_records_out_of_memory_and_skips_larger_n(tmp_path, monkeypatch):
     assert "OOM" in (tmp_path / "results.md").read_text()
 
 
-def test_bench_rejects_unknown_provider(tmp_path):
-    with pytest.raises(SystemExit, match="unknown provider"):
-        bench.main(["--device", "cpu", "--providers", "magic", "--out", str(tmp_path)])
+TINY = ["--device", "cpu", "--dims", "4", "--dtypes", "fp32", "--min-n", "4", "--max-n", "16",
+        "--reps", "1"]
+
+
+@pytest.mark.parametrize("args,option,message", [
+    (["--providers", "magic"], "--providers", "unknown provider 'magic'"),
+    (["--providers", ","], "--providers", "empty list"),
+    (["--min-n", "0"], "--min-n", "must be >= 1"),
+    (["--min-n", "-5"], "--min-n", "must be >= 1"),
+    (["--min-n", "64", "--max-n", "8"], "--max-n", "must be >= --min-n"),
+    (["--reps", "0"], "--reps", "must be >= 1"),
+    (["--dims", "0"], "--dims", "positive integers"),
+    (["--dims", "8,x"], "--dims", "positive integers"),
+    (["--dtypes", "fp64"], "--dtypes", "unknown dtype 'fp64'"),
+    (["--max-seconds", "0"], "--max-seconds", "positive"),
+    (["--device", "tpu"], "--device", "expected cpu, cuda"),
+    (["--device", "cuda:99"], "--device", "cuda:99"),
+])
+def test_bad_arguments_are_argparse_errors_naming_the_argument(tmp_path, capsys, monkeypatch,
+                                                               args, option, message):
+    monkeypatch.setattr(bench, "measure", lambda *a: pytest.fail("measured despite a bad argument"))
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", "cpu", "--out", str(tmp_path / "out"), *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: " in err and message in err, err
+
+
+def test_cuda_device_without_cuda_is_an_argument_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", "cuda", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "argument --device: 'cuda' requested but CUDA is not available" in capsys.readouterr().err
+
+
+def test_unwritable_out_is_an_argument_error(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main([*TINY, "--providers", "reference", "--out", str(tmp_path / "file" / "sub")])
+    assert exit_info.value.code == 2
+    assert "argument --out: cannot create the folder" in capsys.readouterr().err
+
+
+def test_interrupted_rerun_keeps_earlier_results_and_resume_measures_the_rest(tmp_path, monkeypatch):
+    jsonl = tmp_path / "results.jsonl"
+    first = bench.main([*TINY, "--providers", "reference,chunked", "--out", str(tmp_path)])
+    before = jsonl.read_text()
+    assert len(before.splitlines()) == 1 + len(first) == 7
+
+    real, calls = bench.measure, []
+
+    def interrupted(provider, n, *args):
+        calls.append((provider, n))
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(provider, n, *args)
+
+    monkeypatch.setattr(bench, "measure", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main([*TINY, "--providers", "reference,chunked,gemm4_bound", "--out", str(tmp_path)])
+    after = jsonl.read_text()
+    assert after.startswith(before)  # nothing earlier lost
+    assert len(after.splitlines()) == 7 + 1 + 3  # a meta line and the three finished points
+    assert (tmp_path / "results.md").read_text().count("| fp32 | 4 |") == 3  # the old table stays
+
+    calls.clear()
+    points = bench.main([*TINY, "--providers", "reference,chunked,gemm4_bound", "--resume",
+                         "--out", str(tmp_path)])
+    # Everything the two runs measured is reused; only gemm4_bound is left.
+    assert calls == [("gemm4_bound", 4), ("gemm4_bound", 8), ("gemm4_bound", 16)]
+    assert len(points) == 9 and all(p.status == "ok" for p in points)
+    assert jsonl.read_text().startswith(after)
+    table = (tmp_path / "results.md").read_text()
+    assert "gemm4_bound" in table and "| fp32 | 4 | 16 |" in table
+
+
+def test_resume_reuses_an_oom_and_skips_larger_n(tmp_path, monkeypatch):
+    jsonl = tmp_path / "results.jsonl"
+    meta = {"meta": {"device": bench.device_name(torch.device("cpu"))}}
+    oom = dict(provider="chunked", n=8, d=4, dtype="fp32", device="cpu", status="oom",
+               time_ms=None, peak_extra_bytes=None, grad_bytes=256, reps=0, times_ms=[])
+    # The earlier run was killed in the middle of a line.
+    jsonl.write_text(json.dumps(meta) + "\n" + json.dumps(oom) + "\n" + json.dumps(oom)[:30])
+    calls = []
+    monkeypatch.setattr(bench, "measure", lambda p, n, d, dt, dev, *a: calls.append(n) or bench.Point(
+        p, n, d, "fp32", str(dev), "ok", time_ms=1.0, peak_extra_bytes=1, reps=1))
+    points = bench.main([*TINY, "--providers", "chunked", "--resume", "--out", str(tmp_path)])
+    assert calls == [4]
+    assert [p.status for p in points] == ["ok", "oom", "oom"]
+    lines = jsonl.read_text().splitlines()
+    assert lines[2] == json.dumps(oom)[:30]  # the partial line stays on its own line
+    assert [json.loads(line)["n"] for line in lines[4:]] == [4, 16]
+
+
+def test_error_reasons_are_printed_under_the_table(tmp_path, monkeypatch, capsys):
+    real = bench.make_step
+
+    def make_step(provider):
+        if provider == "chunked":
+            def broken(x, y, s):
+                raise RuntimeError("kernel exploded at this shape")
+            return broken
+        return real(provider)
+
+    monkeypatch.setattr(bench, "make_step", make_step)
+    bench.main([*TINY, "--providers", "reference,chunked", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    table, _, errors = out.partition("Errors:")
+    assert "| error |" in table
+    assert "`chunked`, fp32, d = 4, N = 4 (and larger N): RuntimeError: kernel exploded at this shape" in errors
+    assert "kernel exploded" in (tmp_path / "results.md").read_text()
+
+
+def test_table_shows_what_auto_picks():
+    point = bench.Point("chunked", 256, 512, "fp32", "cpu", "ok", time_ms=1.0, peak_extra_bytes=0)
+    table = bench.markdown_table([point], "t")
+    header, _, row = table.splitlines()[4:7]
+    assert header.endswith("| auto picks |")
+    expected = clipfast.autoselect.explain("cpu", (torch.float32,), 256, 512).backend
+    assert row.endswith(f"| {expected} |")
+
+
+def test_plot_has_one_legend_for_every_panel():
+    points = [bench.Point(p, n, d, "fp32", "cpu", "ok", time_ms=1.0 + n, peak_extra_bytes=n)
+              for p in ("reference", "chunked", "gemm4_bound") for d in (4, 8) for n in (4, 8)]
+    fig = bench.figure(points, "t")
+    try:
+        assert all(ax.get_legend() is None for ax in fig.axes)
+        assert len(fig.legends) == 1
+        assert [t.get_text() for t in fig.legends[0].get_texts()] == ["reference", "chunked", "gemm4_bound"]
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
+def test_progress_is_plain_lines_when_not_on_a_terminal(tmp_path, capsys):
+    bench.main([*TINY, "--providers", "reference,chunked", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("bench:")]
+    assert lines and lines[-1].startswith("bench: 100%") and "6/6" in lines[-1]
+    assert max(len(line) for line in lines) < 200
 
 
 def test_peak_memory_sees_an_allocation():
