@@ -1,31 +1,53 @@
-"""``nn.Module`` wrappers around the functional API."""
+"""``nn.Module`` drop-ins for open_clip's losses: ``ClipLoss``, ``DistillClipLoss``
+and ``CoCaLoss``, with the contrastive term on the fused kernels."""
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ._inputs import check_inputs
-from .api import clip_loss
-from .distributed import distributed_clip_loss, mode_warning
+from .api import BACKENDS, clip_loss
+from .chunked import DEFAULT_CHUNK_ELEMENTS
+from .distributed import distributed_clip_loss, gather_features, mode_warning
+
+
+def _check_flag(name: str, value) -> None:
+    # A truthy string such as "False" would silently switch a mode on.
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
 class ClipLoss(nn.Module):
     """Drop-in for ``open_clip.loss.ClipLoss`` backed by the fused kernels.
 
-    The constructor takes open_clip's arguments plus clipfast's ``backend``,
-    ``normalize``, ``ring`` and ``group``. With ``world_size > 1`` it runs on
-    torch.distributed: open_clip's gather modes, or ``ring=True``, which never
-    holds all ranks' features (see ``clipfast.distributed`` for the modes and
-    the gradient convention). ``forward`` returns
-    the loss, or ``{"contrastive_loss": loss}`` with ``output_dict=True``, so
-    ``loss_fn(**model_out, output_dict=True)`` works as in open_clip.
+    The constructor takes open_clip's arguments plus clipfast's keywords
+    ``backend``, ``normalize``, ``allow_tf32``, ``ring`` and ``group``;
+    ``forward(image_features, text_features, logit_scale, logit_bias=None,
+    output_dict=False)`` returns the loss, or ``{"contrastive_loss": loss}``
+    with ``output_dict=True``, so ``loss_fn(**model_out, output_dict=True)``
+    works as in open_clip.
 
-    ``normalize=True`` (the default) re-normalises the features inside the op;
-    for open_clip's already-normalised features this changes nothing.
+    ``normalize=False`` (the default) is open_clip's loss on whatever features
+    it is given. ``normalize=True`` L2-normalises the rows inside the fused op
+    (forward and backward) instead of in the model: drop the model's
+    ``F.normalize`` and pass ``normalize=True`` to save the N x d normalised
+    copies and their backward. Normalising features that are already
+    normalised changes nothing, gradients included.
+
+    With ``world_size > 1`` it runs on torch.distributed: open_clip's gather
+    modes, or ``ring=True``, which never holds all ranks' features (see
+    ``clipfast.distributed`` for the modes and the gradient convention).
+
+    ``get_ground_truth``, ``get_logits``, ``labels``, ``prev_num_logits`` and
+    ``cache_labels`` behave as open_clip's, for subclasses and user code that
+    use them; ``forward`` itself never builds the labels or the N x N logits.
     """
 
     def __init__(
@@ -38,7 +60,8 @@ class ClipLoss(nn.Module):
         use_horovod: bool = False,
         *,
         backend: str = "auto",
-        normalize: bool = True,
+        normalize: bool = False,
+        allow_tf32: bool = True,
         ring: bool = False,
         group=None,
     ):
@@ -50,20 +73,106 @@ class ClipLoss(nn.Module):
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if ring and local_loss:
             raise ValueError("ring=True computes the global loss; it cannot be combined with local_loss=True")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        _check_flag("normalize", normalize)
+        _check_flag("allow_tf32", allow_tf32)
+        if world_size > 1 and not allow_tf32:
+            # distributed_clip_loss has no allow_tf32 parameter (its block
+            # kernels run with TF32 on): refuse rather than ignore the request.
+            raise ValueError(
+                "ClipLoss(allow_tf32=False) is not supported with world_size > 1 yet: the "
+                "distributed modes run fp32 features with TF32 on")
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
-        # Labels are arange(N) (offset by rank) inside the kernels; nothing to cache.
         self.cache_labels = cache_labels
         self.rank = rank
         self.world_size = world_size
         self.use_horovod = use_horovod
         self.backend = backend
         self.normalize = normalize
+        self.allow_tf32 = allow_tf32
         self.ring = ring
         self.group = group
+        # open_clip's label cache, read by get_ground_truth (forward does not
+        # need labels: the fused kernels know the diagonal).
+        self.prev_num_logits = 0
+        self.labels = {}
         message = mode_warning(local_loss, gather_with_grad, ring, world_size)
         if message is not None:
             warnings.warn(message, stacklevel=2)
+
+    def get_ground_truth(self, device, num_logits: int) -> torch.Tensor:
+        """open_clip's labels: ``arange(num_logits)``, offset by ``rank * num_logits``
+        with ``local_loss`` across ranks; cached per device when ``cache_labels``
+        (recomputed whenever ``num_logits`` changes)."""
+        device = torch.device(device)
+        if self.prev_num_logits != num_logits or device not in self.labels:
+            labels = torch.arange(num_logits, device=device, dtype=torch.long)
+            if self.world_size > 1 and self.local_loss:
+                labels = labels + num_logits * self.rank
+            if self.cache_labels:
+                self.labels[device] = labels
+                self.prev_num_logits = num_logits
+            return labels
+        return self.labels[device]
+
+    def _unit(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(features, dim=-1) if self.normalize else features
+
+    def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
+        """``(logits_per_image, logits_per_text)`` as open_clip returns them.
+
+        This materialises the N x N logits (the memory the fused ``forward``
+        avoids); it is for code that needs the matrix itself. With
+        ``normalize=True`` the features are normalised first, so that
+        ``cross_entropy(logits, get_ground_truth(...))`` is ``forward``'s loss.
+
+        Across ranks it gathers as open_clip does (``clipfast.distributed.
+        gather_features``): with ``local_loss`` this rank's rows against every
+        rank's columns, else the global matrix, ``logits_per_text`` being its
+        transpose. ``ring=True`` gathers with gradient (its exact gradients).
+        Unlike open_clip, which adds ``logit_bias`` in place and so twice to the
+        shared global matrix, the bias is added once, out of place.
+        """
+        inputs = check_inputs(image_features, text_features, logit_scale, logit_bias)
+        image, text = self._unit(inputs.image_features), self._unit(inputs.text_features)
+        if self.world_size > 1:
+            gather_with_grad = self.gather_with_grad or self.ring
+            all_image, all_text = gather_features(
+                image, text, self.local_loss, gather_with_grad, self.rank, self.world_size,
+                self.group)
+            if self.local_loss:
+                logits_per_image = logit_scale * image @ all_text.T
+                logits_per_text = logit_scale * text @ all_image.T
+            else:
+                logits_per_image = logit_scale * all_image @ all_text.T
+                logits_per_text = logits_per_image.T
+        else:
+            logits_per_image = logit_scale * image @ text.T
+            logits_per_text = logit_scale * text @ image.T
+        if logit_bias is not None:
+            logits_per_image = logits_per_image + logit_bias
+            logits_per_text = logits_per_text + logit_bias
+        return logits_per_image, logits_per_text
+
+    def _contrastive(self, image_features, text_features, logit_scale, logit_bias=None):
+        if self.world_size > 1:
+            inputs = check_inputs(image_features, text_features, logit_scale, logit_bias)
+            loss = distributed_clip_loss(
+                inputs, local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
+                ring=self.ring, rank=self.rank, world_size=self.world_size,
+                normalize=self.normalize, backend=self.backend, group=self.group)
+            return loss.to(inputs.loss_dtype)
+        return clip_loss(
+            image_features,
+            text_features,
+            logit_scale,
+            logit_bias=logit_bias,
+            normalize=self.normalize,
+            backend=self.backend,
+            allow_tf32=self.allow_tf32,
+        )
 
     def forward(
         self,
@@ -73,27 +182,235 @@ class ClipLoss(nn.Module):
         logit_bias: Optional[torch.Tensor] = None,
         output_dict: bool = False,
     ):
-        if self.world_size > 1:
-            inputs = check_inputs(image_features, text_features, logit_scale, logit_bias)
-            loss = distributed_clip_loss(
-                inputs, local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
-                ring=self.ring, rank=self.rank, world_size=self.world_size,
-                normalize=self.normalize, backend=self.backend, group=self.group)
-            loss = loss.to(inputs.loss_dtype)
-        else:
-            loss = clip_loss(
-                image_features,
-                text_features,
-                logit_scale,
-                logit_bias=logit_bias,
-                normalize=self.normalize,
-                backend=self.backend,
-            )
+        loss = self._contrastive(image_features, text_features, logit_scale, logit_bias)
         return {"contrastive_loss": loss} if output_dict else loss
 
     def extra_repr(self) -> str:
-        text = f"backend={self.backend!r}, normalize={self.normalize}"
+        text = (f"backend={self.backend!r}, normalize={self.normalize}, "
+                f"allow_tf32={self.allow_tf32}")
         if self.world_size > 1:
             text += (f", rank={self.rank}, world_size={self.world_size}, local_loss={self.local_loss}, "
                      f"gather_with_grad={self.gather_with_grad}, ring={self.ring}")
         return text
+
+
+# ----------------------------- distillation -------------------------------- #
+
+
+def _rename_teacher_error(err: Exception) -> Exception:
+    """The same validation error, naming the teacher's arguments."""
+    message = re.sub(r"\b(image_features|text_features|logit_scale)\b", r"dist_\1", str(err))
+    return type(err)(message)
+
+
+def _distill_rows(queries, keys, scale, t_queries, t_keys, t_scale, start: int, stop: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Sum over rows start:stop of -sum_j softmax(teacher)_ij log_softmax(student)_ij.
+
+    The products run in the features' dtype (tensor cores for half precision,
+    as under autocast) and the softmax math in ``dtype`` (at least fp32),
+    which is what autocast does with open_clip's formula.
+    """
+    student = (queries[start:stop] @ keys.T).to(dtype) * scale.reshape(()).to(dtype)
+    teacher = (t_queries[start:stop] @ t_keys.T).to(dtype) * t_scale.reshape(()).to(dtype)
+    return -(teacher.softmax(dim=1) * student.log_softmax(dim=1)).sum()
+
+
+def chunked_distill_term(queries, keys, scale, t_queries, t_keys, t_scale,
+                         chunk_rows: Optional[int] = None) -> torch.Tensor:
+    """open_clip's ``dist_loss(teacher_logits, student_logits)`` for the logits
+    ``scale * queries @ keys.T`` (student) and ``t_scale * t_queries @ t_keys.T``
+    (teacher), without holding either matrix.
+
+    Rows are processed ``chunk_rows`` at a time (default: about 2^22 logits per
+    chunk); each chunk is checkpointed, so autograd keeps only references to
+    the inputs and the backward recomputes one chunk's logits at a time:
+    memory O(chunk_rows x M) for M columns, not M x M. Not a fused kernel: each
+    chunk is a few PyTorch ops on (chunk_rows, M) tensors. Gradients reach
+    every input that requires grad (the teacher's too, if it does).
+    """
+    rows, cols = queries.shape[0], keys.shape[0]
+    if chunk_rows is None:
+        chunk_rows = max(1, DEFAULT_CHUNK_ELEMENTS // max(cols, 1))
+    dtype = torch.promote_types(
+        torch.promote_types(torch.promote_types(queries.dtype, keys.dtype),
+                            torch.promote_types(t_queries.dtype, t_keys.dtype)),
+        torch.float32)
+    # Mixed-dtype pairs cannot be multiplied; cast once here, not once per chunk.
+    student_dtype = torch.promote_types(queries.dtype, keys.dtype)
+    queries, keys = queries.to(student_dtype), keys.to(student_dtype)
+    teacher_dtype = torch.promote_types(t_queries.dtype, t_keys.dtype)
+    t_queries, t_keys = t_queries.to(teacher_dtype), t_keys.to(teacher_dtype)
+    tensors = (queries, keys, scale, t_queries, t_keys, t_scale)
+    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    total = None
+    for start in range(0, rows, chunk_rows):
+        stop = min(start + chunk_rows, rows)
+        if recompute:
+            part = checkpoint(_distill_rows, *tensors, start, stop, dtype,
+                              use_reentrant=False, preserve_rng_state=False)
+        else:
+            part = _distill_rows(*tensors, start, stop, dtype)
+        total = part if total is None else total + part
+    return total / rows
+
+
+class DistillClipLoss(ClipLoss):
+    """Drop-in for ``open_clip.loss.DistillClipLoss``.
+
+    ``forward(image_features, text_features, logit_scale, dist_image_features,
+    dist_text_features, dist_logit_scale, output_dict=False)`` returns
+    ``(contrastive_loss, distill_loss)``, or the dict with those keys. The
+    contrastive loss is ``ClipLoss``'s (the fused kernels). The distillation
+    loss is open_clip's: the cross-entropy of the student's log-softmax against
+    the teacher's softmax over the rows of ``logits_per_image`` and of
+    ``logits_per_text``, each averaged over rows, the two averaged.
+
+    The distillation term is not a fused kernel: it runs in chunks of
+    ``distill_chunk_rows`` rows (default about 2^22 logits per chunk) with
+    PyTorch ops, each chunk recomputed in backward, so its memory is
+    O(chunk x N), never N x N. The teacher's dimension may differ from the
+    student's. ``normalize=True`` normalises the teacher's features too (a
+    no-op for a teacher that normalises its own). Across ranks the distillation
+    term gathers student and teacher features as open_clip's ``get_logits``
+    does (``ring=True`` is not supported here).
+    """
+
+    def __init__(self, *args, distill_chunk_rows: Optional[int] = None, **kwargs):
+        if kwargs.get("ring", False):
+            raise ValueError(
+                "DistillClipLoss(ring=True) is not supported: the distillation term needs the "
+                "gathered features; use gather_with_grad=True")
+        if distill_chunk_rows is not None and (
+                isinstance(distill_chunk_rows, bool) or not isinstance(distill_chunk_rows, int)
+                or distill_chunk_rows < 1):
+            raise ValueError(f"distill_chunk_rows must be a positive int, got {distill_chunk_rows!r}")
+        super().__init__(*args, **kwargs)
+        self.distill_chunk_rows = distill_chunk_rows
+
+    def dist_loss(self, teacher_logits, student_logits):
+        """open_clip's formula on materialised logits (N x N memory)."""
+        return -(teacher_logits.softmax(dim=1) * student_logits.log_softmax(dim=1)).sum(dim=1).mean(dim=0)
+
+    def _distill(self, student, teacher):
+        image, text, scale = student
+        t_image, t_text, t_scale = teacher
+        image, text = self._unit(image), self._unit(text)
+        t_image, t_text = self._unit(t_image), self._unit(t_text)
+        if self.world_size > 1:
+            all_image, all_text = gather_features(
+                image, text, self.local_loss, self.gather_with_grad, self.rank, self.world_size,
+                self.group)
+            all_t_image, all_t_text = gather_features(
+                t_image, t_text, self.local_loss, self.gather_with_grad, self.rank, self.world_size,
+                self.group)
+            if self.local_loss:
+                directions = ((image, all_text, t_image, all_t_text),
+                              (text, all_image, t_text, all_t_image))
+            else:
+                directions = ((all_image, all_text, all_t_image, all_t_text),
+                              (all_text, all_image, all_t_text, all_t_image))
+        else:
+            directions = ((image, text, t_image, t_text), (text, image, t_text, t_image))
+        terms = [chunked_distill_term(q, k, scale, tq, tk, t_scale, self.distill_chunk_rows)
+                 for q, k, tq, tk in directions]
+        return (terms[0] + terms[1]) / 2
+
+    def forward(
+        self,
+        image_features,
+        text_features,
+        logit_scale,
+        dist_image_features,
+        dist_text_features,
+        dist_logit_scale,
+        output_dict: bool = False,
+    ):
+        student = check_inputs(image_features, text_features, logit_scale)
+        try:
+            teacher = check_inputs(dist_image_features, dist_text_features, dist_logit_scale)
+        except (TypeError, ValueError) as err:
+            raise _rename_teacher_error(err) from None
+        if teacher.image_features.device != student.image_features.device:
+            raise ValueError(
+                f"dist_image_features is on {teacher.image_features.device} but image_features "
+                f"is on {student.image_features.device}")
+        if teacher.image_features.shape[0] != student.image_features.shape[0]:
+            raise ValueError(
+                f"batch size mismatch: image_features has shape "
+                f"{tuple(student.image_features.shape)} and dist_image_features has shape "
+                f"{tuple(teacher.image_features.shape)}; the teacher must score the same batch")
+        contrastive_loss = self._contrastive(image_features, text_features, logit_scale)
+        distill_loss = self._distill(
+            (student.image_features, student.text_features, student.logit_scale),
+            (teacher.image_features, teacher.text_features, teacher.logit_scale))
+        if output_dict:
+            return {"contrastive_loss": contrastive_loss, "distill_loss": distill_loss}
+        return contrastive_loss, distill_loss
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", distill_chunk_rows={self.distill_chunk_rows}"
+
+
+# --------------------------------- CoCa ------------------------------------ #
+
+
+class CoCaLoss(ClipLoss):
+    """Drop-in for ``open_clip.loss.CoCaLoss``: ``clip_loss_weight`` x the fused
+    contrastive loss plus ``caption_loss_weight`` x the token cross-entropy of
+    the captioner (``pad_id`` tokens ignored).
+
+    ``forward(image_features, text_features, logits, labels, logit_scale,
+    output_dict=False)`` with ``logits`` (batch, tokens, vocab) and ``labels``
+    (batch, tokens) returns ``(contrastive_loss, caption_loss)`` or the dict
+    with those keys. As in open_clip, ``clip_loss_weight=0`` skips the
+    contrastive loss and returns a zero tensor for it, and the caption loss is
+    this rank's own.
+    """
+
+    def __init__(
+        self,
+        caption_loss_weight,
+        clip_loss_weight,
+        pad_id: int = 0,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        use_horovod: bool = False,
+        **kwargs,
+    ):
+        super().__init__(local_loss=local_loss, gather_with_grad=gather_with_grad,
+                         cache_labels=cache_labels, rank=rank, world_size=world_size,
+                         use_horovod=use_horovod, **kwargs)
+        self.clip_loss_weight = clip_loss_weight
+        self.caption_loss_weight = caption_loss_weight
+        self.pad_id = pad_id
+        self.caption_loss = nn.CrossEntropyLoss(ignore_index=pad_id)
+
+    def forward(self, image_features, text_features, logits, labels, logit_scale,
+                output_dict: bool = False):
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or not logits.is_floating_point():
+            raise ValueError(
+                f"logits must be a float tensor of shape (batch, tokens, vocab), got "
+                f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+        if (not isinstance(labels, torch.Tensor) or labels.shape != logits.shape[:2]
+                or labels.is_floating_point() or labels.dtype == torch.bool):
+            raise ValueError(
+                f"labels must be an integer tensor of shape (batch, tokens) = "
+                f"{tuple(logits.shape[:2])} (the logits' first two dims), got "
+                f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}"
+                f"{' ' + str(labels.dtype) if isinstance(labels, torch.Tensor) else ''}")
+        if self.clip_loss_weight:
+            clip = self.clip_loss_weight * self._contrastive(image_features, text_features, logit_scale)
+        else:
+            clip = torch.tensor(0, device=logits.device)
+        caption = self.caption_loss(logits.permute(0, 2, 1), labels.long()) * self.caption_loss_weight
+        if output_dict:
+            return {"contrastive_loss": clip, "caption_loss": caption}
+        return clip, caption
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", caption_loss_weight={self.caption_loss_weight}, "
+                f"clip_loss_weight={self.clip_loss_weight}, pad_id={self.pad_id}")

@@ -24,7 +24,7 @@ def test_module_matches_open_clip_on_normalised_features(backend):
     img, txt = F.normalize(img_raw, dim=-1), F.normalize(txt_raw, dim=-1)
     logit_scale = torch.tensor(2.6592, requires_grad=True)  # log(1/0.07)
 
-    loss = ClipLoss(backend=backend)(img, txt, logit_scale.exp())
+    loss = ClipLoss(backend=backend, normalize=True)(img, txt, logit_scale.exp())
     want = _open_clip_loss(F.normalize(img_raw, dim=-1), F.normalize(txt_raw, dim=-1),
                            logit_scale.exp())
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
@@ -81,3 +81,12 @@ def test_module_bad_distributed_arguments(kwargs, exc, match):
 
 def test_module_repr_names_backend():
     assert "chunked" in repr(ClipLoss(backend="chunked"))
+
+
+def test_module_default_is_open_clip_semantics_without_normalisation():
+    torch.manual_seed(2)
+    img, txt = 3 * torch.randn(8, 4), 3 * torch.randn(8, 4)
+    loss_fn = ClipLoss()
+    assert not loss_fn.normalize
+    torch.testing.assert_close(loss_fn(img, txt, 100.0), _open_clip_loss(img, txt, 100.0),
+                               rtol=1e-5, atol=1e-5)
