@@ -5,6 +5,17 @@ tied candidates are put in a uniformly random order. (Identical captions, as
 in class-level datasets, are exactly tied; counting them for or against the
 query would flatter or punish it arbitrarily, and argsort's choice depends on
 the sort algorithm.)
+
+Non-finite scores (NaN or infinite features, or a NaN in the classifier) give
+NaN metrics, never a number: a query whose scores include a non-finite value
+has no rank, so every metric computed from it is NaN. Metrics are aggregates
+(means, medians, per-class means) over all queries, so in practice one
+non-finite score makes each metric whose queries see it NaN: for retrieval a
+NaN image row reaches every text query too, since each caption is scored
+against it.
+
+Rows are normalised by their direction alone (``safe_normalize``): features
+so large that their squared norms overflow fp32 still score by their cosines.
 """
 
 from __future__ import annotations
@@ -13,6 +24,8 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .reference import safe_normalize
 
 
 @torch.no_grad()
@@ -25,8 +38,8 @@ def zero_shot_classifier(encode_text: Callable[[Sequence[str]], torch.Tensor],
     """
     weights = []
     for name in class_names:
-        embeddings = F.normalize(encode_text([t.format(name) for t in templates]), dim=-1)
-        weights.append(F.normalize(embeddings.mean(dim=0), dim=-1))
+        embeddings = safe_normalize(encode_text([t.format(name) for t in templates]))
+        weights.append(safe_normalize(embeddings.mean(dim=0)))
     return torch.stack(weights)
 
 
@@ -35,21 +48,25 @@ def _rank_stats(scores: torch.Tensor, positives: torch.Tensor):
 
     scores: (Q, C); positives: (Q, C) bool, at least one per row. ``better``
     counts negatives scoring above the best positive, ``tied`` negatives equal
-    to it, ``tied_positives`` positives equal to it (>= 1).
+    to it, ``tied_positives`` positives equal to it (>= 1). fp64 counts; all
+    three are NaN for a query with any non-finite score (comparisons with NaN
+    are all false, which would otherwise rank a NaN positive first).
     """
     if not positives.any(dim=1).all():
         raise ValueError("every query needs at least one positive candidate")
     best = scores.masked_fill(~positives, float("-inf")).max(dim=1).values[:, None]
-    better = ((scores > best) & ~positives).sum(dim=1)
-    tied = ((scores == best) & ~positives).sum(dim=1)
-    tied_positives = ((scores == best) & positives).sum(dim=1)
-    return better, tied, tied_positives
+    better = ((scores > best) & ~positives).sum(dim=1).double()
+    tied = ((scores == best) & ~positives).sum(dim=1).double()
+    tied_positives = ((scores == best) & positives).sum(dim=1).double()
+    undefined = ~torch.isfinite(scores).all(dim=1)
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    return tuple(torch.where(undefined, nan, t) for t in (better, tied, tied_positives))
 
 
 def _expected_rank(better, tied, tied_positives) -> torch.Tensor:
     """Expected 0-based rank of the first positive: negatives before it among
     the tied block average tied / (tied_positives + 1)."""
-    return better.double() + tied.double() / (tied_positives.double() + 1)
+    return better + tied / (tied_positives + 1)
 
 
 def _hit_probability(better, tied, tied_positives, k: int) -> torch.Tensor:
@@ -58,20 +75,22 @@ def _hit_probability(better, tied, tied_positives, k: int) -> torch.Tensor:
     With m = k - better slots left, the miss probability is
     C(tied, m) / C(tied + p, m): all m slots drawn from the tied negatives.
     """
-    m = (k - better).clamp_min(0).double()
-    t, p = tied.double(), tied_positives.double()
+    m = (k - better).clamp_min(0)
+    t, p = tied, tied_positives
     # log C(t, m) - log C(t + p, m), defined where m <= t; beyond that a hit is sure.
     log_miss = (torch.lgamma(t + 1) - torch.lgamma(t - m + 1)
                 - torch.lgamma(t + p + 1) + torch.lgamma(t + p - m + 1))
     miss = torch.where(m <= t, torch.exp(log_miss), torch.zeros_like(m))
-    return torch.where(m > 0, 1 - miss, torch.zeros_like(m))
+    hit = torch.where(m > 0, 1 - miss, torch.zeros_like(m))
+    # The comparisons above are false for NaN: put an undefined query's NaN back.
+    return torch.where(torch.isnan(better), better, hit)
 
 
 @torch.no_grad()
 def zero_shot_metrics(image_features: torch.Tensor, classifier: torch.Tensor,
                       labels: torch.Tensor) -> Dict[str, float]:
     """top-1, top-5 accuracy and mean per-class recall (all in [0, 1])."""
-    scores = F.normalize(image_features, dim=-1) @ classifier.t()
+    scores = safe_normalize(image_features) @ classifier.t()
     positives = F.one_hot(labels, classifier.shape[0]).bool()
     stats = _rank_stats(scores.float().cpu(), positives.cpu())
     top1 = _hit_probability(*stats, 1)
@@ -102,7 +121,7 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
         if n_images != n_texts:
             raise ValueError(f"{n_images} images and {n_texts} texts need text_to_image")
         text_to_image = torch.arange(n_texts)
-    scores = F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).t()
+    scores = safe_normalize(image_features) @ safe_normalize(text_features).t()
     positives = torch.zeros(n_images, n_texts, dtype=torch.bool)
     positives[text_to_image, torch.arange(n_texts)] = True
     metrics = {}

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -79,3 +81,69 @@ def test_retrieval_identical_captions_are_tied():
 def test_retrieval_needs_mapping_for_unequal_counts():
     with pytest.raises(ValueError, match="text_to_image"):
         retrieval_metrics(torch.randn(2, 3), torch.randn(3, 3))
+
+
+def _poisoned(t, value, row=1, col=0):
+    t = t.clone()
+    t[row, col] = value
+    return t
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_zero_shot_non_finite_features_give_nan_metrics(value):
+    # NaN features used to score 100% top-1 (every comparison with NaN is
+    # false, so the positive had nobody "better" than it).
+    classifier = _unit([1, 0, 0], [0, 1, 0], [0, 0, 1])
+    images = _unit([0.9, 0.1, 0], [0.1, 0.9, 0.0], [0.8, 0.0, 0.3], [0, 0.2, 0.9])
+    labels = torch.tensor([0, 1, 2, 2])
+    m = zero_shot_metrics(_poisoned(images, value), classifier, labels)
+    assert set(m) == {"top1", "top5", "mean_per_class_recall"}
+    assert all(math.isnan(v) for v in m.values()), m
+    m = zero_shot_metrics(images, _poisoned(classifier, float("nan")), labels)
+    assert all(math.isnan(v) for v in m.values()), m
+
+
+def test_zero_shot_all_nan_features_are_not_perfect():
+    classifier = _unit([1, 0], [0, 1])
+    m = zero_shot_metrics(torch.full((3, 2), float("nan")), classifier, torch.tensor([0, 1, 0]))
+    assert all(math.isnan(v) for v in m.values()), m
+
+
+@pytest.mark.parametrize("side", ["image", "text"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_retrieval_non_finite_features_give_nan_metrics(side, value):
+    torch.manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(6, 4), dim=-1)
+    texts = images + 0.01 * torch.randn(6, 4)
+    if side == "image":
+        images = _poisoned(images, value)
+    else:
+        texts = _poisoned(texts, value)
+    m = retrieval_metrics(images, texts, ks=(1, 5))
+    assert len(m) == 8
+    # One non-finite row reaches both directions: it scores against every
+    # query of the other side.
+    assert all(math.isnan(v) for v in m.values()), m
+
+
+def test_retrieval_all_nan_is_not_recall_one():
+    nan = torch.full((4, 3), float("nan"))
+    m = retrieval_metrics(nan, nan, ks=(1,))
+    assert math.isnan(m["image_to_text_R@1"]) and math.isnan(m["text_to_image_mean_rank"])
+    assert math.isnan(m["image_to_text_median_rank"])
+
+
+@pytest.mark.parametrize("magnitude", [1e20, 1e30, 1e-10])
+def test_metrics_depend_on_directions_only(magnitude):
+    # Rows whose squared norms overflow fp32 (or come near underflowing it)
+    # rank by their cosines, like the same rows at unit scale. (Rows below
+    # eps = 1e-12 are not directions: x / eps, as F.normalize.)
+    torch.manual_seed(1)
+    images = torch.randn(8, 5)
+    texts = images + 0.8 * torch.randn(8, 5)
+    want = retrieval_metrics(images, texts, ks=(1, 3))
+    assert retrieval_metrics(images * magnitude, texts * magnitude, ks=(1, 3)) == pytest.approx(want)
+    classifier = torch.nn.functional.normalize(torch.randn(3, 5), dim=-1)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    assert zero_shot_metrics(images * magnitude, classifier, labels) == pytest.approx(
+        zero_shot_metrics(images, classifier, labels))
