@@ -24,6 +24,10 @@ class LossInputs:
     text_features: torch.Tensor
     logit_scale: torch.Tensor
     logit_bias: Optional[torch.Tensor]
+    # False when the scale/bias values could not be read on the host (under
+    # torch.compile, or meta tensors): the caller then poisons the loss on the
+    # device instead (see ``poison_invalid_scalars``).
+    values_checked: bool = True
 
     @property
     def feature_dtype(self) -> torch.dtype:
@@ -109,21 +113,49 @@ def check_inputs(
         torch.promote_types(image_features.dtype, text_features.dtype), torch.float32
     )
     scale = _as_scalar_tensor("logit_scale", logit_scale, device, param_dtype)
-    # One host sync per call: a non-positive or non-finite scale silently gives a
-    # meaningless loss, which is worse than the microseconds the check costs.
+    bias = None
+    if logit_bias is not None:
+        bias = _as_scalar_tensor("logit_bias", logit_bias, device, param_dtype)
+    if not _values_readable(scale):
+        return LossInputs(image_features, text_features, scale, bias, values_checked=False)
+    # One host sync per call in eager mode: a non-positive or non-finite scale
+    # silently gives a meaningless loss, which is worse than the microseconds
+    # the check costs.
     scale_value = float(scale.detach().reshape(()).item())
     if not math.isfinite(scale_value) or scale_value <= 0:
         raise ValueError(
             f"logit_scale must be finite and > 0 (the already-exponentiated temperature, "
             f"open_clip's logit_scale.exp()), got {scale_value}"
         )
-    bias = None
-    if logit_bias is not None:
-        bias = _as_scalar_tensor("logit_bias", logit_bias, device, param_dtype)
+    if bias is not None:
         bias_value = float(bias.detach().reshape(()).item())
         if not math.isfinite(bias_value):
             raise ValueError(f"logit_bias must be finite, got {bias_value}")
     return LossInputs(image_features, text_features, scale, bias)
+
+
+def _values_readable(t: torch.Tensor) -> bool:
+    """Whether reading ``t`` on the host is possible and costs no graph break."""
+    if torch.compiler.is_compiling() or t.device.type == "meta":
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not is_fake(t)
+
+
+def poison_invalid_scalars(loss: torch.Tensor, inputs: LossInputs) -> torch.Tensor:
+    """The loss, or NaN (loss and gradients) when the scale is not finite and
+    > 0 or the bias is not finite: the device-side stand-in for check_inputs'
+    ValueError when the values were not read (no host sync inside a compiled
+    graph)."""
+    if inputs.values_checked:
+        return loss
+    scale = inputs.logit_scale.detach().reshape(())
+    valid = torch.isfinite(scale) & (scale > 0)
+    if inputs.logit_bias is not None:
+        valid = valid & torch.isfinite(inputs.logit_bias.detach().reshape(()))
+    # A factor, not torch.where: the gradients must turn NaN with the loss.
+    return loss * torch.where(valid, 1.0, float("nan")).to(loss.dtype)
 
 
 def extension_available(load) -> bool:

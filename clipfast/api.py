@@ -7,8 +7,7 @@ from typing import Optional
 
 import torch
 
-from ._inputs import LossInputs, ScaleLike, check_inputs
-from .chunked import chunked_clip_loss
+from ._inputs import LossInputs, ScaleLike, check_inputs, poison_invalid_scalars
 from .reference import reference_clip_loss
 
 BACKENDS = ("auto", "reference", "chunked", "triton", "cpu", "cuda")
@@ -36,7 +35,14 @@ def resolve_backend(backend: str, inputs: LossInputs) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = inputs.image_features.device
+    # Meta tensors only propagate shapes (each operator's fake implementation):
+    # any backend accepts them, whatever device it computes on.
+    shapes_only = device.type == "meta"
     if backend == "auto":
+        if torch.compiler.is_compiling():
+            n, d = inputs.image_features.shape
+            return _auto_choice_constant(device.type, device.index, inputs.image_features.dtype,
+                                         inputs.text_features.dtype, int(n), int(d))
         from .autoselect import choose
 
         return choose(inputs.image_features, inputs.text_features)
@@ -46,7 +52,7 @@ def resolve_backend(backend: str, inputs: LossInputs) -> str:
                 "backend='triton' needs the triton package (pip install triton); "
                 "use backend='chunked' on machines without it"
             )
-        if not _triton_usable_on(device):
+        if not shapes_only and not _triton_usable_on(device):
             raise ValueError(
                 f"backend='triton' needs CUDA tensors, got features on {device} "
                 "(set TRITON_INTERPRET=1 before importing triton to run the kernels "
@@ -62,8 +68,8 @@ def resolve_backend(backend: str, inputs: LossInputs) -> str:
     if backend == "cpu":
         from .cpu_backend import extension
 
-        extension()  # ImportError with the build instructions when absent
-        if device.type != "cpu":
+        _check_extension(extension)
+        if device.type not in ("cpu", "meta"):
             raise ValueError(f"backend='cpu' needs CPU tensors, got features on {device}")
         dtypes = (inputs.image_features.dtype, inputs.text_features.dtype)
         if any(dt not in (torch.float32, torch.float64) for dt in dtypes):
@@ -75,14 +81,15 @@ def resolve_backend(backend: str, inputs: LossInputs) -> str:
         from .cuda_backend import emulation_enabled, extension
 
         emulated = device.type == "cpu" and emulation_enabled()
-        if device.type != "cuda" and not emulated:
-            extension()  # ImportError with the build instructions when absent
+        if device.type != "cuda" and not emulated and not shapes_only:
+            _check_extension(extension)
             raise ValueError(
                 f"backend='cuda' needs CUDA tensors, got features on {device} (set "
                 "CLIPFAST_CUDA_EMULATION=1 to run its kernels on CPU tensors through the "
                 "slow CPU emulation, for tests)"
             )
-        extension(device)  # ImportError with the build instructions when absent
+        if not shapes_only:
+            _check_extension(extension, device)
         dtypes = (inputs.image_features.dtype, inputs.text_features.dtype)
         if torch.float64 in dtypes:
             raise TypeError(
@@ -90,6 +97,26 @@ def resolve_backend(backend: str, inputs: LossInputs) -> str:
                 f"image_features {dtypes[0]} and text_features {dtypes[1]}"
             )
     return backend
+
+
+@torch.compiler.assume_constant_result
+def _auto_choice_constant(device_type: str, device_index, image_dtype, text_dtype, n: int,
+                          d: int) -> str:
+    """``auto``'s choice while torch.compile traces: the same table lookup,
+    evaluated once at trace time and baked into the graph (int(N) specialises
+    the graph on the batch size, so a new batch size retraces and re-chooses)."""
+    from .autoselect import explain
+
+    device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
+    return explain(device, (image_dtype, text_dtype), n, d).backend
+
+
+def _check_extension(load, *args) -> None:
+    """ImportError with the build instructions when a compiled extension is
+    absent. Skipped while torch.compile traces (it cannot trace imports through
+    importlib); the operator then raises the same error when it first runs."""
+    if not torch.compiler.is_compiling():
+        load(*args)
 
 
 def clip_loss(
@@ -150,20 +177,36 @@ def clip_loss(
         loss = reference_clip_loss(
             inputs.image_features, inputs.text_features, inputs.logit_scale,
             inputs.logit_bias, normalize)
-    elif chosen == "chunked":
-        loss = chunked_clip_loss(inputs, normalize=normalize, chunk_elements=chunk_elements)
-    elif chosen == "cpu":
-        from .cpu_backend import cpu_clip_loss
-
-        loss = cpu_clip_loss(inputs, normalize=normalize)
-    elif chosen == "cuda":
-        from .cuda_backend import cuda_clip_loss
-
-        loss = cuda_clip_loss(inputs, normalize=normalize, allow_tf32=allow_tf32)
     else:
-        from ._triton import TritonClipLossFunction
+        block = 0
+        if chosen == "chunked" and chunk_elements is not None:
+            block = _positive_int("chunk_elements", chunk_elements)
+        if chosen == "triton" and panel_size is not None:
+            block = _positive_int("panel_size", panel_size)
+        loss = fused_clip_loss_op(chosen)(
+            inputs.image_features, inputs.text_features, inputs.logit_scale, inputs.logit_bias,
+            bool(normalize), bool(allow_tf32), block)
+    return poison_invalid_scalars(loss.to(inputs.loss_dtype), inputs)
 
-        loss = TritonClipLossFunction.apply(
-            inputs.image_features, inputs.text_features, inputs.logit_scale,
-            inputs.logit_bias, bool(normalize), bool(allow_tf32), panel_size)
-    return loss.to(inputs.loss_dtype)
+
+def fused_clip_loss_op(backend: str):
+    """``op(x, y, scale, bias, normalize, allow_tf32, block) -> loss`` of a fused
+    backend: its torch.library operator with autograd (see clipfast._ops)."""
+    # Import statements, not importlib: torch.compile traces through them.
+    if backend == "chunked":
+        from .chunked import chunked_clip_loss_op as op
+    elif backend == "triton":
+        from ._triton.clip_loss import triton_clip_loss_op as op
+    elif backend == "cpu":
+        from .cpu_backend import cpu_clip_loss_op as op
+    elif backend == "cuda":
+        from .cuda_backend import cuda_clip_loss_op as op
+    else:
+        raise ValueError(f"no fused operator for backend {backend!r}")
+    return op
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value

@@ -17,11 +17,14 @@ from typing import Optional
 import torch
 
 from ._inputs import LossInputs
+from ._ops import (DISTRIBUTED_DOUBLE_BACKWARD, KernelOptions, compute_dtype, define_clip_loss_op, exact_zero_bias_grad,
+                   pack_stats, refuse_double_backward, without_autocast)
 
 # Default number of logits materialised at once (rows_per_chunk * N).
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
 
 _NORM_EPS = 1e-12  # as F.normalize
+
 
 
 def _rows_per_chunk(n: int, chunk_elements: int) -> int:
@@ -136,13 +139,6 @@ def block_backward(x_unit, y_unit, scale, bias, row_stats, col_stats, diag_offse
     return grad_x, grad_y, grad_s
 
 
-def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
 def scalar_in(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     """A scale/bias tensor as a detached 0-dim tensor of ``dtype`` (None stays None)."""
     return None if t is None else t.detach().reshape(()).to(dtype)
@@ -154,42 +150,32 @@ def _prepare(x, y, scale, bias, normalize):
             scalar_in(scale, dtype), scalar_in(bias, dtype))
 
 
-class ChunkedClipLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, y, scale, bias, normalize: bool, chunk_elements: int):
-        dtype, inv_x, inv_y, s, b = _prepare(x, y, scale, bias, normalize)
-        row_max, row_sum, col_max, col_sum, diag = block_forward(
-            unit_rows(x, inv_x), unit_rows(y, inv_y), s, b, 0, chunk_elements)
-        row_logsum, col_logsum = torch.log(row_sum), torch.log(col_sum)
-        loss = clip_loss_from_stats(row_max, row_logsum, col_max, col_logsum, diag)
+def chunked_forward(x, y, scale, bias, options: KernelOptions):
+    """(loss, stats) of the whole N x N problem (see ``clipfast._ops``)."""
+    _, inv_x, inv_y, s, b = _prepare(x, y, scale, bias, options.normalize)
+    row_max, row_sum, col_max, col_sum, diag = block_forward(
+        unit_rows(x, inv_x), unit_rows(y, inv_y), s, b, 0, _chunk(options.block))
+    row_logsum, col_logsum = torch.log(row_sum), torch.log(col_sum)
+    loss = clip_loss_from_stats(row_max, row_logsum, col_max, col_logsum, diag)
+    return loss, pack_stats(inv_x, inv_y, row_max, row_logsum, col_max, col_logsum)
 
-        ctx.save_for_backward(x, y, scale, bias, inv_x, inv_y, row_max, row_logsum, col_max, col_logsum)
-        ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
-        ctx.normalize = normalize
-        ctx.chunk_elements = chunk_elements
-        return loss
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        x, y, scale, bias, inv_x, inv_y, row_max, row_logsum, col_max, col_logsum = ctx.saved_tensors
-        need_x, need_y, need_scale, need_bias = ctx.needs_input_grad[:4]
-        n = x.shape[0]
-        dtype = row_max.dtype
-        s, b = scalar_in(scale, dtype), scalar_in(bias, dtype)
-        coef = grad_loss.to(dtype) / (2 * n)
-        grad_x_unit, grad_y_unit, grad_s = block_backward(
-            unit_rows(x, inv_x), unit_rows(y, inv_y), s, b, (row_max, row_logsum),
-            (col_max, col_logsum), 0, coef, coef, ctx.chunk_elements, need_x, need_y)
-        grad_x = grad_y = grad_scale = grad_bias = None
-        if need_x:
-            grad_x = features_grad(grad_x_unit, x, inv_x, ctx.normalize)
-        if need_y:
-            grad_y = features_grad(grad_y_unit, y, inv_y, ctx.normalize)
-        if need_scale:
-            grad_scale = grad_s.reshape(scale.shape).to(scale.dtype)
-        if need_bias:
-            grad_bias = exact_zero_bias_grad(row_logsum, col_logsum, grad_loss.to(dtype), *ctx.bias_meta)
-        return grad_x, grad_y, grad_scale, grad_bias, None, None
+def chunked_backward(grad_loss, x, y, scale, bias, stats, options: KernelOptions,
+                     need_x: bool, need_y: bool, need_scale: bool):
+    inv_x, inv_y, row_max, row_logsum, col_max, col_logsum = stats
+    dtype = stats.dtype
+    s, b = scalar_in(scale, dtype), scalar_in(bias, dtype)
+    coef = grad_loss.to(dtype) / (2 * x.shape[0])
+    grad_x_unit, grad_y_unit, grad_s = block_backward(
+        unit_rows(x, inv_x), unit_rows(y, inv_y), s, b, (row_max, row_logsum),
+        (col_max, col_logsum), 0, coef, coef, _chunk(options.block), need_x, need_y)
+    grad_x = features_grad(grad_x_unit, x, inv_x, options.normalize) if need_x else None
+    grad_y = features_grad(grad_y_unit, y, inv_y, options.normalize) if need_y else None
+    grad_scale = grad_s.reshape(scale.shape).to(scale.dtype) if need_scale else None
+    return grad_x, grad_y, grad_scale
+
+
+chunked_clip_loss_op = define_clip_loss_op("chunked", chunked_forward, chunked_backward)
 
 
 def features_grad(grad_unit, features, inv_norm, normalize: bool) -> torch.Tensor:
@@ -204,6 +190,7 @@ class ChunkedRowCrossEntropyFunction(torch.autograd.Function):
     CLIP loss over a rectangular block, as open_clip's ``local_loss`` uses it."""
 
     @staticmethod
+    @without_autocast
     def forward(ctx, queries, keys, scale, bias, normalize: bool, label_offset: int, chunk_elements: int):
         dtype, inv_q, inv_k, s, b = _prepare(queries, keys, scale, bias, normalize)
         row_max, row_sum, _, _, diag = block_forward(
@@ -217,7 +204,9 @@ class ChunkedRowCrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_loss):
+        refuse_double_backward("clipfast's local_loss mode (chunked)", DISTRIBUTED_DOUBLE_BACKWARD)
         queries, keys, scale, bias, inv_q, inv_k, row_max, row_logsum = ctx.saved_tensors
         need_q, need_k, need_scale, need_bias = ctx.needs_input_grad[:4]
         normalize, label_offset, chunk_elements = ctx.options
@@ -250,29 +239,15 @@ def clip_loss_from_stats(row_max, row_logsum, col_max, col_logsum, diag_logits):
     return (row_ce.sum() + col_ce.sum()) / (2 * n)
 
 
-def exact_zero_bias_grad(row_stat, col_stat, grad_loss, shape, dtype) -> torch.Tensor:
-    """d loss / d bias, which is identically zero.
-
-    Softmax cross-entropy is invariant to adding a constant to every logit, so
-    sum_ij G_ij = (N + N - 2N) / 2N = 0 exactly. Summing N^2 rounded terms would
-    only return rounding noise; the product with the statistics keeps a NaN
-    anywhere in the forward visible in this gradient too.
-    """
-    poison = (row_stat.sum() + col_stat.sum()) * grad_loss
-    return (poison * 0).reshape(shape).to(dtype)
+def _chunk(block: int) -> int:
+    return DEFAULT_CHUNK_ELEMENTS if block == 0 else block
 
 
 def chunked_clip_loss(
     inputs: LossInputs, normalize: bool = True, chunk_elements: Optional[int] = None
 ) -> torch.Tensor:
-    chunk = DEFAULT_CHUNK_ELEMENTS if chunk_elements is None else int(chunk_elements)
-    if chunk < 1:
+    if chunk_elements is not None and int(chunk_elements) < 1:
         raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
-    return ChunkedClipLossFunction.apply(
-        inputs.image_features,
-        inputs.text_features,
-        inputs.logit_scale,
-        inputs.logit_bias,
-        normalize,
-        chunk,
-    )
+    return chunked_clip_loss_op(
+        inputs.image_features, inputs.text_features, inputs.logit_scale, inputs.logit_bias,
+        normalize, True, 0 if chunk_elements is None else int(chunk_elements))

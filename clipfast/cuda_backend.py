@@ -19,7 +19,8 @@ import os
 import torch
 
 from ._inputs import LossInputs, extension_available, load_extension
-from .chunked import clip_loss_from_stats, exact_zero_bias_grad
+from ._ops import KernelOptions, define_clip_loss_op
+from .chunked import clip_loss_from_stats
 
 _BUILD_HINT = (
     "the CUDA extension clipfast._cuda is not built; it is built by `pip install -e .` "
@@ -72,64 +73,70 @@ def _splits(device: torch.device, n: int, tile: int) -> int:
     return max(1, min(blocks, int(target ** 0.5)))
 
 
-class CudaClipLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, y, scale, bias, normalize: bool, allow_tf32: bool):
-        ext = extension(x.device)
-        dtype = x.dtype if x.dtype == y.dtype else torch.float32
-        # fp16/bf16 always run on tensor cores; fp32 does in TF32 when allowed,
-        # else in IEEE fp32 FMAs.
-        tensor_cores = dtype != torch.float32 or bool(allow_tf32)
-        xc, yc = x.detach().to(dtype).contiguous(), y.detach().to(dtype).contiguous()
-        n, d = xc.shape
-        f32 = dict(dtype=torch.float32, device=xc.device)
-        inv = torch.empty(2, n, **f32)
-        stats = torch.empty(5, n, **f32)  # row max / log-sum, col max / log-sum, diag
-        splits = _splits(xc.device, n, ext.TILE_COLS)
-        row_part = torch.empty(2, splits, n, **f32)
-        col_part = torch.stack([torch.full((splits, n), float("-inf"), **f32), torch.zeros(splits, n, **f32)])
-        s_value = float(scale.detach().reshape(()))
-        b_value = float(bias.detach().reshape(())) if bias is not None else 0.0
-        stream = _stream(xc.device)
-        ext.forward(getattr(ext, _CODES[dtype]), xc.data_ptr(), yc.data_ptr(), n, d, s_value,
-                    b_value, bool(normalize), inv[0].data_ptr(), inv[1].data_ptr(),
-                    *(row.data_ptr() for row in stats), splits, splits,
-                    row_part[0].data_ptr(), row_part[1].data_ptr(),
-                    col_part[0].data_ptr(), col_part[1].data_ptr(), tensor_cores, stream)
-        loss = clip_loss_from_stats(stats[0], stats[1], stats[2], stats[3], stats[4])
-        ctx.save_for_backward(xc, yc, inv, stats)
-        ctx.meta = (s_value, b_value, bool(normalize), x.dtype, y.dtype, scale.shape, scale.dtype,
-                    None if bias is None else (bias.shape, bias.dtype))
-        ctx.tensor_cores = tensor_cores
-        return loss
+def _common_dtype(x, y) -> torch.dtype:
+    return x.dtype if x.dtype == y.dtype else torch.float32
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        xc, yc, inv, stats = ctx.saved_tensors
-        ext = extension(xc.device)
-        s_value, b_value, normalize, x_dtype, y_dtype, scale_shape, scale_dtype, bias_meta = ctx.meta
-        need_x, need_y, need_scale, need_bias = ctx.needs_input_grad[:4]
-        n, d = xc.shape
-        grad_x = grad_y = grad_scale = grad_bias = None
-        if need_x or need_y or need_scale:
-            # grad_loss / (2N) stays on the device (the kernels read it): no host sync.
-            coef = (grad_loss.float() / (2 * n)).reshape(1).contiguous()
-            gx = torch.empty_like(xc) if need_x else None
-            gy = torch.empty_like(yc) if need_y else None
-            common = (getattr(ext, _CODES[xc.dtype]), xc.data_ptr(), yc.data_ptr(), n, d, s_value,
-                      b_value, normalize, inv[0].data_ptr(), inv[1].data_ptr(),
-                      *(row.data_ptr() for row in stats[:4]), s_value, coef.data_ptr())
-            outputs = (0 if gx is None else gx.data_ptr(), 0 if gy is None else gy.data_ptr(),
-                       _stream(xc.device))
-            scale_sums = _panel_backward(ext, common, outputs, xc, ctx.tensor_cores, need_scale,
-                                         need_x, need_y)
-            grad_x = None if gx is None else gx.to(x_dtype)
-            grad_y = None if gy is None else gy.to(y_dtype)
-            if need_scale:
-                grad_scale = (scale_sums.sum() * coef[0]).reshape(scale_shape).to(scale_dtype)
-        if need_bias:
-            grad_bias = exact_zero_bias_grad(stats[1], stats[3], grad_loss.float(), *bias_meta)
-        return grad_x, grad_y, grad_scale, grad_bias, None, None
+
+def _uses_tensor_cores(dtype: torch.dtype, allow_tf32: bool) -> bool:
+    # fp16/bf16 always run on tensor cores; fp32 does in TF32 when allowed,
+    # else in IEEE fp32 FMAs.
+    return dtype != torch.float32 or bool(allow_tf32)
+
+
+def _value(t) -> float:
+    return 0.0 if t is None else float(t.detach().reshape(()))
+
+
+def cuda_forward(x, y, scale, bias, options: KernelOptions):
+    """(loss, stats) through the CUDA kernels (see ``clipfast._ops``)."""
+    ext = extension(x.device)
+    dtype = _common_dtype(x, y)
+    xc, yc = x.detach().to(dtype).contiguous(), y.detach().to(dtype).contiguous()
+    n, d = xc.shape
+    f32 = dict(dtype=torch.float32, device=xc.device)
+    # inv_x, inv_y, row max / log-sum, col max / log-sum (the layout of _ops'
+    # stats), then the label logits.
+    stats = torch.empty(7, n, **f32)
+    splits = _splits(xc.device, n, ext.TILE_COLS)
+    row_part = torch.empty(2, splits, n, **f32)
+    col_part = torch.stack([torch.full((splits, n), float("-inf"), **f32), torch.zeros(splits, n, **f32)])
+    ext.forward(getattr(ext, _CODES[dtype]), xc.data_ptr(), yc.data_ptr(), n, d, _value(scale),
+                _value(bias), options.normalize, *(row.data_ptr() for row in stats), splits, splits,
+                row_part[0].data_ptr(), row_part[1].data_ptr(),
+                col_part[0].data_ptr(), col_part[1].data_ptr(),
+                _uses_tensor_cores(dtype, options.allow_tf32), _stream(xc.device))
+    loss = clip_loss_from_stats(stats[2], stats[3], stats[4], stats[5], stats[6])
+    return loss, stats[:6].clone()
+
+
+def cuda_backward(grad_loss, x, y, scale, bias, stats, options: KernelOptions,
+                  need_x: bool, need_y: bool, need_scale: bool):
+    ext = extension(x.device)
+    dtype = _common_dtype(x, y)
+    xc, yc = x.detach().to(dtype).contiguous(), y.detach().to(dtype).contiguous()
+    stats = stats.contiguous()
+    n, d = xc.shape
+    s_value = _value(scale)
+    # grad_loss / (2N) stays on the device (the kernels read it): no host sync.
+    coef = (grad_loss.float() / (2 * n)).reshape(1).contiguous()
+    gx = torch.empty_like(xc) if need_x else None
+    gy = torch.empty_like(yc) if need_y else None
+    common = (getattr(ext, _CODES[dtype]), xc.data_ptr(), yc.data_ptr(), n, d, s_value,
+              _value(bias), options.normalize, *(row.data_ptr() for row in stats), s_value,
+              coef.data_ptr())
+    outputs = (0 if gx is None else gx.data_ptr(), 0 if gy is None else gy.data_ptr(),
+               _stream(xc.device))
+    scale_sums = _panel_backward(ext, common, outputs, xc,
+                                 _uses_tensor_cores(dtype, options.allow_tf32), need_scale,
+                                 need_x, need_y)
+    grad_scale = None
+    if need_scale:
+        grad_scale = (scale_sums.sum() * coef[0]).reshape(scale.shape).to(scale.dtype)
+    return (None if gx is None else gx.to(x.dtype), None if gy is None else gy.to(y.dtype),
+            grad_scale)
+
+
+cuda_clip_loss_op = define_clip_loss_op("cuda", cuda_forward, cuda_backward)
 
 
 # The G panel and the fp32 dX^ accumulator of the backward get 3/32 of the two
@@ -216,5 +223,5 @@ def _panel_backward(ext, common, outputs, xc, tensor_cores, need_scale, need_x, 
 
 
 def cuda_clip_loss(inputs: LossInputs, normalize: bool = True, allow_tf32: bool = True) -> torch.Tensor:
-    return CudaClipLossFunction.apply(inputs.image_features, inputs.text_features,
-                                      inputs.logit_scale, inputs.logit_bias, normalize, allow_tf32)
+    return cuda_clip_loss_op(inputs.image_features, inputs.text_features, inputs.logit_scale,
+                             inputs.logit_bias, normalize, allow_tf32)

@@ -32,13 +32,18 @@ import torch
 import torch.distributed as dist
 
 from ._inputs import LossInputs
+from ._ops import (
+    DISTRIBUTED_DOUBLE_BACKWARD,
+    compute_dtype,
+    exact_zero_bias_grad,
+    refuse_double_backward,
+    without_autocast,
+)
 from .chunked import (
     DEFAULT_CHUNK_ELEMENTS,
     ChunkedRowCrossEntropyFunction,
     block_backward,
     block_forward,
-    compute_dtype,
-    exact_zero_bias_grad,
     features_grad,
     inverse_norms,
     scalar_in,
@@ -253,6 +258,7 @@ class RingClipLossFunction(torch.autograd.Function):
     """Global symmetric CLIP loss over every rank's batch, by ring exchange."""
 
     @staticmethod
+    @without_autocast
     def forward(ctx, x, y, scale, bias, normalize: bool, block_backend: str, chunk_elements: int,
                 allow_tf32: bool, group):
         rank, world_size, nxt, prv = _peers(group)
@@ -302,7 +308,9 @@ class RingClipLossFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_loss):
+        refuse_double_backward("clipfast's ring mode", DISTRIBUTED_DOUBLE_BACKWARD)
         x, y, scale, bias, inv_x, inv_y, row_max, row_logsum, col_max, col_logsum = ctx.saved_tensors
         normalize, block_backend, chunk_elements, allow_tf32, group = ctx.options
         need_x, need_y, need_scale, need_bias = ctx.needs_input_grad[:4]

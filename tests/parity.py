@@ -73,7 +73,13 @@ def tf32_matmul(enabled: bool):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def _loss_and_grads(x, y, scale, bias, normalize, needs, backend, **kwargs):
+def _autocast(dtype: Optional[torch.dtype], device):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def _loss_and_grads(x, y, scale, bias, normalize, needs, backend, autocast=None, **kwargs):
     leaves = []
     for t, need in zip((x, y, scale, bias), needs):
         if t is None:
@@ -82,7 +88,10 @@ def _loss_and_grads(x, y, scale, bias, normalize, needs, backend, **kwargs):
         t = t.detach().clone().requires_grad_(need)
         leaves.append(t)
     x_, y_, s_, b_ = leaves
-    loss = clipfast.clip_loss(x_, y_, s_, logit_bias=b_, normalize=normalize, backend=backend, **kwargs)
+    # As trainers do: the loss inside the autocast region, backward outside it.
+    with _autocast(autocast, x.device):
+        loss = clipfast.clip_loss(x_, y_, s_, logit_bias=b_, normalize=normalize, backend=backend,
+                                  **kwargs)
     wrt = [t for t in leaves if t is not None and t.requires_grad]
     grads = torch.autograd.grad(loss, wrt) if wrt else ()
     out = {"loss": loss.detach()}
@@ -114,8 +123,11 @@ def assert_parity(
     ref_tf32: bool = False,
     ref_dtype: Optional[torch.dtype] = None,
     correlated: bool = True,
+    autocast: Optional[torch.dtype] = None,
     **kwargs,
 ):
+    """``autocast``: the backend and the same-dtype reference both run inside
+    ``torch.autocast(dtype=autocast)`` (the fp64 truth outside it)."""
     y_dtype = y_dtype or x_dtype
     x32, y32 = make_features(n, d, torch.float32, device, seed, correlated=correlated)
     x = x32.to(x_dtype)
@@ -124,7 +136,7 @@ def assert_parity(
     s = torch.tensor(scale, dtype=param_dtype, device=device)
     b = None if bias is None else torch.tensor(bias, dtype=param_dtype, device=device)
 
-    got = _loss_and_grads(x, y, s, b, normalize, needs, backend, **kwargs)
+    got = _loss_and_grads(x, y, s, b, normalize, needs, backend, autocast=autocast, **kwargs)
     # Past N = 8192 the fp64 N x N reference would need tens of GB; the chunked
     # backend (gradchecked against it in fp64) gives the same truth in O(N).
     truth = _loss_and_grads(
@@ -135,7 +147,8 @@ def assert_parity(
     # same 10-bit mantissa in every product, fp32 accumulation).
     x_ref, y_ref = (x, y) if ref_dtype is None else (x.to(ref_dtype), y.to(ref_dtype))
     with tf32_matmul(ref_tf32) if device != "cpu" else contextlib.nullcontext():
-        same = _loss_and_grads(x_ref, y_ref, s, b, normalize, needs, "reference")
+        same = _loss_and_grads(x_ref, y_ref, s, b, normalize, needs, "reference",
+                               autocast=autocast)
 
     assert set(got) == set(truth), f"gradients returned for {sorted(got)}, expected {sorted(truth)}"
     assert torch.isfinite(got["loss"]), f"non-finite loss {got['loss']}"
@@ -166,7 +179,7 @@ def assert_parity(
         assert err <= allowed, (
             f"{backend} {key}: error {err:.3e} vs fp64 exceeds 2 x reference error "
             f"{ref_err:.3e} + floor {floor:.3e} (N={n}, d={d}, {x_dtype}/{y_dtype}, "
-            f"scale={scale}, bias={bias}, normalize={normalize})"
+            f"scale={scale}, bias={bias}, normalize={normalize}, autocast={autocast})"
         )
     return got, truth
 

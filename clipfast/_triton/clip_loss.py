@@ -1,4 +1,4 @@
-"""Fused CLIP loss in Triton: kernels, then launchers, then the autograd Function.
+"""Fused CLIP loss in Triton: kernels, then launchers, then the custom operator.
 
 Forward (one pass over the N x N tiles, 2*N^2*d FLOPs):
   * ``_inverse_norms_kernel``: inverse L2 norms of the feature rows.
@@ -47,7 +47,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..chunked import clip_loss_from_stats, exact_zero_bias_grad
+from .._ops import (DISTRIBUTED_DOUBLE_BACKWARD, KernelOptions, define_clip_loss_op,
+                    exact_zero_bias_grad, pack_stats, refuse_double_backward, without_autocast)
+from ..chunked import clip_loss_from_stats
 
 _NORM_EPS = 1e-12
 _TORCH_TO_TL = {
@@ -836,42 +838,33 @@ def _scalars(scale, bias):
 
 
 # --------------------------------------------------------------------------- #
-# Autograd Functions
+# Operators and autograd Functions
 # --------------------------------------------------------------------------- #
 
 
-class TritonClipLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, y, scale, bias, normalize: bool, allow_tf32: bool, panel):
-        scale_f32, bias_f32 = _scalars(scale, bias)
-        inv_x, inv_y = inverse_norms(x, normalize), inverse_norms(y, normalize)
-        row_max, row_sum, col_max, col_sum, diag = block_stats(
-            x, y, inv_x, inv_y, scale_f32, bias_f32, 0, True, allow_tf32)
-        row_logsum, col_logsum = torch.log(row_sum), torch.log(col_sum)
-        loss = clip_loss_from_stats(row_max, row_logsum, col_max, col_logsum, diag)
+def triton_forward(x, y, scale, bias, options: KernelOptions):
+    """(loss, stats) through the fused kernels (see ``clipfast._ops``)."""
+    scale_f32, bias_f32 = _scalars(scale, bias)
+    inv_x, inv_y = inverse_norms(x, options.normalize), inverse_norms(y, options.normalize)
+    row_max, row_sum, col_max, col_sum, diag = block_stats(
+        x, y, inv_x, inv_y, scale_f32, bias_f32, 0, True, options.allow_tf32)
+    row_logsum, col_logsum = torch.log(row_sum), torch.log(col_sum)
+    loss = clip_loss_from_stats(row_max, row_logsum, col_max, col_logsum, diag)
+    return loss, pack_stats(inv_x, inv_y, row_max, row_logsum, col_max, col_logsum)
 
-        ctx.save_for_backward(
-            x, y, scale_f32, bias_f32, inv_x, inv_y, row_max, row_logsum, col_max, col_logsum)
-        ctx.scale_meta = (scale.shape, scale.dtype)
-        ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
-        ctx.options = (normalize, allow_tf32, panel)
-        return loss
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        x, y, scale, bias, inv_x, inv_y, row_max, row_logsum, col_max, col_logsum = ctx.saved_tensors
-        need_x, need_y, need_scale, need_bias = ctx.needs_input_grad[:4]
-        normalize, allow_tf32, panel = ctx.options
-        n = x.shape[0]
-        coef = grad_loss.float().reshape(1) / (2 * n)
-        grad_x = grad_y = grad_scale = grad_bias = None
-        if need_x or need_y or need_scale:
-            grad_x, grad_y, grad_scale = _feature_and_scale_grads(
-                x, y, inv_x, inv_y, scale, bias, (row_max, row_logsum), (col_max, col_logsum), 0,
-                coef, need_x, need_y, need_scale, ctx.scale_meta, normalize, allow_tf32, panel)
-        if need_bias:
-            grad_bias = exact_zero_bias_grad(row_logsum, col_logsum, grad_loss.float(), *ctx.bias_meta)
-        return grad_x, grad_y, grad_scale, grad_bias, None, None, None
+def triton_backward(grad_loss, x, y, scale, bias, stats, options: KernelOptions,
+                    need_x: bool, need_y: bool, need_scale: bool):
+    inv_x, inv_y, row_max, row_logsum, col_max, col_logsum = stats
+    scale_f32, bias_f32 = _scalars(scale, bias)
+    coef = grad_loss.float().reshape(1) / (2 * x.shape[0])
+    return _feature_and_scale_grads(
+        x, y, inv_x, inv_y, scale_f32, bias_f32, (row_max, row_logsum), (col_max, col_logsum), 0,
+        coef, need_x, need_y, need_scale, (scale.shape, scale.dtype), options.normalize,
+        options.allow_tf32, options.block or None)
+
+
+triton_clip_loss_op = define_clip_loss_op("triton", triton_forward, triton_backward)
 
 
 class TritonRowCrossEntropyFunction(torch.autograd.Function):
@@ -879,6 +872,7 @@ class TritonRowCrossEntropyFunction(torch.autograd.Function):
     one direction of the loss over a rectangular block (open_clip's local_loss)."""
 
     @staticmethod
+    @without_autocast
     def forward(ctx, queries, keys, scale, bias, normalize: bool, label_offset: int,
                 allow_tf32: bool, panel):
         scale_f32, bias_f32 = _scalars(scale, bias)
@@ -894,7 +888,9 @@ class TritonRowCrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_loss):
+        refuse_double_backward("clipfast's local_loss mode (triton)", DISTRIBUTED_DOUBLE_BACKWARD)
         queries, keys, scale, bias, inv_q, inv_k, row_max, row_logsum = ctx.saved_tensors
         need_q, need_k, need_scale, need_bias = ctx.needs_input_grad[:4]
         normalize, label_offset, allow_tf32, panel = ctx.options

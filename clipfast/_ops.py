@@ -1,0 +1,218 @@
+"""The fused backends as ``torch.library`` custom operators.
+
+Each fused backend (chunked, triton, cpu, cuda) provides two plain functions,
+
+    forward(x, y, scale, bias, options)  -> (loss, stats)
+    backward(grad_loss, x, y, scale, bias, stats, options, need_x, need_y, need_scale)
+                                          -> (grad_x, grad_y, grad_scale), None where not needed
+
+and ``define_clip_loss_op`` turns them into the operators
+``clipfast::<backend>_clip_loss`` and ``clipfast::<backend>_clip_loss_backward``
+with fake (meta) implementations and an autograd formula. That is what lets
+``torch.compile(fullgraph=True)`` and ``torch.export`` trace a training step
+through a kernel launcher they cannot look into, and what makes the backends
+behave alike under autocast and double backward:
+
+* ``stats`` is one (6, N) tensor in the compute dtype (fp32, or fp64 for fp64
+  features): inverse norms of X and Y, row max and log-sum, column max and
+  log-sum. It is all the backward needs besides the inputs.
+* Autocast: the implementations run with autocast off, so forward and
+  backward compute in the features' own dtypes (fp32 accumulation) whatever
+  region they are called from. Under ``torch.autocast`` that is at least as
+  accurate as PyTorch's own loss, which runs the similarity in the autocast
+  dtype.
+* Double backward (``create_graph=True``): the kernels compute first-order
+  gradients only. When a graph of the gradient is asked for, the backward
+  recomputes it from the plain-PyTorch formula (``reference_clip_loss`` in the
+  compute dtype), which is exact and twice differentiable but holds the N x N
+  logits: double backward costs the reference's memory on every backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+STATS_ROWS = 6  # inv_x, inv_y, row_max, row_logsum, col_max, col_logsum
+
+# What to do instead, for the distributed modes' double-backward error.
+DISTRIBUTED_DOUBLE_BACKWARD = (
+    "compute the loss on gathered features in one process (clipfast.clip_loss supports "
+    "create_graph=True on every backend)")
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """The per-call options an operator carries (its non-tensor arguments).
+
+    ``block`` is the backend's size knob: chunk_elements for chunked, the
+    backward panel side for triton, 0 for the default (ignored by cpu/cuda).
+    """
+
+    normalize: bool
+    allow_tf32: bool
+    block: int
+
+
+def compute_dtype(x: torch.Tensor, y: torch.Tensor) -> torch.dtype:
+    """fp32, or fp64 when either features tensor is fp64: the dtype of the
+    loss and of the statistics."""
+    return torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+
+
+@contextlib.contextmanager
+def autocast_off(device: torch.device):
+    """Run the enclosed code as if no autocast region were active (custom
+    operators inherit the caller's autocast state, and a backend's PyTorch
+    matmuls would otherwise run in the autocast dtype in the forward only)."""
+    if device.type in ("cpu", "cuda"):
+        with torch.autocast(device_type=device.type, enabled=False):
+            yield
+    else:
+        yield
+
+
+def refuse_double_backward(what: str, alternative: str) -> None:
+    """Raise inside a backward asked for a graph (create_graph=True) that it
+    cannot give: first-order gradients without a graph would silently make
+    every second-order term zero."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{what} does not support double backward (backward with create_graph=True); "
+            f"{alternative}")
+
+
+def without_autocast(fn):
+    """Decorator for an autograd.Function's forward/backward: run it with
+    autocast off on the device of its first tensor argument (see autocast_off)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        if device is None:
+            return fn(*args, **kwargs)
+        with autocast_off(device):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _differentiable_grads(grad_loss, x, y, scale, bias, normalize, needs):
+    """First-order gradients with a graph, from the plain-PyTorch formula."""
+    from .reference import reference_clip_loss
+
+    dtype = compute_dtype(x, y)
+    loss = reference_clip_loss(
+        x.to(dtype), y.to(dtype), scale.to(dtype), None if bias is None else bias.to(dtype),
+        normalize)
+    wanted = [t for t, need in zip((x, y, scale, bias), needs) if need]
+    grads = iter(torch.autograd.grad(loss, wanted, grad_loss.to(dtype), create_graph=True,
+                                     allow_unused=True))
+    out = []
+    for t, need in zip((x, y, scale, bias), needs):
+        g = next(grads) if need else None
+        if need and g is None:
+            g = torch.zeros_like(t)
+        out.append(g)
+    return tuple(out)
+
+
+def exact_zero_bias_grad(row_stat, col_stat, grad_loss, shape, dtype) -> torch.Tensor:
+    """d loss / d bias, which is identically zero.
+
+    Softmax cross-entropy is invariant to adding a constant to every logit, so
+    sum_ij G_ij = (N + N - 2N) / 2N = 0 exactly. Summing N^2 rounded terms would
+    only return rounding noise; the product with the statistics keeps a NaN
+    anywhere in the forward visible in this gradient too.
+    """
+    poison = (row_stat.sum() + col_stat.sum()) * grad_loss
+    return (poison * 0).reshape(shape).to(dtype)
+
+
+_OPS: Dict[str, Callable] = {}
+
+
+def define_clip_loss_op(backend: str, forward: Callable, backward: Callable) -> Callable:
+    """Register ``clipfast::<backend>_clip_loss`` (+ ``_backward``) and return
+    ``op(x, y, scale, bias, normalize, allow_tf32, block) -> loss``."""
+    if backend in _OPS:
+        return _OPS[backend]
+    name = f"clipfast::{backend}_clip_loss"
+
+    @torch.library.custom_op(name, mutates_args=())
+    def forward_op(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
+                   bias: Optional[torch.Tensor], normalize: bool, allow_tf32: bool,
+                   block: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        with autocast_off(x.device):
+            return forward(x, y, scale, bias, KernelOptions(normalize, allow_tf32, block))
+
+    @forward_op.register_fake
+    def _(x, y, scale, bias, normalize, allow_tf32, block):
+        dtype = compute_dtype(x, y)
+        return (x.new_empty((), dtype=dtype),
+                x.new_empty((STATS_ROWS, x.shape[0]), dtype=dtype))
+
+    @torch.library.custom_op(name + "_backward", mutates_args=())
+    def backward_op(grad_loss: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                    scale: torch.Tensor, bias: Optional[torch.Tensor], stats: torch.Tensor,
+                    normalize: bool, allow_tf32: bool, block: int, need_x: bool, need_y: bool,
+                    need_scale: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with autocast_off(x.device):
+            grads = backward(grad_loss, x, y, scale, bias, stats,
+                             KernelOptions(normalize, allow_tf32, block), need_x, need_y,
+                             need_scale)
+        # A custom operator returns tensors only: an empty one stands for None.
+        return tuple(g if g is not None else like.new_empty((0,))
+                     for g, like in zip(grads, (x, y, scale)))
+
+    @backward_op.register_fake
+    def _(grad_loss, x, y, scale, bias, stats, normalize, allow_tf32, block, need_x, need_y,
+          need_scale):
+        return tuple(torch.empty_like(like) if need else like.new_empty((0,))
+                     for like, need in ((x, need_x), (y, need_y), (scale, need_scale)))
+
+    def setup_context(ctx, inputs, output):
+        x, y, scale, bias, normalize, allow_tf32, block = inputs
+        loss, stats = output
+        ctx.mark_non_differentiable(stats)
+        ctx.save_for_backward(x, y, scale, bias, stats)
+        ctx.options = (normalize, allow_tf32, block)
+
+    def backward_formula(ctx, grad_loss, _grad_stats):
+        x, y, scale, bias, stats = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:4])
+        normalize, allow_tf32, block = ctx.options
+        if torch.is_grad_enabled() and any(needs):
+            # create_graph=True: the kernels' gradients have no graph.
+            return _differentiable_grads(grad_loss, x, y, scale, bias, normalize, needs) + (
+                None, None, None)
+        grad_x = grad_y = grad_scale = grad_bias = None
+        if needs[0] or needs[1] or needs[2]:
+            grad_x, grad_y, grad_scale = backward_op(
+                grad_loss, x, y, scale, bias, stats, normalize, allow_tf32, block,
+                needs[0], needs[1], needs[2])
+        if needs[3]:
+            grad_bias = exact_zero_bias_grad(stats[3], stats[5], grad_loss.to(stats.dtype),
+                                             bias.shape, bias.dtype)
+        return (grad_x if needs[0] else None, grad_y if needs[1] else None,
+                grad_scale if needs[2] else None, grad_bias, None, None, None)
+
+    forward_op.register_autograd(backward_formula, setup_context=setup_context)
+
+    def op(x, y, scale, bias=None, normalize=True, allow_tf32=True, block=0):
+        loss, _ = forward_op(x, y, scale, bias, bool(normalize), bool(allow_tf32), int(block))
+        return loss
+
+    op.forward_op = forward_op
+    op.backward_op = backward_op
+    _OPS[backend] = op
+    return op
+
+
+def pack_stats(inv_x, inv_y, row_max, row_logsum, col_max, col_logsum) -> torch.Tensor:
+    return torch.stack([t.to(row_max.dtype) for t in
+                        (inv_x, inv_y, row_max, row_logsum, col_max, col_logsum)])
