@@ -56,7 +56,7 @@ def main():
 
     kwargs = dict(ring=dict(ring=True), gather=dict(gather_with_grad=True),
                   local=dict(gather_with_grad=True, local_loss=True))[args.mode]
-    loss_fn = clipfast.ClipLoss(rank=rank, world_size=world, **kwargs)
+    loss_fn = clipfast.ClipLoss(rank=rank, world_size=world, normalize=True, **kwargs)
     ddp = DistributedDataParallel(model)
     loss = loss_fn(*ddp(images[rows], texts[rows]))
     loss.backward()  # DDP averages the gradients over ranks
@@ -64,7 +64,7 @@ def main():
     if rank == 0:
         reference = TwoTower(16, args.dim).to(device)
         reference.load_state_dict(model.state_dict())
-        full = clipfast.clip_loss(*reference(images, texts), backend="chunked")
+        full = clipfast.clip_loss(*reference(images, texts), normalize=True, backend="chunked")
         full.backward()
         err = max((p.grad - q.grad).abs().max().item()
                   for p, q in zip(model.parameters(), reference.parameters()))

@@ -19,17 +19,18 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 LOCAL_N = 5
 SCENARIOS = [
     # name, ClipLoss kwargs, dtype
-    ("gather_with_grad", dict(gather_with_grad=True), torch.float64),
-    ("gather_with_grad_local", dict(gather_with_grad=True, local_loss=True), torch.float64),
-    ("gather_no_grad", dict(), torch.float64),
-    ("gather_no_grad_local", dict(local_loss=True), torch.float64),
-    ("ring", dict(ring=True), torch.float64),
-    ("ring_fp32", dict(ring=True), torch.float32),
+    ("gather_with_grad", dict(gather_with_grad=True, normalize=True), torch.float64),
+    ("gather_with_grad_local", dict(gather_with_grad=True, local_loss=True, normalize=True), torch.float64),
+    ("gather_no_grad", dict(normalize=True), torch.float64),
+    ("gather_no_grad_local", dict(local_loss=True, normalize=True), torch.float64),
+    ("ring", dict(ring=True, normalize=True), torch.float64),
+    ("ring_fp32", dict(ring=True, normalize=True), torch.float32),
     ("ring_unnormalized", dict(ring=True, normalize=False), torch.float64),
-    ("gather_with_grad_triton", dict(gather_with_grad=True, backend="triton"), torch.float32),
-    ("gather_with_grad_local_triton", dict(gather_with_grad=True, local_loss=True, backend="triton"),
+    ("gather_with_grad_triton", dict(gather_with_grad=True, backend="triton", normalize=True),
      torch.float32),
-    ("ring_triton", dict(ring=True, backend="triton"), torch.float32),
+    ("gather_with_grad_local_triton",
+     dict(gather_with_grad=True, local_loss=True, backend="triton", normalize=True), torch.float32),
+    ("ring_triton", dict(ring=True, backend="triton", normalize=True), torch.float32),
 ]
 
 
