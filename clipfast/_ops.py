@@ -28,8 +28,8 @@ behave alike under autocast and double backward:
   logits: double backward costs the reference's memory on every backend.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: torch.library.custom_op reads the
+# schema from the annotations, and older torch (2.6) wants real types there.
 import contextlib
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple

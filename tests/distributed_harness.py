@@ -84,6 +84,20 @@ def worker(rank: int, world_size: int, store_path: str, out_path: str, scenarios
             results["uneven"] = "no error"
         except ValueError as err:
             results["uneven"] = str(err)
+
+        # create_graph=True through the modes whose Functions compute
+        # first-order gradients only: a clear error, never a silent zero.
+        for mode in (dict(ring=True), dict(local_loss=True, gather_with_grad=True)):
+            name = "double_backward_" + "_".join(sorted(mode))
+            x = problem.image_inputs[rows].double().requires_grad_()
+            y = problem.text_inputs[rows].double().requires_grad_()
+            loss = ClipLoss(rank=rank, world_size=world_size, normalize=True, **mode)(
+                x, y, torch.tensor(3.0, dtype=torch.float64))
+            try:
+                torch.autograd.grad(loss, x, create_graph=True)
+                results[name] = "no error"
+            except RuntimeError as err:
+                results[name] = str(err)
     except BaseException:  # noqa: BLE001 - reported by the parent test
         error = traceback.format_exc()
     finally:

@@ -125,3 +125,12 @@ def test_local_loss_without_gather_grad_is_wrong_as_documented(world_size, tmp_r
     torch.testing.assert_close(got["grads"][2], want_grads[2], **_tol(torch.float64))
     for g, w in zip(got["grads"][:2], want_grads[:2]):
         assert not torch.allclose(g, w, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("world_size", [2])
+def test_double_backward_is_refused_clearly(world_size, tmp_root):
+    results = _run(world_size, tmp_root)
+    for per_rank in results:
+        for key in ("double_backward_ring", "double_backward_gather_with_grad_local_loss"):
+            assert "does not support double backward" in per_rank[key], per_rank[key]
+            assert "clip_loss" in per_rank[key], per_rank[key]

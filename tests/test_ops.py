@@ -10,7 +10,7 @@ from clipfast import clip_loss, cpu_backend, cuda_backend
 from clipfast.api import fused_clip_loss_op
 from clipfast.reference import reference_clip_loss
 
-from .parity import assert_parity, make_features
+from .parity import assert_parity, make_features, requires_cuda
 
 FUSED = ["chunked", "triton", "cpu", "cuda"]
 
@@ -64,6 +64,16 @@ def test_autocast_parity(backend, dtype, autocast, n, d, scale, normalize):
         _require(backend)
     assert_parity(backend, n, d, x_dtype=dtype, scale=scale, normalize=normalize,
                   autocast=autocast, bias=-2.0 if normalize else None)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda", "chunked", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("autocast", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,d", [(1025, 128), (123, 97)])
+def test_autocast_parity_gpu(backend, dtype, autocast, n, d):
+    assert_parity(backend, n, d, x_dtype=dtype, scale=100.0, normalize=True, device="cuda",
+                  autocast=autocast)
 
 
 @pytest.mark.parametrize("backend", ["chunked", "cpu", "cuda"])
