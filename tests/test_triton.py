@@ -38,9 +38,30 @@ def test_triton_parity_fp16(n, d):
     assert_parity("triton", n, d, x_dtype=torch.float16, scale=100.0, bias=1.0, device=DEVICE)
 
 
-@pytest.mark.parametrize("x_dtype,y_dtype", [(torch.float16, torch.float32), (torch.float32, torch.float16)])
+@pytest.mark.parametrize("x_dtype,y_dtype", [(torch.float16, torch.float32), (torch.float32, torch.float16),
+                                             (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)])
 def test_triton_parity_mixed_dtypes(x_dtype, y_dtype):
+    # A bf16 side mixed with another dtype is computed in fp32: correct under
+    # the interpreter too, unlike two bf16 operands (next test).
     assert_parity("triton", 41, 37, x_dtype=x_dtype, y_dtype=y_dtype, device=DEVICE, allow_tf32=False)
+
+
+@pytest.mark.parametrize("local_loss", [False, True])
+def test_triton_refuses_bf16_under_the_interpreter(monkeypatch, local_loss):
+    # The interpreter's bf16 dot gave losses around 1e9, silently. The check
+    # runs before any launch, so it holds on a GPU machine too when the
+    # interpreter is switched on.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, y = make_features(24, 16, torch.bfloat16, DEVICE, seed=2)
+    before = (x.clone(), y.clone())
+    with pytest.raises(TypeError, match=r"(?s)bfloat16.*interpreter.*backend='chunked'.*float16"):
+        if local_loss:
+            from clipfast._triton import TritonRowCrossEntropyFunction
+            TritonRowCrossEntropyFunction.apply(x, y, torch.tensor(10.0, device=DEVICE), None, True,
+                                                0, True, None)
+        else:
+            clip_loss(x, y, 10.0, backend="triton")
+    assert torch.equal(x, before[0]) and torch.equal(y, before[1])
 
 
 @pytest.mark.parametrize("needs", [

@@ -39,8 +39,10 @@ text features, an N x d byte plane.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
 from typing import Optional
 
 import torch
@@ -61,6 +63,32 @@ _TORCH_TO_TL = {
 
 def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# The interpreter runs a kernel by patching triton.language process-wide for
+# the length of the launch and restoring it afterwards, so two Python threads
+# launching at once break each other's kernels ("Did you forget to add
+# @triton.jit?"). Compiled launches on a GPU are thread-safe and stay free.
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def _one_launch_at_a_time():
+    return _INTERPRETER_LOCK if interpreter_active() else contextlib.nullcontext()
+
+
+def _refuse_interpreted_bf16(x: torch.Tensor, y: torch.Tensor) -> None:
+    """TypeError for bf16 dot products under the interpreter.
+
+    Triton's interpreter (3.6) gets bf16 ``tl.dot`` wrong: losses of ~1e9
+    instead of ~1, silently. A bf16 / fp32 or bf16 / fp16 mix is computed in
+    fp32 and is correct there; only two bf16 operands are refused.
+    """
+    if interpreter_active() and _dot_dtype(x, y) == torch.bfloat16:
+        raise TypeError(
+            "clipfast triton backend: image_features and text_features are both bfloat16, and "
+            "Triton's interpreter (TRITON_INTERPRET=1, how the kernels run without a GPU) "
+            "computes bfloat16 dot products wrongly (losses around 1e9). Use backend='chunked' "
+            "(or 'auto'), float16 or float32 features, or run on a CUDA GPU.")
 
 
 # --------------------------------------------------------------------------- #
@@ -615,10 +643,11 @@ def inverse_norms(features, normalize: bool) -> torch.Tensor:
     inv = torch.empty(n, dtype=torch.float32, device=features.device)
     block_r = 16 if interpreter_active() else 32
     block_d = min(128, max(16, triton.next_power_of_2(d)))
-    _inverse_norms_kernel[(triton.cdiv(n, block_r),)](
-        features, inv, n, d, features.stride(0), features.stride(1),
-        NORMALIZE=normalize, EPS=_NORM_EPS, BLOCK_R=block_r, BLOCK_D=block_d,
-    )
+    with _one_launch_at_a_time():
+        _inverse_norms_kernel[(triton.cdiv(n, block_r),)](
+            features, inv, n, d, features.stride(0), features.stride(1),
+            NORMALIZE=normalize, EPS=_NORM_EPS, BLOCK_R=block_r, BLOCK_D=block_d,
+        )
     return inv
 
 
@@ -631,6 +660,7 @@ def block_stats(x, y, inv_x, inv_y, scale, bias, diag_offset: Optional[int], wit
     and the label logits L[i, i + diag_offset] (None when diag_offset is None).
     ``scale`` and ``bias`` are 1-element fp32 tensors (bias may be None).
     """
+    _refuse_interpreted_bf16(x, y)
     m, d = x.shape
     k = y.shape[0]
     interpret = interpreter_active()
@@ -654,17 +684,18 @@ def block_stats(x, y, inv_x, inv_y, scale, bias, diag_offset: Optional[int], wit
     # Every slot is written by its program: no initialisation.
     col_max_part = torch.empty(row_splits, k, **f32) if with_cols else row_max_part
     col_sum_part = torch.empty(row_splits, k, **f32) if with_cols else row_sum_part
-    _forward_tiles_kernel[(row_splits, col_splits)](
-        x, y, inv_x, inv_y, scale, bias if bias is not None else scale,
-        row_max_part, row_sum_part, col_max_part, col_sum_part,
-        diag if diag is not None else row_max_part,
-        m, k, d, diag_offset or 0, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        row_blocks_per_split, col_blocks_per_split,
-        HAS_BIAS=bias is not None, HAS_DIAG=diag_offset is not None, WITH_COLS=with_cols,
-        DOT_DTYPE=_TORCH_TO_TL[dot_dtype], INPUT_PRECISION=precision,
-        enable_fp_fusion=_LOGIT_FUSION,
-        **cfg,
-    )
+    with _one_launch_at_a_time():
+        _forward_tiles_kernel[(row_splits, col_splits)](
+            x, y, inv_x, inv_y, scale, bias if bias is not None else scale,
+            row_max_part, row_sum_part, col_max_part, col_sum_part,
+            diag if diag is not None else row_max_part,
+            m, k, d, diag_offset or 0, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+            row_blocks_per_split, col_blocks_per_split,
+            HAS_BIAS=bias is not None, HAS_DIAG=diag_offset is not None, WITH_COLS=with_cols,
+            DOT_DTYPE=_TORCH_TO_TL[dot_dtype], INPUT_PRECISION=precision,
+            enable_fp_fusion=_LOGIT_FUSION,
+            **cfg,
+        )
     row_max, row_sum = merge_partial_sums(row_max_part, row_sum_part)
     col_max = col_sum = None
     if with_cols:
@@ -682,15 +713,16 @@ def finish_feature_grad(acc, features, inv_norm, factor, normalize, folded, out,
     m, d = features.shape
     block_r = 16 if interpreter_active() else 8
     block_d = min(256, max(16, triton.next_power_of_2(d)))
-    _finish_grad_kernel[(triton.cdiv(m, block_r),)](
-        acc, acc if acc_lo is None else acc_lo, acc.stride(0), acc.stride(1),
-        features, features.stride(0), features.stride(1), inv_norm,
-        out, out.stride(0), out.stride(1), factor,
-        m, d,
-        NORMALIZE=normalize, TIMES_INV_NORM=normalize and not folded,
-        SPLIT_ACC=acc_lo is not None, EPS=_NORM_EPS,
-        BLOCK_R=block_r, BLOCK_D=block_d,
-    )
+    with _one_launch_at_a_time():
+        _finish_grad_kernel[(triton.cdiv(m, block_r),)](
+            acc, acc if acc_lo is None else acc_lo, acc.stride(0), acc.stride(1),
+            features, features.stride(0), features.stride(1), inv_norm,
+            out, out.stride(0), out.stride(1), factor,
+            m, d,
+            NORMALIZE=normalize, TIMES_INV_NORM=normalize and not folded,
+            SPLIT_ACC=acc_lo is not None, EPS=_NORM_EPS,
+            BLOCK_R=block_r, BLOCK_D=block_d,
+        )
 
 
 def folds_inv_norms(x, y, normalize: bool) -> bool:
@@ -716,6 +748,7 @@ def block_grads(x, y, inv_x, inv_y, scale, bias, row_stats, col_stats, diag_offs
     the inverse norms (inv_x_i G Y^ rather than G Y^). Returns the fp32 0-dim
     sum of G * cosine, the scale gradient before its factor.
     """
+    _refuse_interpreted_bf16(x, y)
     m, d = x.shape
     k = y.shape[0]
     interpret = interpreter_active()
@@ -755,35 +788,37 @@ def block_grads(x, y, inv_x, inv_y, scale, bias, row_stats, col_stats, diag_offs
             panel_acc.zero_()
         for col_start in range(0, k, side):
             cols = min(side, k - col_start)
-            _grad_logits_kernel[(triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(cols, cfg["BLOCK_N"]))](
-                x, y, inv_x, inv_y, scale, bias_arg,
-                row_max, row_logsum, col_max, col_logsum, grad_panel, scale_grad_part,
-                m, k, d, diag_offset or 0, row_start, col_start, rows, cols, scale_part_pitch,
-                x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-                grad_panel.stride(0), grad_panel.stride(1),
-                HAS_BIAS=bias is not None, HAS_DIAG=diag_offset is not None,
-                USE_ROWS=row_stats is not None, USE_COLS=col_stats is not None,
-                FOLD_INV_NORMS=fold,
-                DOT_DTYPE=_TORCH_TO_TL[dot_dtype], INPUT_PRECISION=precision,
-                enable_fp_fusion=_LOGIT_FUSION,
-                **cfg,
-            )
+            with _one_launch_at_a_time():
+                _grad_logits_kernel[(triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(cols, cfg["BLOCK_N"]))](
+                    x, y, inv_x, inv_y, scale, bias_arg,
+                    row_max, row_logsum, col_max, col_logsum, grad_panel, scale_grad_part,
+                    m, k, d, diag_offset or 0, row_start, col_start, rows, cols, scale_part_pitch,
+                    x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+                    grad_panel.stride(0), grad_panel.stride(1),
+                    HAS_BIAS=bias is not None, HAS_DIAG=diag_offset is not None,
+                    USE_ROWS=row_stats is not None, USE_COLS=col_stats is not None,
+                    FOLD_INV_NORMS=fold,
+                    DOT_DTYPE=_TORCH_TO_TL[dot_dtype], INPUT_PRECISION=precision,
+                    enable_fp_fusion=_LOGIT_FUSION,
+                    **cfg,
+                )
             if not (need_x or need_y):
                 continue
             x_tiles = triton.cdiv(rows, mm_cfg["BLOCK_M"]) * tiles_d if need_x else 0
             y_tiles = triton.cdiv(cols, mm_cfg["BLOCK_M"]) * tiles_d if need_y else 0
-            _panel_grads_kernel[(x_tiles + y_tiles,)](
-                grad_panel, grad_panel.stride(0), grad_panel.stride(1), rows, cols, d,
-                row_start, col_start, 0 if gx_is_panel else row_start,
-                x, x.stride(0), x.stride(1), inv_x,
-                y, y.stride(0), y.stride(1), inv_y,
-                gx, gx.stride(0), gx.stride(1),
-                gy, gy_lo, gy.stride(0), gy.stride(1),
-                x_tiles, WITH_X=need_x, WITH_Y=need_y,
-                SCALE_ROWS=normalize and not fold, SPLIT_ACC_Y=y_acc_lo is not None,
-                DOT_DTYPE=_TORCH_TO_TL[dot_dtype], INPUT_PRECISION=precision,
-                **mm_cfg,
-            )
+            with _one_launch_at_a_time():
+                _panel_grads_kernel[(x_tiles + y_tiles,)](
+                    grad_panel, grad_panel.stride(0), grad_panel.stride(1), rows, cols, d,
+                    row_start, col_start, 0 if gx_is_panel else row_start,
+                    x, x.stride(0), x.stride(1), inv_x,
+                    y, y.stride(0), y.stride(1), inv_y,
+                    gx, gx.stride(0), gx.stride(1),
+                    gy, gy_lo, gy.stride(0), gy.stride(1),
+                    x_tiles, WITH_X=need_x, WITH_Y=need_y,
+                    SCALE_ROWS=normalize and not fold, SPLIT_ACC_Y=y_acc_lo is not None,
+                    DOT_DTYPE=_TORCH_TO_TL[dot_dtype], INPUT_PRECISION=precision,
+                    **mm_cfg,
+                )
         if x_out is not None:
             finish_feature_grad(
                 panel_acc, x[row_start:row_start + rows], inv_x[row_start:row_start + rows],

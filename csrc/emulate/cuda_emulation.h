@@ -15,6 +15,12 @@
 // It checks the kernels' indexing, synchronisation and arithmetic, not their
 // speed or the hardware's exact summation order.
 //
+// Launches are serialised process-wide (launch_mutex): __shared__ arrays are
+// static storage, one copy per kernel (and per device function, e.g. a block
+// reduction's scratch shared by several kernels), so two grids launched from
+// two host threads at once, as Python threads calling the loss do, would
+// read each other's shared memory. On a GPU every block has its own.
+//
 // setup.py compiles csrc/cuda/*.cu as C++ against these headers (launches
 // `k<<<grid, block, smem, stream>>>(args)` rewritten to
 // clipfast_emulation::launch) into clipfast._cuda_emulated.
@@ -30,6 +36,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -254,10 +261,18 @@ inline void mma_m16n8k16_tiles(float (&c)[M][N][4], const uint32_t (&a)[M][4],
       }
 }
 
+// One for the whole process (an inline function's static is shared by every
+// translation unit), not one per kernel: see the note at the top.
+inline std::mutex& launch_mutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+
 // Runs body() as every thread of every block of the grid (1-D blocks), with
-// dynamic_shared_bytes of dynamic shared memory per block.
+// dynamic_shared_bytes of dynamic shared memory per block. One grid at a time.
 template <typename Body>
 void launch(dim3 grid, dim3 block, size_t dynamic_shared_bytes, Body&& body) {
+  const std::lock_guard<std::mutex> one_grid_at_a_time(launch_mutex());
   const int threads = static_cast<int>(block.x * block.y * block.z);
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
