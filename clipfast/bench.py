@@ -315,8 +315,10 @@ def figure(points: List[Point], title: str):
             ns = [q.n for q in pts]
             style = dict(marker="o", color=colours[provider], label=provider)
             (handles[provider],) = axes[0][col].plot(ns, [q.time_ms for q in pts], **style)
-            if provider != "gemm4_bound":
-                axes[1][col].plot(ns, [q.peak_extra_bytes / 2**30 for q in pts], **style)
+            # A log axis cannot show zero (tiny N on CPU measure no growth).
+            mem = [(q.n, q.peak_extra_bytes / 2**30) for q in pts if (q.peak_extra_bytes or 0) > 0]
+            if provider != "gemm4_bound" and mem:
+                axes[1][col].plot(*zip(*mem), **style)
         for row, ylabel in enumerate(["time (ms)", "peak extra memory (GiB)"]):
             ax = axes[row][col]
             ax.set_xscale("log", base=2)
