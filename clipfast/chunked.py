@@ -32,11 +32,32 @@ def _rows_per_chunk(n: int, chunk_elements: int) -> int:
     return max(1, min(-(-n // 2), chunk_elements // max(n, 1)))
 
 
+def _pow2_row_scales(features: torch.Tensor) -> torch.Tensor:
+    """Per row, a power of two within a factor 2 of its largest |entry| (1 for
+    zero or non-finite rows), shape (rows, 1).
+
+    Dividing by it is exact, so norms of the scaled rows neither overflow
+    (fp32 squares pass 3.4e38 from |x| ~ 1.8e19 on) nor underflow, and where
+    the plain computation stays in range its result is unchanged bit for bit.
+    """
+    top = features.abs().amax(dim=1, keepdim=True)
+    _, exponent = torch.frexp(top)  # top = m * 2^exponent, 0.5 <= m < 1
+    one = torch.ones_like(top)
+    return torch.where(torch.isfinite(top) & (top > 0), torch.ldexp(one, exponent - 1), one)
+
+
 def inverse_norms(features: torch.Tensor, normalize: bool, dtype: torch.dtype) -> torch.Tensor:
-    """1 / max(|row|, eps) in ``dtype`` (all ones when normalize is False)."""
+    """1 / max(|row|, eps) in ``dtype`` (all ones when normalize is False),
+    computed without overflow in the squares (see ``_pow2_row_scales``)."""
     if not normalize:
         return torch.ones(features.shape[0], dtype=dtype, device=features.device)
-    return torch.linalg.vector_norm(features.to(dtype), dim=1).clamp_min(_NORM_EPS).reciprocal()
+    features = features.to(dtype)
+    scale = _pow2_row_scales(features)
+    scaled_norm = torch.linalg.vector_norm(features / scale, dim=1, keepdim=True)
+    # 1 / max(|x|, eps) = (1 / max(|x| / scale, eps / scale)) / scale: the
+    # reciprocal of a number >= 1 (or of eps / scale), then an exact division,
+    # where |x| itself may not be representable (every entry near FLT_MAX).
+    return (torch.maximum(scaled_norm, _NORM_EPS / scale).reciprocal() / scale).squeeze(1)
 
 
 def normalize_backward(
@@ -49,6 +70,10 @@ def normalize_backward(
     """
     unit = features * inv_norm[:, None]
     radial = (unit * grad_normalized).sum(dim=1, keepdim=True)
+    # A plain norm is safe for this test alone: rows whose squares overflow
+    # give inf (not clamped, rightly), and a row of norm >= eps cannot have
+    # its squares all underflow. Huge rows need nothing else here: x * inv is
+    # their unit row.
     clamped = torch.linalg.vector_norm(features, dim=1, keepdim=True) < _NORM_EPS
     radial = torch.where(clamped, torch.zeros_like(radial), radial)
     return (grad_normalized - unit * radial) * inv_norm[:, None]
