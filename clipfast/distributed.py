@@ -361,7 +361,8 @@ def _merge_pair(max_a, sum_a, max_b, sum_b):
 
 def distributed_clip_loss(inputs: LossInputs, *, local_loss: bool, gather_with_grad: bool,
                           ring: bool, rank: int, world_size: int, normalize: bool, backend: str,
-                          group=None, chunk_elements: Optional[int] = None) -> torch.Tensor:
+                          group=None, chunk_elements: Optional[int] = None,
+                          allow_tf32: bool = True) -> torch.Tensor:
     """The loss of ``ClipLoss`` when world_size > 1 (see the module docstring)."""
     from .api import _triton_usable_on, clip_loss, resolve_backend
 
@@ -387,12 +388,12 @@ def distributed_clip_loss(inputs: LossInputs, *, local_loss: bool, gather_with_g
         chunk = DEFAULT_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
         return RingClipLossFunction.apply(
             inputs.image_features, inputs.text_features, inputs.logit_scale, inputs.logit_bias,
-            normalize, block_backend, chunk, True, group)
+            normalize, block_backend, chunk, bool(allow_tf32), group)
     all_image, all_text = gather_features(
         inputs.image_features, inputs.text_features, local_loss, gather_with_grad,
         rank, world_size, group)
     if local_loss:
         return local_clip_loss(inputs, all_image, all_text, rank, normalize, block_backend,
-                               chunk_elements)
+                               chunk_elements, allow_tf32)
     return clip_loss(all_image, all_text, inputs.logit_scale, logit_bias=inputs.logit_bias,
-                     normalize=normalize, backend=backend)
+                     normalize=normalize, backend=backend, allow_tf32=allow_tf32)

@@ -77,12 +77,6 @@ class ClipLoss(nn.Module):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         _check_flag("normalize", normalize)
         _check_flag("allow_tf32", allow_tf32)
-        if world_size > 1 and not allow_tf32:
-            # distributed_clip_loss has no allow_tf32 parameter (its block
-            # kernels run with TF32 on): refuse rather than ignore the request.
-            raise ValueError(
-                "ClipLoss(allow_tf32=False) is not supported with world_size > 1 yet: the "
-                "distributed modes run fp32 features with TF32 on")
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.cache_labels = cache_labels
@@ -162,7 +156,8 @@ class ClipLoss(nn.Module):
             loss = distributed_clip_loss(
                 inputs, local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
                 ring=self.ring, rank=self.rank, world_size=self.world_size,
-                normalize=self.normalize, backend=self.backend, group=self.group)
+                normalize=self.normalize, backend=self.backend, group=self.group,
+                allow_tf32=self.allow_tf32)
             return loss.to(inputs.loss_dtype)
         return clip_loss(
             image_features,

@@ -31,6 +31,9 @@ SCENARIOS = [
     ("gather_with_grad_local_triton",
      dict(gather_with_grad=True, local_loss=True, backend="triton", normalize=True), torch.float32),
     ("ring_triton", dict(ring=True, backend="triton", normalize=True), torch.float32),
+    ("gather_with_grad_local_ieee",
+     dict(gather_with_grad=True, local_loss=True, backend="triton", normalize=True,
+          allow_tf32=False), torch.float32),
 ]
 
 
