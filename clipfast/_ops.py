@@ -101,12 +101,10 @@ def without_autocast(fn):
     return wrapper
 
 
-def _differentiable_grads(grad_loss, x, y, scale, bias, normalize, needs):
+def _differentiable_grads(reference, grad_loss, x, y, scale, bias, normalize, needs):
     """First-order gradients with a graph, from the plain-PyTorch formula."""
-    from .reference import reference_clip_loss
-
     dtype = compute_dtype(x, y)
-    loss = reference_clip_loss(
+    loss = reference(
         x.to(dtype), y.to(dtype), scale.to(dtype), None if bias is None else bias.to(dtype),
         normalize)
     wanted = [t for t, need in zip((x, y, scale, bias), needs) if need]
@@ -133,15 +131,44 @@ def exact_zero_bias_grad(row_stat, col_stat, grad_loss, shape, dtype) -> torch.T
     return (poison * 0).reshape(shape).to(dtype)
 
 
-_OPS: Dict[str, Callable] = {}
+@dataclass(frozen=True)
+class LossSpec:
+    """What the operator factory needs to know about a loss."""
+
+    name: str  # the operator is clipfast::<backend>_<name>_loss
+    stats_rows: int  # rows of the (rows, N) statistics the forward saves
+    # The plain-PyTorch loss(x, y, scale, bias, normalize), for create_graph=True.
+    reference: Callable
+    # True: the backend's backward returns the bias gradient too (it takes
+    # need_bias and returns 4 gradients). False: the bias gradient is the
+    # exact zero of a softmax loss (exact_zero_bias_grad on stats rows 3, 5).
+    kernel_bias_grad: bool
+
+
+def _clip_reference(x, y, scale, bias, normalize):
+    from .reference import reference_clip_loss
+
+    return reference_clip_loss(x, y, scale, bias, normalize)
+
+
+CLIP = LossSpec("clip", STATS_ROWS, _clip_reference, kernel_bias_grad=False)
+
+_OPS: Dict[Tuple[str, str], Callable] = {}
 
 
 def define_clip_loss_op(backend: str, forward: Callable, backward: Callable) -> Callable:
     """Register ``clipfast::<backend>_clip_loss`` (+ ``_backward``) and return
     ``op(x, y, scale, bias, normalize, allow_tf32, block) -> loss``."""
-    if backend in _OPS:
-        return _OPS[backend]
-    name = f"clipfast::{backend}_clip_loss"
+    return define_loss_op(CLIP, backend, forward, backward)
+
+
+def define_loss_op(spec: LossSpec, backend: str, forward: Callable, backward: Callable) -> Callable:
+    """Register ``clipfast::<backend>_<spec.name>_loss`` (+ ``_backward``) and
+    return ``op(x, y, scale, bias, normalize, allow_tf32, block) -> loss``."""
+    key = (spec.name, backend)
+    if key in _OPS:
+        return _OPS[key]
+    name = f"clipfast::{backend}_{spec.name}_loss"
 
     @torch.library.custom_op(name, mutates_args=())
     def forward_op(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
@@ -154,26 +181,33 @@ def define_clip_loss_op(backend: str, forward: Callable, backward: Callable) -> 
     def _(x, y, scale, bias, normalize, allow_tf32, block):
         dtype = compute_dtype(x, y)
         return (x.new_empty((), dtype=dtype),
-                x.new_empty((STATS_ROWS, x.shape[0]), dtype=dtype))
+                x.new_empty((spec.stats_rows, x.shape[0]), dtype=dtype))
 
     @torch.library.custom_op(name + "_backward", mutates_args=())
     def backward_op(grad_loss: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                     scale: torch.Tensor, bias: Optional[torch.Tensor], stats: torch.Tensor,
                     normalize: bool, allow_tf32: bool, block: int, need_x: bool, need_y: bool,
-                    need_scale: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    need_scale: bool, need_bias: bool
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        options = KernelOptions(normalize, allow_tf32, block)
         with autocast_off(x.device):
-            grads = backward(grad_loss, x, y, scale, bias, stats,
-                             KernelOptions(normalize, allow_tf32, block), need_x, need_y,
-                             need_scale)
+            if spec.kernel_bias_grad:
+                grads = backward(grad_loss, x, y, scale, bias, stats, options, need_x, need_y,
+                                 need_scale, need_bias)
+            else:
+                grads = backward(grad_loss, x, y, scale, bias, stats, options, need_x, need_y,
+                                 need_scale) + (None,)
         # A custom operator returns tensors only: an empty one stands for None.
         return tuple(g if g is not None else like.new_empty((0,))
-                     for g, like in zip(grads, (x, y, scale)))
+                     for g, like in zip(grads, (x, y, scale, scale if bias is None else bias)))
 
     @backward_op.register_fake
     def _(grad_loss, x, y, scale, bias, stats, normalize, allow_tf32, block, need_x, need_y,
-          need_scale):
+          need_scale, need_bias):
+        need_bias = need_bias and spec.kernel_bias_grad and bias is not None
         return tuple(torch.empty_like(like) if need else like.new_empty((0,))
-                     for like, need in ((x, need_x), (y, need_y), (scale, need_scale)))
+                     for like, need in ((x, need_x), (y, need_y), (scale, need_scale),
+                                        (scale if bias is None else bias, need_bias)))
 
     def setup_context(ctx, inputs, output):
         x, y, scale, bias, normalize, allow_tf32, block = inputs
@@ -188,18 +222,17 @@ def define_clip_loss_op(backend: str, forward: Callable, backward: Callable) -> 
         normalize, allow_tf32, block = ctx.options
         if torch.is_grad_enabled() and any(needs):
             # create_graph=True: the kernels' gradients have no graph.
-            return _differentiable_grads(grad_loss, x, y, scale, bias, normalize, needs) + (
-                None, None, None)
-        grad_x = grad_y = grad_scale = grad_bias = None
-        if needs[0] or needs[1] or needs[2]:
-            grad_x, grad_y, grad_scale = backward_op(
-                grad_loss, x, y, scale, bias, stats, normalize, allow_tf32, block,
-                needs[0], needs[1], needs[2])
-        if needs[3]:
-            grad_bias = exact_zero_bias_grad(stats[3], stats[5], grad_loss.to(stats.dtype),
-                                             bias.shape, bias.dtype)
-        return (grad_x if needs[0] else None, grad_y if needs[1] else None,
-                grad_scale if needs[2] else None, grad_bias, None, None, None)
+            return _differentiable_grads(spec.reference, grad_loss, x, y, scale, bias,
+                                         normalize, needs) + (None, None, None)
+        kernel_needs = needs if spec.kernel_bias_grad else needs[:3] + (False,)
+        grads = [None] * 4
+        if any(kernel_needs):
+            grads = list(backward_op(grad_loss, x, y, scale, bias, stats, normalize, allow_tf32,
+                                     block, *kernel_needs))
+        if needs[3] and not spec.kernel_bias_grad:
+            grads[3] = exact_zero_bias_grad(stats[3], stats[5], grad_loss.to(stats.dtype),
+                                            bias.shape, bias.dtype)
+        return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None, None)
 
     forward_op.register_autograd(backward_formula, setup_context=setup_context)
 
@@ -209,7 +242,7 @@ def define_clip_loss_op(backend: str, forward: Callable, backward: Callable) -> 
 
     op.forward_op = forward_op
     op.backward_op = backward_op
-    _OPS[backend] = op
+    _OPS[key] = op
     return op
 
 

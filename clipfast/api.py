@@ -210,3 +210,86 @@ def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
+
+
+# Backends with a SigLIP operator, and where it is registered.
+SIGLIP_BACKENDS = ("reference", "chunked")
+
+
+def _siglip_ops(backend: str):
+    # Import statements, not importlib: torch.compile traces through them.
+    if backend == "chunked":
+        from .siglip import chunked_siglip_ops as ops
+    else:
+        raise ValueError(f"no SigLIP operator for backend {backend!r}")
+    return ops
+
+
+def resolve_siglip_backend(backend: str, inputs: LossInputs) -> str:
+    """The backend ``siglip_loss`` runs: ``auto``'s CLIP choice when that
+    backend has the SigLIP loss, else chunked; a named backend once it can run
+    these inputs and has the loss."""
+    chosen = resolve_backend(backend, inputs)
+    if chosen in SIGLIP_BACKENDS:
+        return chosen
+    if backend == "auto":
+        return "chunked"
+    raise ValueError(
+        f"backend={backend!r} has no SigLIP loss yet; the backends with it are "
+        f"{', '.join(SIGLIP_BACKENDS)} (and 'auto')")
+
+
+def siglip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: ScaleLike,
+    logit_bias: Optional[ScaleLike] = None,
+    *,
+    normalize: bool = False,
+    backend: str = "auto",
+    allow_tf32: bool = True,
+    chunk_elements: Optional[int] = None,
+    positives: bool = True,
+) -> torch.Tensor:
+    """SigLIP's sigmoid loss without materialising the N x N logits.
+
+    Equal to open_clip's ``SigLipLoss`` on one process: with logits
+    ``L = logit_scale * X^ @ Y^.T + logit_bias`` and labels z = +1 on the
+    diagonal, -1 elsewhere, ``-sum_ij logsigmoid(z_ij L_ij) / N``.
+
+    Args:
+        image_features: (N, d) tensor, float16 / bfloat16 / float32 (float64 on
+            the reference and chunked backends).
+        text_features: (N, d) tensor on the same device.
+        logit_scale: the already-exponentiated scale s > 0 (a float, a 0-dim or
+            a shape-[1] tensor); gradients flow to it.
+        logit_bias: the bias b (SigLIP learns it; open_clip starts it at -10),
+            or None for no bias. Its gradient is sum_ij dL/dL_ij (not zero).
+        normalize: L2-normalise each row inside the op. False by default, as
+            open_clip's loss (its models normalise their own features).
+        backend: "auto", "reference" or "chunked" (see ``SIGLIP_BACKENDS``).
+        allow_tf32: fp32 features may use TF32 tensor cores (fused GPU backends).
+        chunk_elements: chunked backend only: logits held at once.
+        positives: False scores every pair as a negative (the blocks of the
+            distributed loss against other ranks' texts).
+
+    Returns:
+        0-dim tensor: float32 for float16/bfloat16 features, else the features'
+        dtype.
+    """
+    inputs = check_inputs(image_features, text_features, logit_scale, logit_bias)
+    chosen = resolve_siglip_backend(backend, inputs)
+    if chosen == "reference":
+        from .siglip import reference_siglip_loss
+
+        loss = reference_siglip_loss(inputs.image_features, inputs.text_features,
+                                     inputs.logit_scale, inputs.logit_bias, normalize,
+                                     positives=positives)
+    else:
+        block = 0
+        if chosen == "chunked" and chunk_elements is not None:
+            block = _positive_int("chunk_elements", chunk_elements)
+        loss = _siglip_ops(chosen)[bool(positives)](
+            inputs.image_features, inputs.text_features, inputs.logit_scale, inputs.logit_bias,
+            bool(normalize), bool(allow_tf32), block)
+    return poison_invalid_scalars(loss.to(inputs.loss_dtype), inputs)

@@ -189,7 +189,7 @@ def test_opcheck(backend, bias):
     grad = torch.tensor(1.0)
     torch.library.opcheck(
         op.backward_op, (grad, x.detach(), y.detach(), s.detach(), b, stats, True, True,
-                         args[6], True, False, True))
+                         args[6], True, False, True, False))
 
 
 @pytest.mark.parametrize("backend", ["chunked", "triton", "cpu", "cuda", "auto"])
