@@ -1,17 +1,21 @@
 """clipfast: fused, linear-memory CLIP contrastive loss."""
 
-from .api import BACKENDS, clip_loss, resolve_backend, triton_available
-from .modules import ClipLoss, CoCaLoss, DistillClipLoss
+from .api import BACKENDS, clip_loss, resolve_backend, siglip_loss, triton_available
+from .modules import ClipLoss, CoCaLoss, DistillClipLoss, SigLipLoss
 from .reference import reference_clip_loss
+from .siglip import reference_siglip_loss
 
 __all__ = [
     "BACKENDS",
     "ClipLoss",
     "CoCaLoss",
     "DistillClipLoss",
+    "SigLipLoss",
     "clip_loss",
     "reference_clip_loss",
+    "reference_siglip_loss",
     "resolve_backend",
+    "siglip_loss",
     "triton_available",
 ]
 __version__ = "0.1.0"

@@ -212,14 +212,21 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
-# Backends with a SigLIP operator, and where it is registered.
-SIGLIP_BACKENDS = ("reference", "chunked")
+# Backends with a SigLIP operator.
+SIGLIP_BACKENDS = ("reference", "chunked", "triton", "cpu", "cuda")
 
 
 def _siglip_ops(backend: str):
+    """{positives: op} of a fused backend's SigLIP operators (clipfast.siglip)."""
     # Import statements, not importlib: torch.compile traces through them.
     if backend == "chunked":
         from .siglip import chunked_siglip_ops as ops
+    elif backend == "triton":
+        from ._triton.siglip import triton_siglip_ops as ops
+    elif backend == "cpu":
+        from .cpu_backend import cpu_siglip_ops as ops
+    elif backend == "cuda":
+        from .cuda_backend import cuda_siglip_ops as ops
     else:
         raise ValueError(f"no SigLIP operator for backend {backend!r}")
     return ops

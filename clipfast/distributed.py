@@ -397,3 +397,98 @@ def distributed_clip_loss(inputs: LossInputs, *, local_loss: bool, gather_with_g
                                chunk_elements, allow_tf32)
     return clip_loss(all_image, all_text, inputs.logit_scale, logit_bias=inputs.logit_bias,
                      normalize=normalize, backend=backend, allow_tf32=allow_tf32)
+
+
+# ------------------------------ SigLIP modes -------------------------------- #
+
+SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+_TAG_SIGLIP_LEFT, _TAG_SIGLIP_RIGHT = 4, 5
+
+
+def _shift(tensors: List[torch.Tensor], towards: List[int], sources: List[int], group,
+           tags: List[int]) -> List[torch.Tensor]:
+    """Send tensors[i] to rank towards[i] and receive one tensor of its shape
+    from sources[i], all at once; returns the received tensors."""
+    received = [torch.empty_like(t) for t in tensors]
+    ops = [dist.P2POp(dist.isend, t.contiguous(), dst, group, tag)
+           for t, dst, tag in zip(tensors, towards, tags)]
+    ops += [dist.P2POp(dist.irecv, r, src, group, tag)
+            for r, src, tag in zip(received, sources, tags)]
+    _wait(dist.batch_isend_irecv(ops))
+    return received
+
+
+class NeighbourExchange(torch.autograd.Function):
+    """Tensors travel one hop around the ring (to the left and/or the right);
+    their gradients travel the same hop back to the rank that sent them."""
+
+    @staticmethod
+    def forward(ctx, group, directions, *tensors):
+        # directions[i] = +1 sends tensors[i] to the right neighbour (and
+        # receives from the left one), -1 the other way round.
+        _, _, right, left = _peers(group)
+        ctx.group, ctx.directions = group, directions
+        towards = [right if s > 0 else left for s in directions]
+        sources = [left if s > 0 else right for s in directions]
+        tags = [_TAG_SIGLIP_RIGHT if s > 0 else _TAG_SIGLIP_LEFT for s in directions]
+        return tuple(_shift(list(tensors), towards, sources, group, tags))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        back = tuple(-s for s in ctx.directions)
+        return (None, None) + NeighbourExchange.forward(ctx, ctx.group, back, *grads)
+
+
+def siglip_distributed_loss(inputs: LossInputs, loss_block, *, dist_impl: str, group=None):
+    """open_clip's distributed SigLIP loss on this rank: the local block with
+    positives plus, for every other rank's texts, a negatives-only block.
+
+    ``loss_block(image_features, text_features, positives)`` computes one
+    block (the fused siglip_loss). Gradients reach the other ranks' texts
+    through the exchange's backward, so after DistributedDataParallel's
+    averaging every parameter gets the gradient of the mean of the ranks'
+    losses, as open_clip's.
+    """
+    if dist_impl not in SIGLIP_DIST_IMPLS:
+        raise ValueError(f"dist_impl must be one of {SIGLIP_DIST_IMPLS}, got {dist_impl!r}")
+    rank, world_size, _, _ = _peers(group)
+    check_equal_batches(inputs.image_features.shape[0], inputs.image_features.device, group)
+    image, text = inputs.image_features, inputs.text_features
+    loss = loss_block(image, text, True)
+    if world_size == 1:
+        return loss
+    if dist_impl == "bidir":
+        to_left = to_right = text
+        pairs, odd = divmod(world_size - 1, 2)
+        for _ in range(pairs):
+            from_right, from_left = NeighbourExchange.apply(group, (-1, 1), to_left, to_right)
+            loss = loss + loss_block(image, from_right, False) + loss_block(image, from_left, False)
+            to_left, to_right = from_right, from_left
+        if odd:
+            (from_left,) = NeighbourExchange.apply(group, (1,), to_right)
+            loss = loss + loss_block(image, from_left, False)
+    elif dist_impl == "shift":
+        travelling = text
+        for _ in range(world_size - 1):
+            (travelling,) = NeighbourExchange.apply(group, (1,), travelling)
+            loss = loss + loss_block(image, travelling, False)
+    else:
+        from torch.distributed.nn.functional import all_gather, all_reduce
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            if dist_impl == "reduce":
+                # Each rank's texts in turn, summed from one non-zero contribution.
+                others = [all_reduce(text * (rank == i), group=group or dist.group.WORLD)
+                          for i in range(world_size)]
+            else:
+                others = list(all_gather(text.contiguous(), group=group or dist.group.WORLD))
+        for i, other in enumerate(others):
+            if i != rank:
+                loss = loss + loss_block(image, other, False)
+        if dist_impl == "reduce":
+            # Every all-reduce's backward is a collective too: each rank must
+            # run all of them, its own slot's included, or they pair up wrongly.
+            loss = loss + 0 * others[rank].sum()
+    return loss

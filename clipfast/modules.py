@@ -1,5 +1,5 @@
-"""``nn.Module`` drop-ins for open_clip's losses: ``ClipLoss``, ``DistillClipLoss``
-and ``CoCaLoss``, with the contrastive term on the fused kernels."""
+"""``nn.Module`` drop-ins for open_clip's losses: ``ClipLoss``, ``DistillClipLoss``,
+``CoCaLoss`` and ``SigLipLoss``, with the contrastive term on the fused kernels."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import warnings
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -409,3 +410,102 @@ class CoCaLoss(ClipLoss):
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", caption_loss_weight={self.caption_loss_weight}, "
                 f"clip_loss_weight={self.clip_loss_weight}, pad_id={self.pad_id}")
+
+
+class SigLipLoss(nn.Module):
+    """Drop-in for ``open_clip.loss.SigLipLoss`` backed by the fused kernels.
+
+    The constructor takes open_clip's ``cache_labels, rank, world_size,
+    dist_impl`` plus clipfast's keywords ``backend``, ``normalize`` (False by
+    default, as open_clip), ``allow_tf32`` and ``group``. ``forward(
+    image_features, text_features, logit_scale, logit_bias, output_dict=False)``
+    returns ``-sum logsigmoid(z * L) / N`` over this rank's images against
+    every rank's texts, or ``{"contrastive_loss": loss}``.
+
+    With ``world_size > 1`` the other ranks' texts come to this rank by
+    ``dist_impl``: "bidir" (default; neighbour exchanges in both directions,
+    ceil((W-1)/2) hops), "shift" (one direction, W-1 hops), "reduce" (W
+    all-reduces) or "gather" (one all-gather), each differentiable, as in
+    open_clip. The blocks against other ranks have no positives. Only one
+    rank's N x N block of logits ever exists at a time, and even that only as
+    tiles in the fused backends.
+    """
+
+    def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
+                 dist_impl: Optional[str] = None, *, backend: str = "auto",
+                 normalize: bool = False, allow_tf32: bool = True, group=None):
+        super().__init__()
+        from .distributed import SIGLIP_DIST_IMPLS
+
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        dist_impl = dist_impl or "bidir"
+        if dist_impl not in SIGLIP_DIST_IMPLS:
+            raise ValueError(f"dist_impl must be one of {SIGLIP_DIST_IMPLS}, got {dist_impl!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        _check_flag("normalize", normalize)
+        _check_flag("allow_tf32", allow_tf32)
+        self.cache_labels = cache_labels
+        self.rank = rank
+        self.world_size = world_size
+        self.dist_impl = dist_impl
+        self.backend = backend
+        self.normalize = normalize
+        self.allow_tf32 = allow_tf32
+        self.group = group
+        self.prev_num_logits = 0
+        self.labels = {}
+
+    def get_ground_truth(self, device, dtype, num_logits: int, negative_only: bool = False):
+        """open_clip's labels: -1 everywhere, +1 on the diagonal unless
+        ``negative_only`` (an N x N tensor; ``forward`` never builds it)."""
+        from .siglip import siglip_labels
+
+        return siglip_labels(num_logits, num_logits, not negative_only, dtype, device)
+
+    def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
+        """The N x N logits ``logit_scale * X @ Y.T + logit_bias`` (materialised:
+        for inspection and for code built on open_clip's API)."""
+        if self.normalize:
+            image_features = F.normalize(image_features, dim=-1)
+            text_features = F.normalize(text_features, dim=-1)
+        logits = logit_scale * image_features @ text_features.T
+        if logit_bias is not None:
+            logits = logits + logit_bias
+        return logits
+
+    def _loss(self, image_features, text_features, logit_scale, logit_bias=None,
+              negative_only: bool = False):
+        from .api import siglip_loss
+
+        return siglip_loss(image_features, text_features, logit_scale, logit_bias,
+                           normalize=self.normalize, backend=self.backend,
+                           allow_tf32=self.allow_tf32, positives=not negative_only)
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None,
+                output_dict: bool = False):
+        if self.world_size > 1:
+            from .distributed import siglip_distributed_loss
+
+            inputs = check_inputs(image_features, text_features, logit_scale, logit_bias)
+            if dist.get_world_size(self.group) != self.world_size or \
+                    dist.get_rank(self.group) != self.rank:
+                raise ValueError(
+                    f"SigLipLoss was built with rank={self.rank}, world_size={self.world_size} "
+                    f"but the process group has rank {dist.get_rank(self.group)} of "
+                    f"{dist.get_world_size(self.group)}")
+            loss = siglip_distributed_loss(
+                inputs, lambda x, y, positives: self._loss(
+                    x, y, inputs.logit_scale, inputs.logit_bias, negative_only=not positives),
+                dist_impl=self.dist_impl, group=self.group)
+        else:
+            loss = self._loss(image_features, text_features, logit_scale, logit_bias)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+    def extra_repr(self) -> str:
+        text = (f"backend={self.backend!r}, normalize={self.normalize}, "
+                f"allow_tf32={self.allow_tf32}")
+        if self.world_size > 1:
+            text += f", rank={self.rank}, world_size={self.world_size}, dist_impl={self.dist_impl!r}"
+        return text

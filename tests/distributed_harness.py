@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from clipfast import ClipLoss
+from clipfast import ClipLoss, SigLipLoss
 
 TIMEOUT = datetime.timedelta(seconds=90)
 
@@ -66,7 +66,9 @@ def worker(rank: int, world_size: int, store_path: str, out_path: str, scenarios
         problem = make_problem(local_n * world_size)
         rows = slice(rank * local_n, (rank + 1) * local_n)
         for name, kwargs, dtype in scenarios:
-            loss_fn = ClipLoss(rank=rank, world_size=world_size, **kwargs)
+            kwargs = dict(kwargs)
+            module = SigLipLoss if kwargs.pop("loss", "clip") == "siglip" else ClipLoss
+            loss_fn = module(rank=rank, world_size=world_size, **kwargs)
             loss, grads = loss_and_grads(problem, rows, loss_fn, dtype)
             # What DistributedDataParallel does to replicated parameters.
             for grad in grads:

@@ -31,6 +31,13 @@ SCENARIOS = [
     ("gather_with_grad_local_triton",
      dict(gather_with_grad=True, local_loss=True, backend="triton", normalize=True), torch.float32),
     ("ring_triton", dict(ring=True, backend="triton", normalize=True), torch.float32),
+    # SigLIP: open_clip's four ways of bringing the other ranks' texts over.
+    ("siglip_bidir", dict(loss="siglip", dist_impl="bidir", normalize=True), torch.float64),
+    ("siglip_shift", dict(loss="siglip", dist_impl="shift", normalize=True), torch.float64),
+    ("siglip_reduce", dict(loss="siglip", dist_impl="reduce", normalize=True), torch.float64),
+    ("siglip_gather", dict(loss="siglip", dist_impl="gather", normalize=False), torch.float64),
+    ("siglip_bidir_chunked_fp32", dict(loss="siglip", dist_impl="bidir", normalize=True,
+                                       backend="chunked"), torch.float32),
     ("gather_with_grad_local_ieee",
      dict(gather_with_grad=True, local_loss=True, backend="triton", normalize=True,
           allow_tf32=False), torch.float32),
@@ -77,7 +84,8 @@ def _tol(dtype):
     return dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-6)
 
 
-EXACT = [s for s in SCENARIOS if not s[0].startswith("gather_no_grad")]
+EXACT = [s for s in SCENARIOS if not s[0].startswith(("gather_no_grad", "siglip"))]
+SIGLIP = [s for s in SCENARIOS if s[0].startswith("siglip")]
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -137,3 +145,24 @@ def test_double_backward_is_refused_clearly(world_size, tmp_root):
         for key in ("double_backward_ring", "double_backward_gather_with_grad_local_loss"):
             assert "does not support double backward" in per_rank[key], per_rank[key]
             assert "clip_loss" in per_rank[key], per_rank[key]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("name,kwargs,dtype", SIGLIP, ids=[s[0] for s in SIGLIP])
+def test_siglip_modes_match_the_concatenated_batch(world_size, name, kwargs, dtype, tmp_root):
+    # Each rank's loss covers its images against every rank's texts, divided
+    # by its local N: their mean is the single-process loss of the whole
+    # batch, and DDP's averaged gradients are that loss's gradients.
+    from clipfast.siglip import reference_siglip_loss
+
+    results = _run(world_size, tmp_root)
+    problem = make_problem(LOCAL_N * world_size)
+    want_loss, want_grads = loss_and_grads(
+        problem, slice(None), functools.partial(reference_siglip_loss,
+                                                normalize=kwargs["normalize"]), dtype)
+    for rank, per_rank in enumerate(results):
+        got = per_rank[name]
+        torch.testing.assert_close(got["mean_loss"], want_loss, **_tol(dtype))
+        for label, g, w in zip(["image_weight", "text_weight", "log_scale", "bias"],
+                               got["grads"], want_grads):
+            torch.testing.assert_close(g, w, **_tol(dtype), msg=lambda m: f"rank {rank} {label}: {m}")
