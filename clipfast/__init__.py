@@ -1,6 +1,7 @@
 """clipfast: fused, linear-memory CLIP contrastive loss."""
 
 from .api import BACKENDS, clip_loss, resolve_backend, siglip_loss, triton_available
+from .infonce import info_nce_loss
 from .modules import ClipLoss, CoCaLoss, DistillClipLoss, SigLipLoss
 from .reference import reference_clip_loss
 from .siglip import reference_siglip_loss
@@ -12,6 +13,7 @@ __all__ = [
     "DistillClipLoss",
     "SigLipLoss",
     "clip_loss",
+    "info_nce_loss",
     "reference_clip_loss",
     "reference_siglip_loss",
     "resolve_backend",

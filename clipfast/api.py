@@ -130,6 +130,9 @@ def clip_loss(
     allow_tf32: bool = True,
     chunk_elements: Optional[int] = None,
     panel_size: Optional[int] = None,
+    labels: Optional[torch.Tensor] = None,
+    label_smoothing: float = 0.0,
+    negative_features: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Symmetric CLIP contrastive loss without materialising the N x N logits.
 
@@ -166,12 +169,29 @@ def clip_loss(
         panel_size: triton backend only: side of the gradient panels of the
             backward pass, rounded up to a multiple of the tile size (default
             about sqrt(N d / 8), between 2048 and 8192, at most about N/2).
+        labels: optional (N,) integer group ids: pairs sharing a group are all
+            positives (duplicate captions, several captions per image); the
+            target spreads uniformly over them, in both directions. Any backend.
+        label_smoothing: as ``F.cross_entropy``'s, in both directions. Any backend.
+        negative_features: extra negative texts, (M, d) shared by every image
+            or (N, k, d) per image; they join the image -> text softmax only.
+            reference, chunked and triton (see ``clipfast.infonce``).
 
     Returns:
         0-dim tensor: float32 for float16/bfloat16 features (as under autocast),
         else the features' dtype. Gradients are returned in each input's dtype.
     """
     inputs = check_inputs(image_features, text_features, logit_scale, logit_bias)
+    if labels is not None or label_smoothing or negative_features is not None:
+        from .infonce import _check_options, info_nce_from_inputs, resolve_row_backend
+
+        _check_options(inputs, negative_features, labels, label_smoothing)
+        chosen = resolve_row_backend(backend, inputs, negative_features is not None)
+        loss = info_nce_from_inputs(
+            inputs, chosen, normalize=normalize, negative_features=negative_features,
+            labels=labels, label_smoothing=label_smoothing, symmetric=True,
+            allow_tf32=allow_tf32, chunk_elements=chunk_elements, panel_size=panel_size)
+        return poison_invalid_scalars(loss.to(inputs.loss_dtype), inputs)
     chosen = resolve_backend(backend, inputs)
     if chosen == "reference":
         loss = reference_clip_loss(

@@ -212,18 +212,28 @@ def features_grad(grad_unit, features, inv_norm, normalize: bool) -> torch.Tenso
 
 class ChunkedRowCrossEntropyFunction(torch.autograd.Function):
     """mean_i CE(s Q^_i K^^T + b, label i + label_offset): one direction of the
-    CLIP loss over a rectangular block, as open_clip's ``local_loss`` uses it."""
+    CLIP loss over a rectangular block, as open_clip's ``local_loss`` uses it.
+
+    ``extra_logits`` (M x k, optional, without the bias) are further columns
+    of each row alone (a query's own hard negatives): they join the row's
+    softmax (never as labels) and get its probabilities as gradient. The bias
+    is added to them inside, so the bias gradient stays the exact zero.
+    """
 
     @staticmethod
     @without_autocast
-    def forward(ctx, queries, keys, scale, bias, normalize: bool, label_offset: int, chunk_elements: int):
+    def forward(ctx, queries, keys, scale, bias, normalize: bool, label_offset: int, chunk_elements: int,
+                extra_logits=None):
         dtype, inv_q, inv_k, s, b = _prepare(queries, keys, scale, bias, normalize)
         row_max, row_sum, _, _, diag = block_forward(
             unit_rows(queries, inv_q), unit_rows(keys, inv_k), s, b, label_offset, chunk_elements,
             with_cols=False)
+        extra = with_bias(extra_logits, b)
+        if extra is not None:
+            row_max, row_sum = merge_extra_logits(row_max, row_sum, extra)
         row_logsum = torch.log(row_sum)
         loss = ((row_max - diag) + row_logsum).mean()
-        ctx.save_for_backward(queries, keys, scale, bias, inv_q, inv_k, row_max, row_logsum)
+        ctx.save_for_backward(queries, keys, scale, bias, inv_q, inv_k, row_max, row_logsum, extra)
         ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
         ctx.options = (normalize, label_offset, chunk_elements)
         return loss
@@ -232,7 +242,7 @@ class ChunkedRowCrossEntropyFunction(torch.autograd.Function):
     @without_autocast
     def backward(ctx, grad_loss):
         refuse_double_backward("clipfast's local_loss mode (chunked)", DISTRIBUTED_DOUBLE_BACKWARD)
-        queries, keys, scale, bias, inv_q, inv_k, row_max, row_logsum = ctx.saved_tensors
+        queries, keys, scale, bias, inv_q, inv_k, row_max, row_logsum, extra = ctx.saved_tensors
         need_q, need_k, need_scale, need_bias = ctx.needs_input_grad[:4]
         normalize, label_offset, chunk_elements = ctx.options
         dtype = row_max.dtype
@@ -247,7 +257,37 @@ class ChunkedRowCrossEntropyFunction(torch.autograd.Function):
         grad_bias = None
         if need_bias:
             grad_bias = exact_zero_bias_grad(row_logsum, row_logsum, grad_loss.to(dtype), *ctx.bias_meta)
-        return grad_q, grad_k, grad_scale, grad_bias, None, None, None
+        grad_extra = None
+        if ctx.needs_input_grad[7]:
+            grad_extra = extra_logits_grad(extra, row_max, row_logsum, coef)
+        return grad_q, grad_k, grad_scale, grad_bias, None, None, None, grad_extra
+
+
+def with_bias(extra_logits, bias):
+    """The extra logits (without bias) plus the bias, in the bias's dtype."""
+    if extra_logits is None:
+        return None
+    extra = extra_logits.detach().to(row_dtype(extra_logits, bias))
+    return extra if bias is None else extra + bias
+
+
+def row_dtype(extra_logits, bias):
+    return extra_logits.dtype if bias is None else torch.promote_types(extra_logits.dtype, bias.dtype)
+
+
+def merge_extra_logits(row_max, row_sum, extra):
+    """Fold per-row extra logits (M x k: each query's own further columns,
+    e.g. its hard negatives) into the rows' (max, sum exp) statistics."""
+    extra = extra.to(row_max.dtype)
+    new_max = torch.maximum(row_max, extra.max(dim=1).values)
+    new_sum = row_sum * torch.exp(row_max - new_max) + torch.exp(extra - new_max[:, None]).sum(dim=1)
+    return new_max, new_sum
+
+
+def extra_logits_grad(extra, row_max, row_logsum, coef):
+    """d loss / d extra logits: their softmax probabilities (never labels)."""
+    prob = torch.exp((extra.to(row_max.dtype) - row_max[:, None]) - row_logsum[:, None])
+    return prob * coef
 
 
 def clip_loss_from_stats(row_max, row_logsum, col_max, col_logsum, diag_logits):

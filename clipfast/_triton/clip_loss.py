@@ -51,7 +51,7 @@ import triton.language as tl
 
 from .._ops import (DISTRIBUTED_DOUBLE_BACKWARD, KernelOptions, define_clip_loss_op,
                     exact_zero_bias_grad, pack_stats, refuse_double_backward, without_autocast)
-from ..chunked import clip_loss_from_stats
+from ..chunked import clip_loss_from_stats, extra_logits_grad, merge_extra_logits, with_bias
 
 _NORM_EPS = 1e-12
 _TORCH_TO_TL = {
@@ -114,6 +114,30 @@ def _inverse_norms_kernel(
                         mask=mask, other=0.0).to(tl.float32)
             sq += tl.sum(x * x, axis=1)
         inv = 1.0 / tl.maximum(tl.sqrt(sq), EPS)
+        overflowed = sq > 3.0e38  # inf; NaN rows stay NaN either way
+        if tl.max(overflowed.to(tl.int32), axis=0) > 0:
+            # Rows from ~1.8e19 on square past fp32: again, on the rows divided
+            # by a power of two near their largest entry (exact). Underflow
+            # needs no such pass: rows whose squares underflow are below eps.
+            top = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            for k0 in range(0, D, BLOCK_D):
+                offs_d = k0 + tl.arange(0, BLOCK_D)
+                mask = mask_r[:, None] & (offs_d[None, :] < D)
+                x = tl.load(x_ptr + offs_r[:, None] * stride_xn + offs_d[None, :] * stride_xd,
+                            mask=mask, other=0.0).to(tl.float32)
+                top = tl.maximum(top, tl.max(tl.abs(x), axis=1))
+            exponent = (top.to(tl.int32, bitcast=True) >> 23) & 0xFF
+            pow2 = (tl.maximum(exponent, 1) << 23).to(tl.float32, bitcast=True)
+            sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            for k0 in range(0, D, BLOCK_D):
+                offs_d = k0 + tl.arange(0, BLOCK_D)
+                mask = mask_r[:, None] & (offs_d[None, :] < D)
+                x = tl.load(x_ptr + offs_r[:, None] * stride_xn + offs_d[None, :] * stride_xd,
+                            mask=mask, other=0.0).to(tl.float32) / pow2[:, None]
+                sq += tl.sum(x * x, axis=1)
+            # 1 / max(|x|, eps) = (1 / max(|x| / pow2, eps / pow2)) / pow2.
+            scaled = (1.0 / tl.maximum(tl.sqrt(sq), EPS / pow2)) / pow2
+            inv = tl.where(overflowed, scaled, inv)
     else:
         inv = tl.full((BLOCK_R,), 1.0, tl.float32)
     tl.store(inv_ptr + offs_r, inv, mask=mask_r)
@@ -122,11 +146,13 @@ def _inverse_norms_kernel(
 @triton.jit
 def _similarity_tile(
     x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D,
-    stride_xn, stride_xd, stride_yn, stride_yd,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    stride_xn, stride_xd, stride_yn, stride_yd, scale_x, scale_y,
+    SCALED: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Raw dot products <x_i, y_j> of a BLOCK_M x BLOCK_N tile, fp32 accumulated."""
+    """Dot products <x_i, y_j> of a BLOCK_M x BLOCK_N tile, fp32 accumulated;
+    SCALED: of the rows times scale_x / scale_y (powers of two, see
+    ``_huge_row_scales``)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     x_rows = x_ptr + offs_m[:, None] * stride_xn
     y_rows = y_ptr + offs_n[None, :] * stride_yn
@@ -138,8 +164,67 @@ def _similarity_tile(
         # Y is read as a (BLOCK_K, BLOCK_N) transposed view: no tl.trans needed.
         y_t = tl.load(y_rows + offs_k[:, None] * stride_yd,
                       mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if SCALED:
+            x = x.to(tl.float32) * scale_x[:, None]
+            y_t = y_t.to(tl.float32) * scale_y[None, :]
         acc = tl.dot(x.to(DOT_DTYPE), y_t.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
     return acc
+
+
+@triton.jit
+def _huge_row_scales(inv, mask, HUGE: tl.constexpr):
+    """(scale, inverse norm the dot products see, any huge row) for a tile side.
+
+    Rows of norm past 2^32 (inverse norm below HUGE = 2^-32) are huge: two of
+    them can overflow the fp32 dot product (|x| |y| > 3.4e38, from ~1.8e19
+    each). Such a row is read times scale, the power of two with inv / scale
+    in [1, 2) (its norm is then about 1), and its cosines take inv / scale:
+    exact, so the logits are those of the raw rows wherever those stay in
+    range. Other rows keep scale 1 and their own inverse norm.
+    """
+    huge = mask & (inv < HUGE)
+    exponent = tl.maximum((inv.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1)
+    scale = tl.where(huge, (exponent << 23).to(tl.float32, bitcast=True), 1.0)
+    inverse = ((254 - exponent) << 23).to(tl.float32, bitcast=True)  # 1 / scale
+    return scale, tl.where(huge, inv * inverse, inv), tl.max(huge.to(tl.int32), axis=0) > 0
+
+
+@triton.jit
+def _tile_dots(
+    x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D, inv_x, inv_y,
+    stride_xn, stride_xd, stride_yn, stride_yd,
+    GUARD_HUGE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """(dot products, inv_x, inv_y for ``_logits_from_dots``) of one tile.
+
+    A tile holding a huge row (GUARD_HUGE: not for fp16 operands, whose rows
+    stay below 65504 sqrt(d)) reads its rows scaled (``_huge_row_scales``);
+    every other tile runs the plain product. Forward and backward decide alike
+    for a tile, so recomputed logits still match bit for bit.
+    """
+    if GUARD_HUGE:
+        scale_x, inv_x, huge_x = _huge_row_scales(inv_x, mask_m, 2.0 ** -32)
+        scale_y, inv_y, huge_y = _huge_row_scales(inv_y, mask_n, 2.0 ** -32)
+        if huge_x | huge_y:
+            acc = _similarity_tile(
+                x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D,
+                stride_xn, stride_xd, stride_yn, stride_yd, scale_x, scale_y,
+                True, DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            )
+        else:
+            acc = _similarity_tile(
+                x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D,
+                stride_xn, stride_xd, stride_yn, stride_yd, scale_x, scale_y,
+                False, DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            )
+    else:
+        acc = _similarity_tile(
+            x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D,
+            stride_xn, stride_xd, stride_yn, stride_yd, inv_x, inv_y,
+            False, DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        )
+    return acc, inv_x, inv_y
 
 
 @triton.jit
@@ -166,7 +251,7 @@ def _forward_tiles_kernel(
     stride_xn, stride_xd, stride_yn, stride_yd,
     row_blocks_per_split, col_blocks_per_split,
     HAS_BIAS: tl.constexpr, HAS_DIAG: tl.constexpr, WITH_COLS: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    GUARD_HUGE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Statistics of an M x K block of logits (rows from X, columns from Y).
@@ -208,12 +293,12 @@ def _forward_tiles_kernel(
             offs_m = (rb * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
             mask_m = offs_m < M
             inv_x = tl.load(inv_x_ptr + offs_m, mask=mask_m, other=0.0)
-            acc = _similarity_tile(
-                x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D,
+            acc, tile_inv_x, tile_inv_y = _tile_dots(
+                x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D, inv_x, inv_y,
                 stride_xn, stride_xd, stride_yn, stride_yd,
-                DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+                GUARD_HUGE, DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
             )
-            _, logits = _logits_from_dots(acc, inv_x, inv_y, scale, bias_ptr, HAS_BIAS)
+            _, logits = _logits_from_dots(acc, tile_inv_x, tile_inv_y, scale, bias_ptr, HAS_BIAS)
             if ((rb + 1) * BLOCK_M > M) | ((cb + 1) * BLOCK_N > K):
                 # Only edge tiles pay for the mask.
                 logits = tl.where(mask_m[:, None] & mask_n[None, :], logits, float("-inf"))
@@ -261,17 +346,19 @@ def _forward_tiles_kernel(
 def _grad_logits_kernel(
     x_ptr, y_ptr, inv_x_ptr, inv_y_ptr, scale_ptr, bias_ptr,
     row_max_ptr, row_logsum_ptr, col_max_ptr, col_logsum_ptr, grad_panel_ptr, scale_grad_part_ptr,
+    inv_range_ptr,
     M, K, D, diag_offset, row_start, col_start, panel_rows, panel_cols, scale_part_pitch,
     stride_xn, stride_xd, stride_yn, stride_yd,
     stride_gm, stride_gn,
     HAS_BIAS: tl.constexpr, HAS_DIAG: tl.constexpr, USE_ROWS: tl.constexpr,
     USE_COLS: tl.constexpr, FOLD_INV_NORMS: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    GUARD_HUGE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One tile of the gradient panel: (P - I) [USE_ROWS] + (Q - I) [USE_COLS],
     I marking column i + diag_offset of row i (HAS_DIAG); times inv_x_i * inv_y_j
-    with FOLD_INV_NORMS, so the panel products can take raw feature rows."""
+    * 2^shift with FOLD_INV_NORMS (``_fold_shifts``), so the panel products can
+    take raw feature rows."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     local_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -281,15 +368,15 @@ def _grad_logits_kernel(
     mask_m = (local_m < panel_rows) & (offs_m < M)
     mask_n = (local_n < panel_cols) & (offs_n < K)
 
-    acc = _similarity_tile(
-        x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D,
-        stride_xn, stride_xd, stride_yn, stride_yd,
-        DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
-    )
     scale = tl.load(scale_ptr).to(tl.float32)
     inv_x = tl.load(inv_x_ptr + offs_m, mask=mask_m, other=0.0)
     inv_y = tl.load(inv_y_ptr + offs_n, mask=mask_n, other=0.0)
-    cosine, logits = _logits_from_dots(acc, inv_x, inv_y, scale, bias_ptr, HAS_BIAS)
+    acc, tile_inv_x, tile_inv_y = _tile_dots(
+        x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D, inv_x, inv_y,
+        stride_xn, stride_xd, stride_yn, stride_yd,
+        GUARD_HUGE, DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+    )
+    cosine, logits = _logits_from_dots(acc, tile_inv_x, tile_inv_y, scale, bias_ptr, HAS_BIAS)
     # (L - max) first: exact near the max, as in PyTorch's softmax. On the
     # labels (P - 1) + (Q - 1): each difference is exact, whereas P + Q - 2
     # would round P + Q at ulp(2) first.
@@ -323,18 +410,65 @@ def _grad_logits_kernel(
     else:
         tl.store(slot, tl.load(slot) + partial)
     if FOLD_INV_NORMS:
-        grad = grad * inv_x[:, None] * inv_y[None, :]
+        shift_x, shift_y, _, _ = _fold_shifts(inv_range_ptr)
+        grad = grad * (inv_x * shift_x)[:, None] * (inv_y * shift_y)[None, :]
     g_ptrs = (grad_panel_ptr + local_m[:, None].to(tl.int64) * stride_gm
               + local_n[None, :].to(tl.int64) * stride_gn)
     tl.store(g_ptrs, grad.to(grad_panel_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
+def _exponent_of(value):
+    """floor(log2(value)) of a positive fp32 scalar, within [-126, 127]."""
+    return tl.minimum(tl.maximum(((value.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -126), 127)
+
+
+@triton.jit
+def _pow2(exponent):
+    """2^exponent, exactly, for an integer exponent in [-126, 127]."""
+    return ((exponent + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fold_shifts(inv_range_ptr):
+    """(shift_x, shift_y, undo_a, undo_b): powers of two for the folded panel.
+
+    The panel holds G_ij (inv_x_i shift_x) (inv_y_j shift_y) and the products
+    multiply their tiles by undo_a undo_b = 1 / (shift_x shift_y), so the
+    accumulators hold what they did without shifts. Unshifted, G inv_x inv_y
+    underflows fp32/bf16 once |x| |y| passes ~1e30 (rows of 1e20 left the
+    panel as zeros and subnormals). inv_range_ptr holds (max inv_x, max
+    inv_y, min inv_x, min inv_y). The total shift T is the largest that keeps
+    the panel (|G| <= 2) and the product tiles (2^T inv_x |G Y^|, |G Y^| up to
+    N + 3) below 2^126 for N < 2^23; the split between the sides keeps both
+    factor vectors within 2^+-102. Where even that cannot hold every panel
+    entry within fp32's normal range (rows below eps = 1e-12 and rows past
+    ~1e19 on both sides of one batch), undo_a is NaN: the feature gradients
+    come out NaN rather than silently without those entries. Powers of two
+    are exact: in range, the gradients are bit for bit the unshifted ones.
+    """
+    hi_x = _exponent_of(tl.load(inv_range_ptr))
+    hi_y = _exponent_of(tl.load(inv_range_ptr + 1))
+    lo_x = _exponent_of(tl.load(inv_range_ptr + 2))
+    lo_y = _exponent_of(tl.load(inv_range_ptr + 3))
+    total = 100 - tl.maximum(hi_x + hi_y, tl.maximum(hi_x, hi_y))
+    low = tl.maximum(-102 - lo_x, total - 102 + hi_y)
+    high = tl.minimum(102 - hi_x, total + 102 + lo_y)
+    ex = tl.minimum(tl.maximum((low + high) >> 1, -126), 127)
+    ey = tl.minimum(tl.maximum(total - ex, -126), 127)
+    representable = ((low <= high) & (ex + ey == total)
+                     & (lo_x + lo_y + total >= -125))
+    first = tl.minimum(total, 126)
+    undo_a = tl.where(representable, _pow2(-first), float("nan"))
+    return _pow2(ex), _pow2(ey), undo_a, _pow2(first - total)
+
+
+@triton.jit
 def _accumulate_product_tile(
-    pid, a_ptr, b_ptr, b_row_scale_ptr, c_ptr, c_lo_ptr,
+    pid, a_ptr, b_ptr, b_row_scale_ptr, c_ptr, c_lo_ptr, inv_range_ptr,
     M, K, D, b_row0, c_row0,
     stride_am, stride_ak, stride_bk, stride_bd, stride_cm, stride_cd,
-    SCALE_B_ROWS: tl.constexpr, SPLIT_ACC: tl.constexpr,
+    SCALE_B_ROWS: tl.constexpr, SPLIT_ACC: tl.constexpr, UNSHIFT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -385,6 +519,11 @@ def _accumulate_product_tile(
             row_scale = tl.load(b_row_scale_ptr + offs_k, mask=mask_k, other=0.0)
             b = b.to(tl.float32) * row_scale[:, None]
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+    if UNSHIFT:
+        # The panel carried 2^T (``_fold_shifts``): exact, in two factors
+        # (T may pass 126), the larger first.
+        _, _, undo_a, undo_b = _fold_shifts(inv_range_ptr)
+        acc = acc * undo_a * undo_b
 
     c_offs = offs_m[:, None] * stride_cm + offs_d[None, :] * stride_cd
     mask_c = mask_m[:, None] & mask_d[None, :]
@@ -409,9 +548,9 @@ def _panel_grads_kernel(
     y_ptr, stride_yn, stride_yd, inv_y_ptr,
     gx_ptr, stride_gxm, stride_gxd,
     gy_ptr, gy_lo_ptr, stride_gym, stride_gyd,
-    x_tiles,
+    inv_range_ptr, x_tiles,
     WITH_X: tl.constexpr, WITH_Y: tl.constexpr,
-    SCALE_ROWS: tl.constexpr, SPLIT_ACC_Y: tl.constexpr,
+    SCALE_ROWS: tl.constexpr, SPLIT_ACC_Y: tl.constexpr, UNSHIFT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -425,16 +564,18 @@ def _panel_grads_kernel(
     pid = tl.program_id(0)
     if WITH_X and (pid < x_tiles or not WITH_Y):
         _accumulate_product_tile(
-            pid, grad_panel_ptr, y_ptr, inv_y_ptr, gx_ptr, gx_ptr,
+            pid, grad_panel_ptr, y_ptr, inv_y_ptr, gx_ptr, gx_ptr, inv_range_ptr,
             rows, cols, D, col_start, gx_row0,
             stride_gm, stride_gn, stride_yn, stride_yd, stride_gxm, stride_gxd,
-            SCALE_ROWS, False, DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_K, GROUP_M)
+            SCALE_ROWS, False, UNSHIFT, DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_K,
+            GROUP_M)
     elif WITH_Y:
         _accumulate_product_tile(
-            pid - x_tiles, grad_panel_ptr, x_ptr, inv_x_ptr, gy_ptr, gy_lo_ptr,
+            pid - x_tiles, grad_panel_ptr, x_ptr, inv_x_ptr, gy_ptr, gy_lo_ptr, inv_range_ptr,
             cols, rows, D, row_start, col_start,
             stride_gn, stride_gm, stride_xn, stride_xd, stride_gym, stride_gyd,
-            SCALE_ROWS, SPLIT_ACC_Y, DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_K, GROUP_M)
+            SCALE_ROWS, SPLIT_ACC_Y, UNSHIFT, DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_D,
+            BLOCK_K, GROUP_M)
 
 
 @triton.jit
@@ -592,6 +733,11 @@ def _dot_dtype(x: torch.Tensor, y: torch.Tensor) -> torch.dtype:
     return x.dtype if x.dtype == y.dtype else torch.float32
 
 
+def _rows_can_be_huge(dot_dtype: torch.dtype) -> bool:
+    # fp16 rows stay below 65504 sqrt(d), far from 2^32 (``_huge_row_scales``).
+    return dot_dtype != torch.float16
+
+
 def _input_precision(dot_dtype: torch.dtype, allow_tf32: bool, interpret: bool) -> str:
     if dot_dtype != torch.float32 or interpret:
         return "ieee"
@@ -692,6 +838,7 @@ def block_stats(x, y, inv_x, inv_y, scale, bias, diag_offset: Optional[int], wit
             m, k, d, diag_offset or 0, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
             row_blocks_per_split, col_blocks_per_split,
             HAS_BIAS=bias is not None, HAS_DIAG=diag_offset is not None, WITH_COLS=with_cols,
+            GUARD_HUGE=_rows_can_be_huge(dot_dtype),
             DOT_DTYPE=_TORCH_TO_TL[dot_dtype], INPUT_PRECISION=precision,
             enable_fp_fusion=_LOGIT_FUSION,
             **cfg,
@@ -779,6 +926,12 @@ def block_grads(x, y, inv_x, inv_y, scale, bias, row_stats, col_stats, diag_offs
     gy_lo = y_acc_lo if y_acc_lo is not None else gy
     tiles_d = triton.cdiv(d, mm_cfg["BLOCK_D"])
     bias_arg = bias if bias is not None else scale
+    # (max inv_x, max inv_y, min inv_x, min inv_y) for _fold_shifts: three
+    # small launches per call, none per panel, no host synchronisation.
+    inv_range = unused
+    if fold:
+        (x_lo, x_hi), (y_lo, y_hi) = torch.aminmax(inv_x), torch.aminmax(inv_y)
+        inv_range = torch.stack((x_hi, y_hi, x_lo, y_lo))
 
     # The loop body is two launches and no tensor operations: every offset
     # travels as a kernel argument, so the host keeps ahead of the GPU.
@@ -792,12 +945,13 @@ def block_grads(x, y, inv_x, inv_y, scale, bias, row_stats, col_stats, diag_offs
                 _grad_logits_kernel[(triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(cols, cfg["BLOCK_N"]))](
                     x, y, inv_x, inv_y, scale, bias_arg,
                     row_max, row_logsum, col_max, col_logsum, grad_panel, scale_grad_part,
+                    inv_range,
                     m, k, d, diag_offset or 0, row_start, col_start, rows, cols, scale_part_pitch,
                     x.stride(0), x.stride(1), y.stride(0), y.stride(1),
                     grad_panel.stride(0), grad_panel.stride(1),
                     HAS_BIAS=bias is not None, HAS_DIAG=diag_offset is not None,
                     USE_ROWS=row_stats is not None, USE_COLS=col_stats is not None,
-                    FOLD_INV_NORMS=fold,
+                    FOLD_INV_NORMS=fold, GUARD_HUGE=_rows_can_be_huge(dot_dtype),
                     DOT_DTYPE=_TORCH_TO_TL[dot_dtype], INPUT_PRECISION=precision,
                     enable_fp_fusion=_LOGIT_FUSION,
                     **cfg,
@@ -814,8 +968,9 @@ def block_grads(x, y, inv_x, inv_y, scale, bias, row_stats, col_stats, diag_offs
                     y, y.stride(0), y.stride(1), inv_y,
                     gx, gx.stride(0), gx.stride(1),
                     gy, gy_lo, gy.stride(0), gy.stride(1),
-                    x_tiles, WITH_X=need_x, WITH_Y=need_y,
+                    inv_range, x_tiles, WITH_X=need_x, WITH_Y=need_y,
                     SCALE_ROWS=normalize and not fold, SPLIT_ACC_Y=y_acc_lo is not None,
+                    UNSHIFT=fold,
                     DOT_DTYPE=_TORCH_TO_TL[dot_dtype], INPUT_PRECISION=precision,
                     **mm_cfg,
                 )
@@ -904,19 +1059,24 @@ triton_clip_loss_op = define_clip_loss_op("triton", triton_forward, triton_backw
 
 class TritonRowCrossEntropyFunction(torch.autograd.Function):
     """mean_i CE(s Q^_i K^^T + b, label i + label_offset) with the fused kernels:
-    one direction of the loss over a rectangular block (open_clip's local_loss)."""
+    one direction of the loss over a rectangular block (open_clip's local_loss).
+    ``extra_logits``: as ``chunked.ChunkedRowCrossEntropyFunction``'s."""
 
     @staticmethod
     @without_autocast
     def forward(ctx, queries, keys, scale, bias, normalize: bool, label_offset: int,
-                allow_tf32: bool, panel):
+                allow_tf32: bool, panel, extra_logits=None):
         scale_f32, bias_f32 = _scalars(scale, bias)
         inv_q, inv_k = inverse_norms(queries, normalize), inverse_norms(keys, normalize)
         row_max, row_sum, _, _, diag = block_stats(
             queries, keys, inv_q, inv_k, scale_f32, bias_f32, label_offset, False, allow_tf32)
+        extra = with_bias(extra_logits, None if bias_f32 is None else bias_f32.reshape(()))
+        if extra is not None:
+            row_max, row_sum = merge_extra_logits(row_max, row_sum, extra)
         row_logsum = torch.log(row_sum)
         loss = ((row_max - diag) + row_logsum).mean()
-        ctx.save_for_backward(queries, keys, scale_f32, bias_f32, inv_q, inv_k, row_max, row_logsum)
+        ctx.save_for_backward(queries, keys, scale_f32, bias_f32, inv_q, inv_k, row_max, row_logsum,
+                              extra)
         ctx.scale_meta = (scale.shape, scale.dtype)
         ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
         ctx.options = (normalize, label_offset, allow_tf32, panel)
@@ -926,7 +1086,7 @@ class TritonRowCrossEntropyFunction(torch.autograd.Function):
     @without_autocast
     def backward(ctx, grad_loss):
         refuse_double_backward("clipfast's local_loss mode (triton)", DISTRIBUTED_DOUBLE_BACKWARD)
-        queries, keys, scale, bias, inv_q, inv_k, row_max, row_logsum = ctx.saved_tensors
+        queries, keys, scale, bias, inv_q, inv_k, row_max, row_logsum, extra = ctx.saved_tensors
         need_q, need_k, need_scale, need_bias = ctx.needs_input_grad[:4]
         normalize, label_offset, allow_tf32, panel = ctx.options
         coef = grad_loss.float().reshape(1) / queries.shape[0]
@@ -937,4 +1097,7 @@ class TritonRowCrossEntropyFunction(torch.autograd.Function):
                 coef, need_q, need_k, need_scale, ctx.scale_meta, normalize, allow_tf32, panel)
         if need_bias:
             grad_bias = exact_zero_bias_grad(row_logsum, row_logsum, grad_loss.float(), *ctx.bias_meta)
-        return grad_q, grad_k, grad_scale, grad_bias, None, None, None, None
+        grad_extra = None
+        if ctx.needs_input_grad[8]:
+            grad_extra = extra_logits_grad(extra, row_max, row_logsum, coef)
+        return grad_q, grad_k, grad_scale, grad_bias, None, None, None, None, grad_extra
