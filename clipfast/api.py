@@ -198,15 +198,20 @@ def clip_loss(
             inputs.image_features, inputs.text_features, inputs.logit_scale,
             inputs.logit_bias, normalize)
     else:
-        block = 0
-        if chosen == "chunked" and chunk_elements is not None:
-            block = _positive_int("chunk_elements", chunk_elements)
-        if chosen == "triton" and panel_size is not None:
-            block = _positive_int("panel_size", panel_size)
         loss = fused_clip_loss_op(chosen)(
             inputs.image_features, inputs.text_features, inputs.logit_scale, inputs.logit_bias,
-            bool(normalize), bool(allow_tf32), block)
+            bool(normalize), bool(allow_tf32), block_size(chosen, chunk_elements, panel_size))
     return poison_invalid_scalars(loss.to(inputs.loss_dtype), inputs)
+
+
+def block_size(backend: str, chunk_elements: Optional[int], panel_size: Optional[int]) -> int:
+    """The operators' ``block`` argument: chunk_elements for chunked, the panel
+    side for triton, 0 (the default) otherwise or when not given."""
+    if backend == "chunked" and chunk_elements is not None:
+        return _positive_int("chunk_elements", chunk_elements)
+    if backend == "triton" and panel_size is not None:
+        return _positive_int("panel_size", panel_size)
+    return 0
 
 
 def fused_clip_loss_op(backend: str):
@@ -313,10 +318,7 @@ def siglip_loss(
                                      inputs.logit_scale, inputs.logit_bias, normalize,
                                      positives=positives)
     else:
-        block = 0
-        if chosen == "chunked" and chunk_elements is not None:
-            block = _positive_int("chunk_elements", chunk_elements)
         loss = _siglip_ops(chosen)[bool(positives)](
             inputs.image_features, inputs.text_features, inputs.logit_scale, inputs.logit_bias,
-            bool(normalize), bool(allow_tf32), block)
+            bool(normalize), bool(allow_tf32), block_size(chosen, chunk_elements, None))
     return poison_invalid_scalars(loss.to(inputs.loss_dtype), inputs)

@@ -166,7 +166,7 @@ def info_nce_from_inputs(inputs: LossInputs, chosen: str, *, normalize: bool, ne
         return reference_info_nce_loss(
             q, k, scale, bias, normalize=normalize, negative_features=negative_features,
             labels=labels, label_smoothing=label_smoothing, symmetric=symmetric)
-    from .api import fused_clip_loss_op
+    from .api import block_size, fused_clip_loss_op
 
     per_query = negative_features is not None and negative_features.dim() == 3
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), torch.float32)
@@ -181,9 +181,8 @@ def info_nce_from_inputs(inputs: LossInputs, chosen: str, *, normalize: bool, ne
     s = scale.reshape(()).to(dtype)
 
     if symmetric and negative_features is None:
-        block = (chunk_elements if chosen == "chunked" else panel_size if chosen == "triton"
-                 else None) or 0
-        one_hot = fused_clip_loss_op(chosen)(q, k, scale, bias, normalize, allow_tf32, block)
+        one_hot = fused_clip_loss_op(chosen)(q, k, scale, bias, normalize, allow_tf32,
+                                             block_size(chosen, chunk_elements, panel_size))
     else:
         row = _row_function(chosen, normalize, allow_tf32, chunk_elements, panel_size)
         keys = k

@@ -25,6 +25,15 @@ def _check_flag(name: str, value) -> None:
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
+def _check_module_options(rank, world_size, backend, normalize, allow_tf32) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _check_flag("normalize", normalize)
+    _check_flag("allow_tf32", allow_tf32)
+
+
 class ClipLoss(nn.Module):
     """Drop-in for ``open_clip.loss.ClipLoss`` backed by the fused kernels.
 
@@ -70,14 +79,9 @@ class ClipLoss(nn.Module):
         if use_horovod:
             warnings.warn("ClipLoss(use_horovod=True): horovod is not supported and the flag is "
                           "ignored; the distributed modes run on torch.distributed", stacklevel=2)
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        _check_module_options(rank, world_size, backend, normalize, allow_tf32)
         if ring and local_loss:
             raise ValueError("ring=True computes the global loss; it cannot be combined with local_loss=True")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        _check_flag("normalize", normalize)
-        _check_flag("allow_tf32", allow_tf32)
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.cache_labels = cache_labels
@@ -437,15 +441,10 @@ class SigLipLoss(nn.Module):
         super().__init__()
         from .distributed import SIGLIP_DIST_IMPLS
 
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        _check_module_options(rank, world_size, backend, normalize, allow_tf32)
         dist_impl = dist_impl or "bidir"
         if dist_impl not in SIGLIP_DIST_IMPLS:
             raise ValueError(f"dist_impl must be one of {SIGLIP_DIST_IMPLS}, got {dist_impl!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        _check_flag("normalize", normalize)
-        _check_flag("allow_tf32", allow_tf32)
         self.cache_labels = cache_labels
         self.rank = rank
         self.world_size = world_size
