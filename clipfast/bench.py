@@ -13,6 +13,9 @@ and plot are replaced whole, only once complete. ``--resume`` reuses the
 points an earlier run in the same folder measured on this device (ok or out
 of memory; errors are measured again) and measures only the rest.
 
+``--loss siglip`` measures SigLIP's sigmoid loss (open_clip's SigLipLoss,
+with the learnable bias) instead of CLIP's; every provider below has it.
+
 Providers:
   reference    plain PyTorch (N x N logits), eager
   compile      the same function under torch.compile
@@ -41,10 +44,14 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from ._cli import atomic_output, atomic_write_text, progress, show_info_logs, unwritable_folder
-from .api import clip_loss
+from .api import clip_loss, siglip_loss
 from .reference import reference_clip_loss
+from .siglip import reference_siglip_loss
 
 PROVIDERS = ("reference", "compile", "chunked", "triton", "cuda", "cpu", "gemm4_bound")
+LOSSES = ("clip", "siglip")
+# SigLIP's learnable bias at open_clip's initial value.
+_SIGLIP_BIAS = -10.0
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -61,6 +68,7 @@ class Point:
     grad_bytes: int = 0
     reps: int = 0
     times_ms: List[float] = field(default_factory=list)
+    loss: str = "clip"  # "clip" or "siglip"
 
 
 # ------------------------------ device helpers ------------------------------ #
@@ -154,18 +162,34 @@ def _loss_step(fn: Callable) -> Callable:
 _COMPILED: Dict[str, Callable] = {}
 
 
-def make_step(provider: str) -> Callable:
-    if provider == "reference":
-        return _loss_step(lambda x, y, s: reference_clip_loss(x, y, s))
-    if provider == "compile":
-        if "fn" not in _COMPILED:
-            _COMPILED["fn"] = torch.compile(reference_clip_loss, dynamic=True)
-        compiled = _COMPILED["fn"]
-        return _loss_step(lambda x, y, s: compiled(x, y, s))
-    if provider in ("chunked", "triton", "cuda", "cpu"):
-        return _loss_step(lambda x, y, s: clip_loss(x, y, s, backend=provider))
+def _siglip(fn: Callable) -> Callable:
+    """``fn(x, y, s, b)`` as a step of (x, y, s) with a learnable bias (its
+    gradient is part of SigLIP's backward)."""
+    def loss(x, y, s):
+        bias = torch.tensor(_SIGLIP_BIAS, device=x.device, requires_grad=True)
+        return fn(x, y, s, bias)
+
+    return loss
+
+
+def make_step(provider: str, loss: str = "clip") -> Callable:
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose from {LOSSES}")
     if provider == "gemm4_bound":
         return _gemm4_step
+    if provider in ("reference", "compile"):
+        plain = reference_clip_loss if loss == "clip" else reference_siglip_loss
+        if provider == "compile":
+            if loss not in _COMPILED:
+                _COMPILED[loss] = torch.compile(plain, dynamic=True)
+            plain = _COMPILED[loss]
+        fn = plain if loss == "clip" else _siglip(plain)
+        return _loss_step(lambda x, y, s: fn(x, y, s))
+    if provider in ("chunked", "triton", "cuda", "cpu"):
+        if loss == "clip":
+            return _loss_step(lambda x, y, s: clip_loss(x, y, s, backend=provider))
+        fused = _siglip(lambda x, y, s, b: siglip_loss(x, y, s, b, backend=provider))
+        return _loss_step(fused)
     raise ValueError(f"unknown provider {provider!r}; choose from {PROVIDERS}")
 
 
@@ -184,11 +208,11 @@ def _gemm4_step(x, y, scale):
 
 
 def measure(provider: str, n: int, d: int, dtype: torch.dtype, device: torch.device,
-            reps: int, max_seconds: float) -> Point:
+            reps: int, max_seconds: float, loss: str = "clip") -> Point:
     name = {v: k for k, v in _DTYPES.items()}[dtype]
-    point = Point(provider, n, d, name, str(device), "ok")
+    point = Point(provider, n, d, name, str(device), "ok", loss=loss)
     point.grad_bytes = 2 * n * d * torch.tensor([], dtype=dtype).element_size()
-    step = make_step(provider)
+    step = make_step(provider, loss)
     x = y = scale = None
     try:
         gen = torch.Generator(device="cpu").manual_seed(n + d)
@@ -388,6 +412,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: "
                         "cuda when available)")
+    parser.add_argument("--loss", default="clip", choices=LOSSES,
+                        help="the loss measured: clip (default) or siglip (open_clip's SigLipLoss, "
+                             "learnable bias)")
     parser.add_argument("--providers", help=f"comma list from {','.join(PROVIDERS)} ({both('providers')})")
     parser.add_argument("--dims", help=f"comma list of embedding dims ({both('dims')})")
     parser.add_argument("--dtypes", help=f"comma list from {','.join(_DTYPES)} ({both('dtypes')})")
@@ -451,7 +478,8 @@ _POINT_FIELDS = {f.name for f in fields(Point)}
 
 def earlier_points(jsonl: Path, device_label: str) -> Dict[tuple, Point]:
     """Points results.jsonl holds for the device ``device_label`` (as a meta
-    line names it), the latest of each (provider, dtype, d, N), errors left out."""
+    line names it), the latest of each (loss, provider, dtype, d, N), errors
+    left out (lines from before the loss field are CLIP points)."""
     found: Dict[tuple, Point] = {}
     if not jsonl.exists():
         return found
@@ -464,9 +492,10 @@ def earlier_points(jsonl: Path, device_label: str) -> Dict[tuple, Point]:
                 continue  # the partial last line of a killed run
             if "meta" in row:
                 device = row["meta"].get("device")
-            elif device == device_label and _POINT_FIELDS <= row.keys() and row["status"] in ("ok", "oom"):
-                point = Point(**{k: row[k] for k in _POINT_FIELDS})
-                found[(point.provider, point.dtype, point.d, point.n)] = point
+            elif device == device_label and _POINT_FIELDS - {"loss"} <= row.keys() and \
+                    row["status"] in ("ok", "oom"):
+                point = Point(**{k: row[k] for k in _POINT_FIELDS if k in row})
+                found[(point.loss, point.provider, point.dtype, point.d, point.n)] = point
     return found
 
 
@@ -515,24 +544,27 @@ def main(argv=None) -> List[Point]:
             dead = None  # once a provider fails at some N, larger N are skipped
             for n in ns:
                 bar.set_postfix_str(f"{provider} {dtype_name} d={d} N={n}")
-                point = earlier.get((provider, dtype_name, d, n))
+                key = (args.loss, provider, dtype_name, d, n)
+                point = earlier.get(key)
                 if point is not None:
                     reused += 1
                 elif dead is not None:
-                    point = Point(provider, n, d, dtype_name, str(device), dead)
+                    point = Point(provider, n, d, dtype_name, str(device), dead, loss=args.loss)
                     point.grad_bytes = 2 * n * d * torch.tensor([], dtype=dtype).element_size()
                 else:
-                    point = measure(provider, n, d, dtype, device, args.reps, args.max_seconds)
+                    point = measure(provider, n, d, dtype, device, args.reps, args.max_seconds,
+                                    args.loss)
                 if point.status != "ok":
                     dead = point.status
-                if earlier.get((provider, dtype_name, d, n)) is not point:
+                if earlier.get(key) is not point:
                     # One write per line: a kill leaves at most a partial last line.
                     f.write(json.dumps(asdict(point)) + "\n")
                     f.flush()
                 points.append(point)
                 bar.update(1)
 
-    title = f"clipfast benchmark on {name} (torch {torch.__version__})"
+    loss_name = {"clip": "CLIP", "siglip": "SigLIP"}[args.loss]
+    title = f"clipfast {loss_name} benchmark on {name} (torch {torch.__version__})"
     table = markdown_table(points, title)
     atomic_write_text(out / "results.md", table)
     plot(points, out / "results.png", title)

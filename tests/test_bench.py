@@ -24,8 +24,8 @@ def test_bench_writes_jsonl_table_and_plot(tmp_path):
 def test_bench_records_out_of_memory_and_skips_larger_n(tmp_path, monkeypatch):
     real = bench.make_step
 
-    def make_step(provider):
-        step = real(provider)
+    def make_step(provider, loss="clip"):
+        step = real(provider, loss)
 
         def maybe_oom(x, y, s):
             if provider == "chunked" and x.shape[0] >= 8:
@@ -144,12 +144,12 @@ def test_resume_reuses_an_oom_and_skips_larger_n(tmp_path, monkeypatch):
 def test_error_reasons_are_printed_under_the_table(tmp_path, monkeypatch, capsys):
     real = bench.make_step
 
-    def make_step(provider):
+    def make_step(provider, loss="clip"):
         if provider == "chunked":
             def broken(x, y, s):
                 raise RuntimeError("kernel exploded at this shape")
             return broken
-        return real(provider)
+        return real(provider, loss)
 
     monkeypatch.setattr(bench, "make_step", make_step)
     bench.main([*TINY, "--providers", "reference,chunked", "--out", str(tmp_path)])
@@ -186,3 +186,21 @@ def test_plot_has_one_legend_for_every_panel():
         import matplotlib.pyplot as plt
 
         plt.close(fig)
+
+
+def test_siglip_loss_is_measured_and_labelled(tmp_path):
+    points = bench.main([*TINY, "--loss", "siglip", "--providers", "reference,chunked",
+                         "--out", str(tmp_path)])
+    assert points and all(p.loss == "siglip" and p.status == "ok" for p in points)
+    assert "SigLIP benchmark" in (tmp_path / "results.md").read_text()
+    lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert {row["loss"] for row in lines if "meta" not in row} == {"siglip"}
+    # --resume keys on the loss: CLIP points are not taken for SigLIP ones.
+    again = bench.main([*TINY, "--providers", "reference", "--resume", "--out", str(tmp_path)])
+    assert all(p.loss == "clip" for p in again)
+
+
+def test_bad_loss_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(["--loss", "sigmoid"])
+    assert exit_info.value.code == 2 and "--loss" in capsys.readouterr().err
