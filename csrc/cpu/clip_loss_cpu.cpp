@@ -121,23 +121,81 @@ CLIPFAST_DISPATCH void grad_weights_row(const T* logits, int64_t width, T row_ma
 }
 
 template <typename T>
-void inverse_norms(const T* x, int64_t n, int64_t d, bool normalize, T* inv) {
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) inv[i] = inverse_norm<T>(dot(x + i * d, x + i * d, d), normalize);
+CLIPFAST_DISPATCH T max_abs(const T* a, int64_t d) {
+  T top = T(0);
+  for (int64_t k = 0; k < d; ++k) top = std::abs(a[k]) > top ? std::abs(a[k]) : top;
+  return top;
 }
 
-// Logits of the tile rows [i0, i1) x columns [j0, j1), row-major in `tile`,
-// with their cosines in `cosines`.
+// sum (a / scale)^2; scale is a power of two, so each quotient is exact.
 template <typename T>
-void tile_logits(const Problem<T>& p, int64_t i0, int64_t i1, int64_t j0, int64_t j1, T* tile,
-                 T* cosines) {
+CLIPFAST_DISPATCH T scaled_sum_squares(const T* a, T scale, int64_t d) {
+  T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+  for (int64_t k = 0; k < d; ++k) acc += (a[k] / scale) * (a[k] / scale);
+  return acc;
+}
+
+// Inverse norms without overflow in the squares: fp32 rows past ~1.8e19 (fp64
+// past ~1e154) used to get an infinite norm and a NaN loss (tile_math.h).
+template <typename T>
+void inverse_norms(const T* x, int64_t n, int64_t d, bool normalize, T* inv) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const T scale = pow2_scale(max_abs(x + i * d, d));
+    inv[i] = inverse_norm<T>(scaled_sum_squares(x + i * d, scale, d), scale, normalize);
+  }
+}
+
+// The rows one tile's dot products read, and their inverse norms: the
+// features themselves, or for a side of the tile holding a huge row (see
+// tile_math.h) per-thread copies scaled by huge_row_scale, with the inverse
+// norms divided by the same powers of two. Either way pair_logit gives the
+// same cosines wherever the raw products stay in range; only a tile with a
+// huge row pays for the copies.
+template <typename T>
+struct TileOperands {
+  const T* x;      // row i0, rows d apart
+  const T* y;      // row j0
+  const T* inv_x;  // from i0
+  const T* inv_y;  // from j0
+  std::vector<T> x_copy, y_copy, inv_x_copy, inv_y_copy;
+
+  void prepare(const Problem<T>& p, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+    side(p.x, p.inv_x, i0, i1, p.d, x, inv_x, x_copy, inv_x_copy);
+    side(p.y, p.inv_y, j0, j1, p.d, y, inv_y, y_copy, inv_y_copy);
+  }
+
+ private:
+  static void side(const T* rows, const T* inv, int64_t r0, int64_t r1, int64_t d, const T*& out,
+                   const T*& out_inv, std::vector<T>& copy, std::vector<T>& inv_copy) {
+    out = rows + r0 * d;
+    out_inv = inv + r0;
+    if (std::none_of(inv + r0, inv + r1, [](T v) { return is_huge_row(v); })) return;
+    copy.resize(static_cast<size_t>((r1 - r0) * d));
+    inv_copy.resize(static_cast<size_t>(r1 - r0));
+    for (int64_t r = r0; r < r1; ++r) {
+      const T s = huge_row_scale(inv[r]);
+      for (int64_t k = 0; k < d; ++k) copy[(r - r0) * d + k] = rows[r * d + k] * s;
+      inv_copy[r - r0] = inv[r] / s;
+    }
+    out = copy.data();
+    out_inv = inv_copy.data();
+  }
+};
+
+// Logits of the tile rows [i0, i1) x columns [j0, j1), row-major in `tile`,
+// with their cosines in `cosines`; `ops` prepared for this tile.
+template <typename T>
+void tile_logits(const Problem<T>& p, const TileOperands<T>& ops, int64_t i0, int64_t i1,
+                 int64_t j0, int64_t j1, T* tile, T* cosines) {
   const int64_t width = j1 - j0;
   for (int64_t i = i0; i < i1; ++i) {
-    const T* xi = p.x + i * p.d;
+    const T* xi = ops.x + (i - i0) * p.d;
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t at = (i - i0) * width + (j - j0);
-      tile[at] = pair_logit<T>(dot(xi, p.y + j * p.d, p.d), p.inv_x[i], p.inv_y[j], p.scale,
-                               p.bias, &cosines[at]);
+      tile[at] = pair_logit<T>(dot(xi, ops.y + (j - j0) * p.d, p.d), ops.inv_x[i - i0],
+                               ops.inv_y[j - j0], p.scale, p.bias, &cosines[at]);
     }
   }
 }
@@ -160,6 +218,7 @@ double forward(Problem<T>& p, Stats<T>& s) {
     T* my_sum = part_sum.data() + static_cast<int64_t>(thread_id()) * n;
     std::vector<T> tile(kBlockRows * kBlockCols), cosines(kBlockRows * kBlockCols);
     std::vector<T> scratch(kBlockCols);
+    TileOperands<T> ops;
     // Static: each thread's column partials always cover the same row blocks,
     // so results are bitwise reproducible (gradcheck's reentrancy check).
 #pragma omp for schedule(static)
@@ -170,7 +229,8 @@ double forward(Problem<T>& p, Stats<T>& s) {
       std::fill(row_sum, row_sum + kBlockRows, T(0));
       for (int64_t j0 = 0; j0 < n; j0 += kBlockCols) {
         const int64_t j1 = std::min(n, j0 + kBlockCols), width = j1 - j0;
-        tile_logits(p, i0, i1, j0, j1, tile.data(), cosines.data());
+        ops.prepare(p, i0, i1, j0, j1);
+        tile_logits(p, ops, i0, i1, j0, j1, tile.data(), cosines.data());
         for (int64_t i = i0; i < i1; ++i) {
           const T* row = tile.data() + (i - i0) * width;
           lse_push_row(row, width, row_max[i - i0], row_sum[i - i0]);
@@ -240,13 +300,15 @@ T backward(const Problem<T>& p, const Stats<T>& s, T grad_loss, T* grad_x, T* gr
     {
       std::vector<T> tile(kBlockRows * kBlockCols), cosines(kBlockRows * kBlockCols);
       std::vector<T> weights(kBlockCols);
+      TileOperands<T> ops;
 #pragma omp for schedule(dynamic)
       for (int64_t i0 = 0; i0 < n; i0 += kBlockRows) {
         const int64_t i1 = std::min(n, i0 + kBlockRows);
         if (need_x) std::fill(grad_x + i0 * d, grad_x + i1 * d, T(0));
         for (int64_t j0 = 0; j0 < n; j0 += kBlockCols) {
           const int64_t j1 = std::min(n, j0 + kBlockCols), width = j1 - j0;
-          tile_logits(p, i0, i1, j0, j1, tile.data(), cosines.data());
+          ops.prepare(p, i0, i1, j0, j1);
+          tile_logits(p, ops, i0, i1, j0, j1, tile.data(), cosines.data());
           for (int64_t i = i0; i < i1; ++i) {
             const int64_t at = (i - i0) * width;
             grad_weights_row(tile.data() + at, width, s.row_max[i], s.row_logsum[i],
@@ -256,7 +318,10 @@ T backward(const Problem<T>& p, const Stats<T>& s, T grad_loss, T* grad_x, T* gr
             block_scale_grad[i0 / kBlockRows] += static_cast<double>(tile_scale_grad);
             if (need_x) {
               T* gx = grad_x + i * d;
-              for (int64_t j = j0; j < j1; ++j) axpy(weights[j - j0] * p.inv_y[j], p.y + j * d, gx, d);
+              // w inv_y y = (w inv_y / s) (y s): scaled huge rows keep every
+              // factor in range.
+              for (int64_t j = j0; j < j1; ++j)
+                axpy(weights[j - j0] * ops.inv_y[j - j0], ops.y + (j - j0) * d, gx, d);
             }
           }
         }
@@ -274,18 +339,21 @@ T backward(const Problem<T>& p, const Stats<T>& s, T grad_loss, T* grad_x, T* gr
     {
       std::vector<T> tile(kBlockRows * kBlockCols), cosines(kBlockRows * kBlockCols);
       std::vector<T> weights(kBlockCols);
+      TileOperands<T> ops;
 #pragma omp for schedule(dynamic)
       for (int64_t j0 = 0; j0 < n; j0 += kBlockCols) {
         const int64_t j1 = std::min(n, j0 + kBlockCols), width = j1 - j0;
         std::fill(grad_y + j0 * d, grad_y + j1 * d, T(0));
         for (int64_t i0 = 0; i0 < n; i0 += kBlockRows) {
           const int64_t i1 = std::min(n, i0 + kBlockRows);
-          tile_logits(p, i0, i1, j0, j1, tile.data(), cosines.data());
+          ops.prepare(p, i0, i1, j0, j1);
+          tile_logits(p, ops, i0, i1, j0, j1, tile.data(), cosines.data());
           for (int64_t i = i0; i < i1; ++i) {
             grad_weights_row(tile.data() + (i - i0) * width, width, s.row_max[i], s.row_logsum[i],
                              s.col_max + j0, s.col_logsum + j0, i - j0, weights.data());
-            const T* xi = p.x + i * d;
-            for (int64_t j = j0; j < j1; ++j) axpy(weights[j - j0] * p.inv_x[i], xi, grad_y + j * d, d);
+            const T* xi = ops.x + (i - i0) * d;
+            for (int64_t j = j0; j < j1; ++j)
+              axpy(weights[j - j0] * ops.inv_x[i - i0], xi, grad_y + j * d, d);
           }
         }
         for (int64_t j = j0; j < j1; ++j)

@@ -25,8 +25,26 @@ __global__ void inverse_norms_kernel(const In* x, int64_t n, int64_t d, bool nor
     const float v = to_float(x[row * d + k]);
     sum = fmaf(v, v, sum);
   }
-  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
-  if (lane == 0) inv[row] = inverse_norm<float>(sum, normalize);
+  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  float scale = 1.f;
+  if (!isfinite(sum)) {
+    // Squares past fp32's range (rows from ~1.8e19 on; or a NaN / inf entry,
+    // which stays NaN): again on the row divided by a power of two near its
+    // largest entry (tile_math.h). Underflow needs no such pass: a row whose
+    // squares underflow has a norm below eps. A uniform branch per warp.
+    float top = 0.f;
+    for (int64_t k = lane; k < d; k += 32) top = fmaxf(top, fabsf(to_float(x[row * d + k])));
+    for (int offset = 16; offset > 0; offset /= 2)
+      top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, offset));
+    scale = pow2_scale(top);
+    sum = 0.f;
+    for (int64_t k = lane; k < d; k += 32) {
+      const float v = to_float(x[row * d + k]) / scale;
+      sum = fmaf(v, v, sum);
+    }
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  }
+  if (lane == 0) inv[row] = inverse_norm<float>(sum, scale, normalize);
 }
 
 __global__ void merge_stats_kernel(const float* part_max, const float* part_sum, int64_t parts,

@@ -117,7 +117,9 @@ static_assert((kFrag * kLdK<__half> * 2) % 32 == 0 && (kFrag * kLdK<float> * 4) 
 enum class Shape { kRows, kCols };
 
 // A row-major source matrix, zeros past (rows, cols); the tile's origin at
-// K = 0; kCols unit rows are scaled by inv[source row] when inv is not null.
+// K = 0. With inv not null, kCols unit rows are scaled by inv[source row],
+// and kRows rows by huge_row_scale(inv[source row]) (tile_math.h: only huge
+// rows, by a power of two, so that their dot products cannot overflow).
 template <typename In>
 struct Operand {
   const In* src;
@@ -148,8 +150,12 @@ struct StageCursor {
   int room[kPer];       // the chunk is inside the source while k0 < room
   int width[kPer];      // kCols: elements of the chunk inside the source columns
   int64_t step;         // source elements from one stage to the next
-  const float* inv;     // kCols unit rows: inv + row0 (null: rows as they are)
+  const float* inv;     // inv + row0 (null: rows as they are); see Operand
   bool vec;
+
+  // Rows are huge only in fp32 and bf16: fp16's largest row norm, 65504
+  // sqrt(d), is far below 2^32.
+  static constexpr bool kScalesRows = S == Shape::kRows && !std::is_same<In, __half>::value;
 
   __device__ static int chunk_row(int c) { return (threadIdx.x + c * kThreads) / G::kChunksPerRow; }
   __device__ static int chunk_col(int c) {
@@ -161,7 +167,7 @@ struct StageCursor {
 
   __device__ explicit StageCursor(const Operand<In>& o)
       : step(S == Shape::kRows ? kDepth<In> : kDepth<In> * o.ld),
-        inv(S == Shape::kCols && o.inv != nullptr ? o.inv + o.row0 : nullptr),
+        inv((S == Shape::kCols || kScalesRows) && o.inv != nullptr ? o.inv + o.row0 : nullptr),
         vec(o.vec) {
 #pragma unroll
     for (int c = 0; c < kPer; ++c) {
@@ -194,6 +200,8 @@ struct StageCursor {
             v = src[c][t];
             if (S == Shape::kCols && inv != nullptr)
               v = from_float<In>(to_float(v) * inv[k0 + chunk_row(c)]);
+            if (kScalesRows && inv != nullptr)
+              v = from_float<In>(to_float(v) * huge_row_scale(inv[chunk_row(c)]));
           }
           to[t] = v;
         }
@@ -203,14 +211,15 @@ struct StageCursor {
   }
 
   // Once this thread's copies of stage k0 have landed (visible to it without
-  // a barrier): scales the unit rows among its own chunks.
+  // a barrier): scales the unit rows (or huge rows) among its own chunks.
   __device__ void land(int k0, In* dst) const {
-    if constexpr (S == Shape::kCols) {
+    if constexpr (S == Shape::kCols || kScalesRows) {
       if (!vec || inv == nullptr) return;
 #pragma unroll
       for (int c = 0; c < kPer; ++c) {
         if (k0 < room[c]) {
-          const float scale = inv[k0 + chunk_row(c)];
+          const float scale = S == Shape::kCols ? inv[k0 + chunk_row(c)]
+                                                : huge_row_scale(inv[chunk_row(c)]);
           In* q = dst + chunk_row(c) * G::kLd + chunk_col(c);
 #pragma unroll
           for (int t = 0; t < kVec<In>; ++t) q[t] = from_float<In>(to_float(q[t]) * scale);
@@ -425,13 +434,25 @@ __device__ void product_tile(const Operand<In>& a, const Operand<In>& b, int64_t
   __syncthreads();
 }
 
-// Raw dot products of rows [row0, row0 + 128) of X with rows [col0, col0 + 128)
-// of Y into the fp32 tile at the start of smem. Rows past n give 0.
+// Dot products of rows [row0, row0 + 128) of X with rows [col0, col0 + 128)
+// of Y into the fp32 tile at the start of smem. Rows past n give 0. A side
+// holding a huge row (tile_math.h) is read scaled by huge_row_scale, so the
+// products stay in range; the logits then take tile_inv_norm. Every pass
+// decides alike for a tile, so recomputed logits still match bit for bit.
 template <typename In, bool TC>
 __device__ void tile_dots(const Params<In>& p, bool vec, int64_t row0, int64_t col0,
                           unsigned char* smem) {
-  const Operand<In> xs{p.x, p.d, p.n, p.d, row0, 0, nullptr, vec};
-  const Operand<In> ys{p.y, p.d, p.n, p.d, col0, 0, nullptr, vec};
+  bool huge_x = false, huge_y = false;
+  if constexpr (!std::is_same<In, __half>::value) {
+    static_assert(kThreads == 2 * kTile, "one thread per row of each side");
+    const int64_t r = (threadIdx.x < kTile ? row0 : col0 - kTile) + threadIdx.x;
+    const float* inv = threadIdx.x < kTile ? p.inv_x : p.inv_y;
+    const bool huge = r < p.n && is_huge_row(inv[r]);
+    huge_x = __syncthreads_or(huge && threadIdx.x < kTile) != 0;
+    huge_y = __syncthreads_or(huge && threadIdx.x >= kTile) != 0;
+  }
+  const Operand<In> xs{p.x, p.d, p.n, p.d, row0, 0, huge_x ? p.inv_x : nullptr, vec};
+  const Operand<In> ys{p.y, p.d, p.n, p.d, col0, 0, huge_y ? p.inv_y : nullptr, vec};
   product_tile<In, TC, Shape::kRows, Shape::kRows>(xs, ys, p.d, smem);
 }
 
@@ -470,7 +491,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<In>)
         float* entry = tile + r * kLdTile + c;
         float cosine;
         *entry = (gi < n && gj < n)
-                     ? pair_logit<float>(*entry, p.inv_x[gi], p.inv_y[gj], p.scale, p.bias, &cosine)
+                     ? pair_logit<float>(*entry, tile_inv_norm(p.inv_x[gi]), tile_inv_norm(p.inv_y[gj]),
+                                         p.scale, p.bias, &cosine)
                      : -INFINITY;
       }
       __syncthreads();
@@ -527,7 +549,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<In>)
     if (gi < n && gj < n) {
       float cosine;
       const float logit =
-          pair_logit<float>(tile[r * kLdTile + c], p.inv_x[gi], p.inv_y[gj], p.scale, p.bias, &cosine);
+          pair_logit<float>(tile[r * kLdTile + c], tile_inv_norm(p.inv_x[gi]),
+                            tile_inv_norm(p.inv_y[gj]), p.scale, p.bias, &cosine);
       w = grad_weight<float>(logit, s.row_max[gi], s.row_logsum[gi], s.col_max[gj],
                              s.col_logsum[gj], gi == gj);
       scale_sum += w * cosine;

@@ -141,9 +141,11 @@ struct Block {
   }
   std::barrier<> barrier;
   std::vector<std::unique_ptr<Warp>> warps;
+  std::atomic<int> votes[3] = {0, 0, 0};  // __syncthreads_or, in rotation
 };
 
 inline thread_local Block* current_block = nullptr;
+inline thread_local unsigned vote_round = 0;  // this thread's __syncthreads_or calls
 inline thread_local unsigned char* dynamic_shared_memory = nullptr;
 
 // cp.async: 16-byte copies (zero fill when !valid) queued per thread; commit
@@ -312,6 +314,18 @@ void launch(dim3 grid, dim3 block, Body&& body) {
 }  // namespace clipfast_emulation
 
 inline void __syncthreads() { clipfast_emulation::current_block->barrier.arrive_and_wait(); }
+// Round r votes in slot r % 3. Slot (r + 1) % 3 was last read in round r - 2,
+// before everyone reached round r - 1's barrier, and is next written after
+// round r's: thread 0 clears it in between.
+inline int __syncthreads_or(int predicate) {
+  using namespace clipfast_emulation;
+  Block& b = *current_block;
+  const unsigned round = vote_round++;
+  if (threadIdx.x == 0) b.votes[(round + 1) % 3].store(0);
+  if (predicate) b.votes[round % 3].fetch_or(1);
+  b.barrier.arrive_and_wait();
+  return b.votes[round % 3].load();
+}
 inline float __shfl_xor_sync(unsigned, float value, int mask) {
   return clipfast_emulation::exchange(value, clipfast_emulation::lane() ^ mask);
 }

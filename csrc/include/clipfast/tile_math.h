@@ -17,6 +17,9 @@ namespace clipfast {
 #if !defined(__CUDACC__)
 using std::exp;
 using std::fmax;
+using std::frexp;
+using std::isfinite;
+using std::ldexp;
 using std::log;
 using std::sqrt;
 #endif
@@ -24,10 +27,57 @@ using std::sqrt;
 // eps of F.normalize.
 constexpr double kNormEps = 1e-12;
 
-// 1 / max(|x|, eps) from the sum of squares (1 when not normalising).
+// A power of two within a factor 2 of `top` (a row's largest |entry|); 1 for
+// a zero, infinite or NaN top. Dividing the row by it is exact, so its sum of
+// squares can neither overflow (fp32 squares pass 3.4e38 from 1.8e19 on) nor
+// underflow, and in range the norm comes out bit for bit as without it.
 template <typename T>
-CLIPFAST_HD T inverse_norm(T sum_squares, bool normalize) {
-  return normalize ? T(1) / fmax(sqrt(sum_squares), T(kNormEps)) : T(1);
+CLIPFAST_HD T pow2_scale(T top) {
+  if (!(top > T(0)) || !isfinite(top)) return T(1);
+  int exponent;
+  frexp(top, &exponent);  // top = m * 2^exponent, 0.5 <= m < 1
+  return ldexp(T(1), exponent - 1);
+}
+
+// 1 / max(|x|, eps) (1 when not normalising) from the sum of squares of
+// x / scale, scale = pow2_scale(max |x|): (1 / max(|x| / scale, eps / scale))
+// / scale, with no intermediate past the range even where |x| itself is
+// (every entry near FLT_MAX).
+template <typename T>
+CLIPFAST_HD T inverse_norm(T scaled_sum_squares, T scale, bool normalize) {
+  return normalize ? (T(1) / fmax(sqrt(scaled_sum_squares), T(kNormEps) / scale)) / scale : T(1);
+}
+
+// Rows of norm past 2^32 (inverse norm below 2^-32) are "huge": two of them
+// can overflow a dot product's accumulator (fp32: |x| |y| > 3.4e38), so tiles
+// holding one compute their dot products on rows scaled by huge_row_scale.
+// Below it, raw dot products stay under 2^64 and tiles are computed as ever.
+constexpr double kHugeRowInvNorm = 1.0 / 4294967296.0;
+
+template <typename T>
+CLIPFAST_HD bool is_huge_row(T inv_norm) {
+  return inv_norm < T(kHugeRowInvNorm);
+}
+
+// s, a power of two with inv_norm / s in [1, 2) for a huge row (x s then has
+// a norm in (0.5, 1]), 1 for any other row. cosine = <x s, y t> (inv_x / s)
+// (inv_y / t) is the cosine computed from raw rows, rounding for rounding, as
+// far as that one's arithmetic stays in range.
+template <typename T>
+CLIPFAST_HD T huge_row_scale(T inv_norm) {
+  if (!is_huge_row(inv_norm)) return T(1);
+  int exponent;
+  frexp(inv_norm, &exponent);  // inv_norm = m * 2^exponent, 0.5 <= m < 1
+  return ldexp(T(1), exponent - 1);
+}
+
+// The inverse norm of a row as its tiles' dot products see it: inv_norm /
+// huge_row_scale(inv_norm), exact. A side of a tile is scaled whenever it
+// holds a huge row, and other rows' scale is 1, so this is right whichever
+// way the tile went.
+template <typename T>
+CLIPFAST_HD T tile_inv_norm(T inv_norm) {
+  return is_huge_row(inv_norm) ? inv_norm / huge_row_scale(inv_norm) : inv_norm;
 }
 
 // True when |x| < eps: the clamp is active and x^ = x / eps has Jacobian
