@@ -51,7 +51,9 @@ def cpp_extensions():
         flags.append("-march=native")
     extensions = [Pybind11Extension(
         "clipfast._cpu",
-        sources=["csrc/bindings.cpp", "csrc/cpu/clip_loss_cpu.cpp"],
+        # siglip_cpu.cpp includes clip_loss_cpu.cpp: one translation unit,
+        # so that SigLIP calls the CLIP backend's tile helpers.
+        sources=["csrc/bindings.cpp", "csrc/cpu/siglip_cpu.cpp"],
         include_dirs=["csrc", "csrc/include"],
         extra_compile_args=flags,
         extra_link_args=["-fopenmp"],

@@ -11,6 +11,7 @@ import torch
 
 from ._inputs import LossInputs, extension_available, load_extension
 from ._ops import KernelOptions, compute_dtype, define_clip_loss_op
+from .siglip import SIGLIP_STATS_ROWS, define_siglip_ops
 
 _BUILD_HINT = (
     "the C++ extension clipfast._cpu is not built; install the package with "
@@ -67,6 +68,46 @@ def _value(t) -> float:
 
 
 cpu_clip_loss_op = define_clip_loss_op("cpu", cpu_forward, cpu_backward)
+
+
+def cpu_siglip_forward(x, y, scale, bias, options: KernelOptions, positives: bool = True):
+    """SigLIP's (loss, stats = [inv_x, inv_y]) through the C++ kernels
+    (see ``clipfast.siglip``)."""
+    ext = extension()
+    dtype = compute_dtype(x, y)
+    xc, yc = x.detach().to(dtype).contiguous(), y.detach().to(dtype).contiguous()
+    n, d = xc.shape
+    stats = torch.empty(SIGLIP_STATS_ROWS, n, dtype=dtype)
+    loss = ext.siglip_forward(_code(dtype, ext), xc.data_ptr(), yc.data_ptr(), n, d,
+                              _value(scale), _value(bias), options.normalize, bool(positives),
+                              stats[0].data_ptr(), stats[1].data_ptr())
+    return torch.tensor(loss, dtype=dtype), stats
+
+
+def cpu_siglip_backward(grad_loss, x, y, scale, bias, stats, options: KernelOptions,
+                        need_x: bool, need_y: bool, need_scale: bool, need_bias: bool,
+                        positives: bool = True):
+    ext = extension()
+    dtype = stats.dtype
+    xc, yc = x.detach().to(dtype).contiguous(), y.detach().to(dtype).contiguous()
+    # The kernel reads the inverse norms (rows 0 and 1) through raw pointers.
+    stats = stats.contiguous()
+    n, d = xc.shape
+    need_bias = need_bias and bias is not None
+    grad_x = torch.empty_like(xc) if need_x else None
+    grad_y = torch.empty_like(yc) if need_y else None
+    ds, db = ext.siglip_backward(
+        _code(dtype, ext), xc.data_ptr(), yc.data_ptr(), n, d, _value(scale), _value(bias),
+        options.normalize, bool(positives), stats[0].data_ptr(), stats[1].data_ptr(),
+        float(grad_loss), grad_x.data_ptr() if need_x else 0, grad_y.data_ptr() if need_y else 0,
+        need_x, need_y, need_scale or need_bias)
+    grad_scale = torch.tensor(ds, dtype=scale.dtype).reshape(scale.shape) if need_scale else None
+    grad_bias = torch.tensor(db, dtype=bias.dtype).reshape(bias.shape) if need_bias else None
+    return (None if grad_x is None else grad_x.to(x.dtype),
+            None if grad_y is None else grad_y.to(y.dtype), grad_scale, grad_bias)
+
+
+cpu_siglip_ops = define_siglip_ops("cpu", cpu_siglip_forward, cpu_siglip_backward)
 
 
 def cpu_clip_loss(inputs: LossInputs, normalize: bool = True) -> torch.Tensor:

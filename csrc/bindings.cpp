@@ -13,6 +13,7 @@
 
 #include "clipfast/tile_math.h"
 #include "cpu/clip_loss_cpu.h"
+#include "cpu/siglip_cpu.h"
 
 namespace py = pybind11;
 using clipfast::cpu::Problem;
@@ -88,12 +89,54 @@ double cpu_backward(int dtype, std::uintptr_t x, std::uintptr_t y, int64_t n, in
                                  need_x, need_y, need_scale);
 }
 
+double cpu_siglip_forward(int dtype, std::uintptr_t x, std::uintptr_t y, int64_t n, int64_t d,
+                          double scale, double bias, bool normalize, bool positives,
+                          std::uintptr_t inv_x, std::uintptr_t inv_y) {
+  check(n, d, dtype);
+  py::gil_scoped_release release;
+  if (dtype == kFloat32) {
+    auto p = problem<float>(x, y, n, d, scale, bias, normalize, inv_x, inv_y);
+    return clipfast::cpu::siglip_forward(p, positives);
+  }
+  auto p = problem<double>(x, y, n, d, scale, bias, normalize, inv_x, inv_y);
+  return clipfast::cpu::siglip_forward(p, positives);
+}
+
+std::pair<double, double> cpu_siglip_backward(int dtype, std::uintptr_t x, std::uintptr_t y,
+                                              int64_t n, int64_t d, double scale, double bias,
+                                              bool normalize, bool positives,
+                                              std::uintptr_t inv_x, std::uintptr_t inv_y,
+                                              double grad_loss, std::uintptr_t grad_x,
+                                              std::uintptr_t grad_y, bool need_x, bool need_y,
+                                              bool need_sums) {
+  check(n, d, dtype);
+  clipfast::cpu::SiglipSums sums;
+  {
+    py::gil_scoped_release release;
+    if (dtype == kFloat32) {
+      auto p = problem<float>(x, y, n, d, scale, bias, normalize, inv_x, inv_y);
+      sums = clipfast::cpu::siglip_backward(p, positives, static_cast<float>(grad_loss),
+                                            ptr<float>(grad_x), ptr<float>(grad_y), need_x,
+                                            need_y, need_sums);
+    } else {
+      auto p = problem<double>(x, y, n, d, scale, bias, normalize, inv_x, inv_y);
+      sums = clipfast::cpu::siglip_backward(p, positives, grad_loss, ptr<double>(grad_x),
+                                            ptr<double>(grad_y), need_x, need_y, need_sums);
+    }
+  }
+  return {sums.scale, sums.bias};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
   m.doc() = "clipfast's C++ CPU backend (no libtorch: pointers, sizes and dtype codes)";
   m.def("forward", &cpu_forward, "Fused CLIP loss forward; returns the loss");
   m.def("backward", &cpu_backward, "Fused CLIP loss backward; returns dL/dscale");
+  m.def("siglip_forward", &cpu_siglip_forward,
+        "Fused SigLIP loss forward; fills the inverse norms, returns the loss");
+  m.def("siglip_backward", &cpu_siglip_backward,
+        "Fused SigLIP loss backward; returns (dL/dscale, dL/dbias)");
   // The shared tile math as the GPU kernels use it, for tests on any machine.
   m.def("logsumexp_by_push", [](const std::vector<float>& values) {
     float running_max = -INFINITY, running_sum = 0.f;
