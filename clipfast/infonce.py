@@ -125,12 +125,18 @@ def reference_info_nce_loss(queries, keys, logit_scale, logit_bias=None, *, norm
 
 
 def _group_mean(rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """For each i: the mean of the rows j with labels[j] == labels[i]."""
-    _, group = torch.unique(labels, return_inverse=True)
-    groups = int(group.max()) + 1 if group.numel() else 0
-    sums = rows.new_zeros(groups, rows.shape[1]).index_add(0, group, rows)
-    counts = torch.bincount(group, minlength=groups).to(rows.dtype)
-    return (sums / counts[:, None])[group]
+    """For each i: the mean of the rows j with labels[j] == labels[i].
+
+    A group's id is the position of its label's first occurrence in the
+    sorted labels: in [0, N) whatever the label values, so every shape here is
+    static (torch.compile traces it; torch.unique's group count would not be).
+    """
+    sorted_labels, _ = torch.sort(labels)
+    group = torch.searchsorted(sorted_labels, labels)
+    n = labels.shape[0]
+    sums = rows.new_zeros(n, rows.shape[1]).index_add(0, group, rows)
+    counts = rows.new_zeros(n).index_add(0, group, rows.new_ones(n))
+    return sums[group] / counts[group][:, None]
 
 
 def _linear_terms(q, k, neg, scale, labels, label_smoothing, row_direction: bool):

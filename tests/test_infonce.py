@@ -279,3 +279,19 @@ def test_gpu_memory_with_hard_negatives_is_linear():
     # fp32 unit rows and group means autograd keeps for the label terms
     # (about 8x the gradients here), against 16 GiB of logits.
     assert extra <= 8 * grad_bytes, f"peak extra {extra / 2**30:.2f} GiB vs grads {grad_bytes / 2**30:.2f} GiB"
+
+
+def test_compile_fullgraph_with_labels_and_negatives():
+    # Group ids of any values, per-query negatives, smoothing: static shapes
+    # only, so one graph; equal to eager.
+    torch._dynamo.reset()
+    x, y, neg, _ = _problem(20, 8, torch.float32, "per_query", False, seed=9)
+    labels = torch.tensor([5, 3, 5, 100, -2] * 4)
+
+    def step(x, y, neg):
+        return (clip_loss(x, y, 10.0, labels=labels, label_smoothing=0.1, backend="chunked")
+                + info_nce_loss(x, y, 20.0, negative_features=neg, backend="chunked"))
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for eager, fused in zip(_loss_and_grads(step, (x, y, neg)), _loss_and_grads(compiled, (x, y, neg))):
+        torch.testing.assert_close(fused, eager, rtol=1e-6, atol=1e-7)
