@@ -84,7 +84,7 @@ def cpp_extensions():
         extensions.append(Pybind11Extension(
             "clipfast._cuda",
             sources=["csrc/cuda_bindings.cpp", "csrc/cuda/clip_loss_cuda.cu",
-                     "csrc/cuda/tiles.cu"],
+                     "csrc/cuda/siglip.cu", "csrc/cuda/tiles.cu"],
             include_dirs=["csrc", "csrc/include", str(Path(cuda_root, "include"))],
             library_dirs=[cuda_lib],
             libraries=["cudart_static", "dl", "rt", "pthread"],

@@ -21,6 +21,7 @@ import torch
 from ._inputs import LossInputs, extension_available, load_extension
 from ._ops import KernelOptions, define_clip_loss_op
 from .chunked import clip_loss_from_stats
+from .siglip import SIGLIP_STATS_ROWS, define_siglip_ops
 
 _BUILD_HINT = (
     "the CUDA extension clipfast._cuda is not built; it is built by `pip install -e .` "
@@ -126,9 +127,9 @@ def cuda_backward(grad_loss, x, y, scale, bias, stats, options: KernelOptions,
               coef.data_ptr())
     outputs = (0 if gx is None else gx.data_ptr(), 0 if gy is None else gy.data_ptr(),
                _stream(xc.device))
-    scale_sums = _panel_backward(ext, common, outputs, xc,
-                                 _uses_tensor_cores(dtype, options.allow_tf32), need_scale,
-                                 need_x, need_y)
+    (scale_sums,) = _panel_backward(ext.backward, ext, common, outputs, xc,
+                                    _uses_tensor_cores(dtype, options.allow_tf32), need_scale,
+                                    need_x, need_y)
     grad_scale = None
     if need_scale:
         grad_scale = (scale_sums.sum() * coef[0]).reshape(scale.shape).to(scale.dtype)
@@ -197,9 +198,12 @@ def panel_plan(n: int, d: int, element_bytes: int, multi_processors: int,
     return best[1], ld
 
 
-def _panel_backward(ext, common, outputs, xc, tensor_cores, need_scale, need_x, need_y):
-    """The backward by square panels of G (csrc/cuda/tiles.cu); returns the
-    per-panel unscaled scale-gradient sums."""
+def _panel_backward(entry, ext, common, outputs, xc, tensor_cores, need_sums, need_x, need_y,
+                    sums: int = 1):
+    """The backward by square panels of G (csrc/cuda/tiles.cu) through
+    ``entry`` (ext.backward or ext.siglip_backward); returns ``sums`` tensors
+    of per-panel unscaled sums: sum G cos (the scale gradient), then, for
+    SigLIP, sum G (the bias gradient)."""
     n, d = xc.shape
     panel, ld = panel_plan(n, d, xc.element_size(), _multiprocessors(xc.device),
                            ext.PANEL_ALIGN)
@@ -211,15 +215,70 @@ def _panel_backward(ext, common, outputs, xc, tensor_cores, need_scale, need_x, 
     x_acc = torch.empty(panel, d, **f32) if need_x else None
     y_lo = (torch.empty(n, split_low_bytes(d, xc.dtype), dtype=torch.uint8, device=device)
             if need_y and xc.dtype != torch.float32 else None)
-    scale_part = torch.empty(tiles * tiles, **f32) if need_scale else None
-    scale_acc = torch.zeros(panels * panels, **f32)
+    sum_part = torch.empty(sums * tiles * tiles, **f32) if need_sums else None
+    accs = torch.zeros(sums, panels * panels, **f32)
 
     def ptr(t):
         return 0 if t is None else t.data_ptr()
 
-    ext.backward(*common, panel, ld, g_panel.data_ptr(), ptr(x_acc), ptr(y_lo), ptr(scale_part),
-                 scale_acc.data_ptr(), bool(tensor_cores), bool(need_scale), *outputs)
-    return scale_acc
+    entry(*common, panel, ld, g_panel.data_ptr(), ptr(x_acc), ptr(y_lo), ptr(sum_part),
+          *(acc.data_ptr() for acc in accs), bool(tensor_cores), bool(need_sums), *outputs)
+    return tuple(accs)
+
+
+def cuda_siglip_forward(x, y, scale, bias, options: KernelOptions, positives: bool = True):
+    """SigLIP's (loss, stats = [inv_x, inv_y]) through the CUDA kernels (see
+    ``clipfast.siglip``); the loss is fp32."""
+    ext = extension(x.device)
+    dtype = _common_dtype(x, y)
+    xc, yc = x.detach().to(dtype).contiguous(), y.detach().to(dtype).contiguous()
+    n, d = xc.shape
+    f32 = dict(dtype=torch.float32, device=xc.device)
+    stats = torch.empty(SIGLIP_STATS_ROWS, n, **f32)
+    splits = _splits(xc.device, n, ext.TILE_COLS)
+    loss_part = torch.empty(splits * splits, **f32)
+    ext.siglip_forward(getattr(ext, _CODES[dtype]), xc.data_ptr(), yc.data_ptr(), n, d,
+                       _value(scale), _value(bias), options.normalize, stats[0].data_ptr(),
+                       stats[1].data_ptr(), bool(positives), splits, splits, loss_part.data_ptr(),
+                       _uses_tensor_cores(dtype, options.allow_tf32), _stream(xc.device))
+    # The block sums are fp32 sums of fp64 per-thread sums; add them in fp64.
+    loss = (loss_part.double().sum() / n).float()
+    return loss, stats
+
+
+def cuda_siglip_backward(grad_loss, x, y, scale, bias, stats, options: KernelOptions,
+                         need_x: bool, need_y: bool, need_scale: bool, need_bias: bool,
+                         positives: bool = True):
+    ext = extension(x.device)
+    dtype = _common_dtype(x, y)
+    xc, yc = x.detach().to(dtype).contiguous(), y.detach().to(dtype).contiguous()
+    stats = stats.contiguous()
+    n, d = xc.shape
+    s_value = _value(scale)
+    need_bias = need_bias and bias is not None
+    # grad_loss / N stays on the device (the kernels read it): no host sync.
+    coef = (grad_loss.float() / n).reshape(1).contiguous()
+    gx = torch.empty_like(xc) if need_x else None
+    gy = torch.empty_like(yc) if need_y else None
+    common = (getattr(ext, _CODES[dtype]), xc.data_ptr(), yc.data_ptr(), n, d, s_value,
+              _value(bias), options.normalize, stats[0].data_ptr(), stats[1].data_ptr(),
+              bool(positives), s_value, coef.data_ptr())
+    outputs = (0 if gx is None else gx.data_ptr(), 0 if gy is None else gy.data_ptr(),
+               _stream(xc.device))
+    scale_sums, bias_sums = _panel_backward(
+        ext.siglip_backward, ext, common, outputs, xc,
+        _uses_tensor_cores(dtype, options.allow_tf32), need_scale or need_bias, need_x, need_y,
+        sums=2)
+    grad_scale = grad_bias = None
+    if need_scale:
+        grad_scale = (scale_sums.sum() * coef[0]).reshape(scale.shape).to(scale.dtype)
+    if need_bias:
+        grad_bias = (bias_sums.sum() * coef[0]).reshape(bias.shape).to(bias.dtype)
+    return (None if gx is None else gx.to(x.dtype), None if gy is None else gy.to(y.dtype),
+            grad_scale, grad_bias)
+
+
+cuda_siglip_ops = define_siglip_ops("cuda", cuda_siglip_forward, cuda_siglip_backward)
 
 
 def cuda_clip_loss(inputs: LossInputs, normalize: bool = True, allow_tf32: bool = True) -> torch.Tensor:

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "cuda/clip_loss_cuda.h"
+#include "cuda/siglip_cuda.h"
 
 namespace py = pybind11;
 namespace cu = clipfast::cuda;
@@ -89,6 +90,40 @@ void backward_typed(const py::tuple& a, cudaStream_t stream) {
   cu::backward<In>(p, s, factor, coef, w, tensor_cores, need_scale, grad_x, grad_y, stream);
 }
 
+// SigLIP: arguments 1-9 as above, positives at 10.
+template <typename In>
+void siglip_forward_typed(const py::tuple& a, cudaStream_t stream) {
+  auto p = params<In>(a);
+  const bool positives = a[10].cast<bool>();
+  cu::SiglipWorkspace w{a[11].cast<int64_t>(), a[12].cast<int64_t>(),
+                        ptr<float>(a[13].cast<std::uintptr_t>())};
+  const bool tensor_cores = a[14].cast<bool>();
+  py::gil_scoped_release release;
+  cu::siglip_forward<In>(p, positives, w, tensor_cores, stream);
+}
+
+template <typename In>
+void siglip_backward_typed(const py::tuple& a, cudaStream_t stream) {
+  auto p = params<In>(a);
+  const bool positives = a[10].cast<bool>();
+  const float factor = static_cast<float>(a[11].cast<double>());
+  const float* coef = ptr<const float>(a[12].cast<std::uintptr_t>());
+  cu::PanelWorkspace<In> w{a[13].cast<int64_t>(), a[14].cast<int64_t>(),
+                           ptr<In>(a[15].cast<std::uintptr_t>()),
+                           ptr<float>(a[16].cast<std::uintptr_t>()),
+                           ptr<uint8_t>(a[17].cast<std::uintptr_t>()),
+                           ptr<float>(a[18].cast<std::uintptr_t>()),
+                           ptr<float>(a[19].cast<std::uintptr_t>()),
+                           ptr<float>(a[20].cast<std::uintptr_t>())};
+  const bool tensor_cores = a[21].cast<bool>();
+  const bool need_sums = a[22].cast<bool>();
+  In* grad_x = ptr<In>(a[23].cast<std::uintptr_t>());
+  In* grad_y = ptr<In>(a[24].cast<std::uintptr_t>());
+  py::gil_scoped_release release;
+  cu::siglip_backward<In>(p, positives, factor, coef, w, tensor_cores, need_sums, grad_x, grad_y,
+                          stream);
+}
+
 template <typename T>
 struct TypeTag {
   using type = T;
@@ -135,6 +170,28 @@ void backward(py::args args) {
   });
 }
 
+// siglip_forward(dtype, x, y, n, d, scale, bias, normalize, inv_x, inv_y,
+//                positives, row_splits, col_splits, loss_part, tensor_cores, stream)
+// loss_part: row_splits * col_splits floats, the per-block sums of
+// -logsigmoid(z L); the loss is their sum / n.
+void siglip_forward(py::args args) {
+  dispatch("siglip_forward", args, 16, [&](auto tag, cudaStream_t stream) {
+    siglip_forward_typed<typename decltype(tag)::type>(args, stream);
+  });
+}
+
+// siglip_backward(dtype, x, y, n, d, scale, bias, normalize, inv_x, inv_y,
+//                 positives, factor, coef, panel, ld, g_panel, x_acc, y_lo,
+//                 sum_part, scale_acc, bias_acc, tensor_cores, need_sums,
+//                 grad_x, grad_y, stream)
+// As backward, with sum_part of 2 (panel / 128)^2 floats and the per-panel
+// sums of G cos (scale_acc) and G (bias_acc) when need_sums.
+void siglip_backward(py::args args) {
+  dispatch("siglip_backward", args, 26, [&](auto tag, cudaStream_t stream) {
+    siglip_backward_typed<typename decltype(tag)::type>(args, stream);
+  });
+}
+
 }  // namespace
 
 // The CPU emulation build (setup.py, csrc/emulate) names its module
@@ -147,6 +204,8 @@ PYBIND11_MODULE(CLIPFAST_CUDA_MODULE, m) {
   m.doc() = "clipfast's CUDA backend (no libtorch: pointers, sizes, dtype codes, stream handle)";
   m.def("forward", &forward, "Fused CLIP loss forward statistics");
   m.def("backward", &backward, "Fused CLIP loss gradients, by square panels of G");
+  m.def("siglip_forward", &siglip_forward, "Fused SigLIP loss forward: per-block loss sums");
+  m.def("siglip_backward", &siglip_backward, "Fused SigLIP loss gradients, by square panels of G");
   m.attr("FLOAT32") = static_cast<int>(kFloat32);
   m.attr("FLOAT16") = static_cast<int>(kFloat16);
   m.attr("BFLOAT16") = static_cast<int>(kBFloat16);

@@ -179,3 +179,29 @@ def test_siglip_cpu_compile_fullgraph():
                               x, y, s, b, needs)
     for key in eager:
         torch.testing.assert_close(compiled[key], eager[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("exponent", [66, 100])
+def test_siglip_cpu_huge_rows(exponent):
+    # Rows times 2^66 (squares past fp32's range) or 2^100 (dot products of
+    # two such rows past it too) go through the CLIP backend's overflow-safe
+    # norms and scaled tile operands: exactly the unit rows of the unscaled
+    # features, so the loss, the text and scalar gradients are bit for bit
+    # the same, and the scaled rows' gradients 2^-exponent times theirs.
+    x, y = make_features(40, 16, torch.float32, "cpu", seed=3)
+    huge = x.clone()
+    huge[::3] *= 2.0 ** exponent
+    s, b = scalars(10.0, -10.0)
+    needs = (True, True, True, True)
+
+    def run(features):
+        return loss_and_grads(lambda *a: clipfast.siglip_loss(*a, normalize=True, backend="cpu"),
+                              features, y, s, b, needs)
+
+    got, want = run(huge), run(x)
+    assert torch.isfinite(got["loss"])
+    for key in ("loss", "grad_text", "grad_scale", "grad_bias"):
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+    scaled = got["grad_image"].clone()
+    scaled[::3] *= 2.0 ** exponent
+    torch.testing.assert_close(scaled, want["grad_image"], rtol=0, atol=0)

@@ -89,6 +89,14 @@ void launch_finish(const float* acc, int64_t parts, int64_t part_stride, const I
 }
 
 template <typename In>
+void launch_inverse_norms(const In* x, int64_t n, int64_t d, bool normalize, float* inv,
+                          cudaStream_t stream, const char* what) {
+  inverse_norms_kernel<In><<<ceil_div(n, kRowsPerBlock), 32 * kRowsPerBlock, 0, stream>>>(
+      x, n, d, normalize, inv);
+  check_launch(what);
+}
+
+template <typename In>
 void forward(const Params<In>& p, const Stats& s, const Workspace& w, bool tensor_cores,
              cudaStream_t stream) {
   const int64_t n = p.n;
@@ -116,6 +124,14 @@ void forward(const Params<In>& p, const Stats& s, const Workspace& w, bool tenso
 CLIPFAST_INSTANTIATE(float)
 CLIPFAST_INSTANTIATE(__half)
 CLIPFAST_INSTANTIATE(__nv_bfloat16)
+
+// For SigLIP's forward (siglip.cu).
+#define CLIPFAST_INSTANTIATE_NORMS(In)                                                         \
+  template void launch_inverse_norms<In>(const In*, int64_t, int64_t, bool, float*,           \
+                                         cudaStream_t, const char*);
+CLIPFAST_INSTANTIATE_NORMS(float)
+CLIPFAST_INSTANTIATE_NORMS(__half)
+CLIPFAST_INSTANTIATE_NORMS(__nv_bfloat16)
 
 }  // namespace cuda
 }  // namespace clipfast

@@ -57,8 +57,9 @@ struct PanelWorkspace {
   float* x_acc;        // (panel, d) fp32 dX^ of one row panel; null without grad_x
   uint8_t* y_lo;       // low bits of the split dY^ accumulator: bf16 (n, ceil(d / 2)), fp16 (n, d)
                        // (16-bit In with grad_y; null otherwise)
-  float* scale_part;   // (panel / 128)^2 per-tile partial sums
+  float* scale_part;   // (panel / 128)^2 per-tile partial sums (SigLIP: 2x, then the bias's)
   float* scale_acc;    // (ceil(n / panel))^2 per-panel sums, row panel major
+  float* bias_acc = nullptr;  // SigLIP: as scale_acc, for the bias gradient
 };
 // Tiles are kTileRows rows (image side) x kTileCols columns (text side);
 // panels are whole tiles.

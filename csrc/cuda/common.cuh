@@ -219,6 +219,12 @@ void launch_finish(const float* acc, int64_t parts, int64_t part_stride, const I
                    const float* coef_device, bool normalize, In* out, cudaStream_t stream,
                    const char* what);
 
+// Defined in clip_loss_cuda.cu: inv[r] = 1 / max(|x_r|, eps) (1 without
+// normalize) for the n rows of x, the inverse norms every loss shares.
+template <typename In>
+void launch_inverse_norms(const In* x, int64_t n, int64_t d, bool normalize, float* inv,
+                          cudaStream_t stream, const char* what);
+
 // Defined in tiles.cu: the forward tile sweep (statistics partials and the
 // diagonal), after the inverse norms.
 template <typename In>

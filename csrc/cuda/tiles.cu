@@ -39,6 +39,12 @@
 // the inverse norms in shared memory after they land (rounded to In, as a
 // normalised copy would be).
 //
+// SigLIP runs on the same engine with its own epilogues: siglip_forward_kernel
+// sums -logsigmoid(z L) over super-tiles (per-block partials, no statistics),
+// and grad_panel_kernel takes the loss as a Panel functor (ClipPanel: weights
+// from the softmax statistics; SiglipPanel: -z sigmoid(-z L), plus the bias
+// gradient's sum), so the panel products and finishes are CLIP's, unchanged.
+//
 // dY^ accumulates over the row panels in place: for float in grad_y (fp32);
 // for bf16 as a 20-bit float (sign, 8-bit exponent, 11-bit mantissa), for
 // fp16 as a 24-bit one (15-bit mantissa), the top 16 bits of the fp32 pattern
@@ -60,9 +66,11 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "clipfast/siglip_math.h"
 #include "clipfast/tile_math.h"
 #include "cuda/clip_loss_cuda.h"
 #include "cuda/common.cuh"
+#include "cuda/siglip_cuda.h"
 
 namespace clipfast {
 namespace cuda {
@@ -527,21 +535,98 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<In>)
   }
 }
 
-// G of the panel rows [r0, ...) x columns [c0, ...), tile (blockIdx.x,
-// blockIdx.y), into g[(i - r0) * ldg + (j - c0)] in the input dtype (zeros
-// past n), and (scale_part not null) the tile's unscaled scale-gradient
-// partial sum_ij G_ij cos_ij in scale_part[blockIdx.x * gridDim.y + blockIdx.y].
+// SigLIP's forward over the super-tile of blockIdx (as forward_tiles_kernel
+// splits the tiles): the block's sum of -logsigmoid(z L), z = +1 on (i, i)
+// when `positives`, into loss_part[blockIdx.x * gridDim.y + blockIdx.y]. Each
+// thread sums its terms in fp64 (they are all positive: fp32 sums of
+// thousands would drift), the block in fp32.
 template <typename In, bool TC>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<In>)
-    grad_panel_kernel(Params<In> p, Stats s, bool vec, int64_t r0, int64_t c0, int64_t ldg,
-                      In* g, float* scale_part) {
+    siglip_forward_kernel(Params<In> p, bool positives, bool vec, int64_t row_blocks_per_split,
+                          int64_t col_blocks_per_split, float* loss_part) {
+  CLIPFAST_DYNAMIC_SHARED(smem);
+  const float* tile = reinterpret_cast<const float*>(smem);
+  const int64_t n = p.n;
+  const int64_t blocks = ceil_div(n, kTile);
+  const int64_t rb0 = blockIdx.x * row_blocks_per_split;
+  const int64_t rb1 = min(blocks, rb0 + row_blocks_per_split);
+  const int64_t cb0 = blockIdx.y * col_blocks_per_split;
+  const int64_t cb1 = min(blocks, cb0 + col_blocks_per_split);
+  double sum = 0.0;
+  for (int64_t rb = rb0; rb < rb1; ++rb) {
+    for (int64_t cb = cb0; cb < cb1; ++cb) {
+      const int64_t row0 = rb * kTile, col0 = cb * kTile;
+      tile_dots<In, TC>(p, vec, row0, col0, smem);
+      for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
+        const int r = e / kTile, c = e % kTile;
+        const int64_t gi = row0 + r, gj = col0 + c;
+        if (gi < n && gj < n) {
+          float cosine;
+          const float logit =
+              pair_logit<float>(tile[r * kLdTile + c], tile_inv_norm(p.inv_x[gi]),
+                                tile_inv_norm(p.inv_y[gj]), p.scale, p.bias, &cosine);
+          sum += siglip_pair_loss<float>(logit, positives && gi == gj);
+        }
+      }
+      __syncthreads();  // the next tile's stages overwrite this one
+    }
+  }
+  const float total = block_sum<kThreads>(static_cast<float>(sum));
+  if (threadIdx.x == 0) loss_part[static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y] = total;
+}
+
+// What a G panel holds, per loss: weight(logit, i, j) = c dloss/dL_ij for a
+// constant c the finish multiplies out (factor * coef), stored in the panel
+// as stored<In>(w). The panel kernel also sums w cos (the scale gradient)
+// and, with kSums = 2, w itself (the bias gradient), per tile, in Sum.
+struct ClipPanel {
+  Stats s;
+  static constexpr int kSums = 1;  // a softmax loss's bias gradient is exactly 0
+  using Sum = float;
+  // c = 2N: P + Q - 2[i==j], in [-2, 2].
+  __device__ float weight(float logit, int64_t i, int64_t j) const {
+    return grad_weight<float>(logit, s.row_max[i], s.row_logsum[i], s.col_max[j], s.col_logsum[j],
+                              i == j);
+  }
+  template <typename In>
+  static constexpr float kStoreScale = 1.f;
+};
+
+struct SiglipPanel {
+  bool positives;
+  static constexpr int kSums = 2;
+  // The weights of the negatives share a sign: fp32 sums of 64 of them per
+  // thread drift by ulps the plain reference's pairwise sums do not have.
+  using Sum = double;
+  // c = N: -z sigmoid(-z L), in [-1, 1].
+  __device__ float weight(float logit, int64_t i, int64_t j) const {
+    return siglip_grad_weight<float>(logit, positives && i == j);
+  }
+  // fp16 panels hold 2^14 w: most negatives' weights are near sigmoid(b)
+  // (4.5e-5 at open_clip's b = -10), under fp16's smallest normal 6.1e-5,
+  // where subnormals keep few bits; 2^14 |w| <= 16384 < 65504. A power of
+  // two, divided out of the finish's factor exactly.
+  template <typename In>
+  static constexpr float kStoreScale = std::is_same_v<In, __half> ? 16384.f : 1.f;
+};
+
+// G of the panel rows [r0, ...) x columns [c0, ...), tile (blockIdx.x,
+// blockIdx.y), into g[(i - r0) * ldg + (j - c0)] in the input dtype (zeros
+// past n), and (sum_part not null) the tile's Panel::kSums partial sums
+// (sum_ij w_ij cos_ij, then sum_ij w_ij) at sum_part[k * tiles + tile],
+// tile = blockIdx.x * gridDim.y + blockIdx.y of tiles = gridDim.x * gridDim.y.
+template <typename In, bool TC, typename Panel>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<In>)
+    grad_panel_kernel(Params<In> p, Panel loss, bool vec, int64_t r0, int64_t c0, int64_t ldg,
+                      In* g, float* sum_part) {
   CLIPFAST_DYNAMIC_SHARED(smem);
   const float* tile = reinterpret_cast<const float*>(smem);
   const int64_t n = p.n;
   const int64_t tr = static_cast<int64_t>(blockIdx.x) * kTile;
   const int64_t tc = static_cast<int64_t>(blockIdx.y) * kTile;
+  constexpr float kStore = Panel::template kStoreScale<In>;
   tile_dots<In, TC>(p, vec, r0 + tr, c0 + tc, smem);
-  float scale_sum = 0.f;
+  typename Panel::Sum scale_sum = 0, bias_sum = 0;
   for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
     const int r = e / kTile, c = e % kTile;
     const int64_t gi = r0 + tr + r, gj = c0 + tc + c;
@@ -551,16 +636,22 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<In>)
       const float logit =
           pair_logit<float>(tile[r * kLdTile + c], tile_inv_norm(p.inv_x[gi]),
                             tile_inv_norm(p.inv_y[gj]), p.scale, p.bias, &cosine);
-      w = grad_weight<float>(logit, s.row_max[gi], s.row_logsum[gi], s.col_max[gj],
-                             s.col_logsum[gj], gi == gj);
+      w = loss.weight(logit, gi, gj);
       scale_sum += w * cosine;
+      if constexpr (Panel::kSums == 2) bias_sum += w;
     }
-    g[(tr + r) * ldg + tc + c] = from_float<In>(w);
+    g[(tr + r) * ldg + tc + c] = from_float<In>(kStore == 1.f ? w : w * kStore);
   }
-  if (scale_part != nullptr) {
-    const float total = block_sum<kThreads>(scale_sum);
-    if (threadIdx.x == 0)
-      scale_part[static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y] = total;
+  if (sum_part != nullptr) {
+    const int64_t tiles = static_cast<int64_t>(gridDim.x) * gridDim.y;
+    const int64_t at = static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y;
+    const float total = block_sum<kThreads>(static_cast<float>(scale_sum));
+    if (threadIdx.x == 0) sum_part[at] = total;
+    if constexpr (Panel::kSums == 2) {
+      __syncthreads();  // thread 0 has read block_sum's scratch
+      const float bias_total = block_sum<kThreads>(static_cast<float>(bias_sum));
+      if (threadIdx.x == 0) sum_part[tiles + at] = bias_total;
+    }
   }
 }
 
@@ -731,15 +822,34 @@ void forward_tiles_on(const Params<In>& p, const Stats& s, const Workspace& w,
 }
 
 template <typename In, bool TC>
-void backward_on(const Params<In>& p, const Stats& s, float factor, const float* coef,
-                 const PanelWorkspace<In>& w, bool need_scale, In* grad_x, In* grad_y,
+void siglip_forward_tiles_on(const Params<In>& p, bool positives, const SiglipWorkspace& w,
+                             cudaStream_t stream) {
+  const int64_t blocks = ceil_div(p.n, kTile);
+  const int64_t row_per = ceil_div(blocks, w.row_splits);
+  const int64_t col_per = ceil_div(blocks, w.col_splits);
+  dim3 grid(grid_side(w.row_splits, "row splits"), grid_side(w.col_splits, "column splits"));
+  allow_shared_memory(siglip_forward_kernel<In, TC>, kSmemBytes<In>, "siglip_forward_kernel");
+  siglip_forward_kernel<In, TC><<<grid, kThreads, kSmemBytes<In>, stream>>>(
+      p, positives, vector_loads(p), row_per, col_per, w.loss_part);
+  check_launch("siglip_forward_kernel");
+}
+
+// The backward by panels for the loss `loss` (a Panel); sums (when
+// need_sums) per panel into scale_acc and, for kSums = 2, bias_acc.
+template <typename In, bool TC, typename Panel>
+void backward_on(const Params<In>& p, const Panel& loss, float factor, const float* coef,
+                 const PanelWorkspace<In>& w, bool need_sums, In* grad_x, In* grad_y,
                  cudaStream_t stream) {
   constexpr bool kSplit = !std::is_same_v<In, float>;
   const int64_t n = p.n, d = p.d, panel = w.panel;
   const bool vec = vector_loads(p);
   const int64_t panels = ceil_div(n, panel), d_tiles = ceil_div(d, kTile);
   constexpr size_t smem = kSmemBytes<In>;
-  allow_shared_memory(grad_panel_kernel<In, TC>, smem, "grad_panel_kernel");
+  // The panels hold kStoreScale x the weights: the finishes divide it out.
+  factor /= Panel::template kStoreScale<In>;
+  float* const sum_acc[2] = {w.scale_acc, w.bias_acc};
+  const char* const sum_name[2] = {"sum_kernel (scale gradient)", "sum_kernel (bias gradient)"};
+  allow_shared_memory(grad_panel_kernel<In, TC, Panel>, smem, "grad_panel_kernel");
   allow_shared_memory(panel_products_kernel<In, TC, kSplit>, smem, "panel_products_kernel");
 
   for (int64_t ip = 0; ip < panels; ++ip) {
@@ -749,13 +859,14 @@ void backward_on(const Params<In>& p, const Stats& s, float factor, const float*
       const int64_t c0 = jp * panel, cols = std::min(panel, n - c0);
       const int64_t col_tiles = ceil_div(cols, kTile);
       const dim3 grid(grid_side(row_tiles, "panel rows"), grid_side(col_tiles, "panel columns"));
-      grad_panel_kernel<In, TC><<<grid, kThreads, smem, stream>>>(
-          p, s, vec, r0, c0, panel, w.g_panel, need_scale ? w.scale_part : nullptr);
+      grad_panel_kernel<In, TC, Panel><<<grid, kThreads, smem, stream>>>(
+          p, loss, vec, r0, c0, panel, w.g_panel, need_sums ? w.scale_part : nullptr);
       check_launch("grad_panel_kernel");
-      if (need_scale) {
-        sum_kernel<<<1, kThreads, 0, stream>>>(w.scale_part, row_tiles * col_tiles,
-                                               w.scale_acc + ip * panels + jp);
-        check_launch("sum_kernel (scale gradient)");
+      for (int k = 0; need_sums && k < Panel::kSums; ++k) {
+        const int64_t tiles = row_tiles * col_tiles;
+        sum_kernel<<<1, kThreads, 0, stream>>>(w.scale_part + k * tiles, tiles,
+                                               sum_acc[k] + ip * panels + jp);
+        check_launch(sum_name[k]);
       }
       const int64_t x_tiles = grad_x != nullptr ? row_tiles * d_tiles : 0;
       const int64_t y_tiles = grad_y != nullptr ? col_tiles * d_tiles : 0;
@@ -792,6 +903,33 @@ bool use_fma(bool tensor_cores) {
   return std::is_same_v<In, float> && !tensor_cores;
 }
 
+template <typename In, typename Panel>
+void panel_backward(const Params<In>& p, const Panel& loss, float factor, const float* coef,
+                    const PanelWorkspace<In>& w, bool tensor_cores, bool need_sums, In* grad_x,
+                    In* grad_y, cudaStream_t stream) {
+  if (w.panel < kPanelAlign || w.panel % kPanelAlign != 0 || w.ld < p.n ||
+      w.ld % kPanelAlign != 0 || w.panel > w.ld) {
+    throw std::invalid_argument(
+        "clipfast._cuda: panel workspace needs panel and ld multiples of 128, ld >= n and "
+        "panel <= ld; got panel=" + std::to_string(w.panel) + ", ld=" + std::to_string(w.ld) +
+        ", n=" + std::to_string(p.n));
+  }
+  if (grad_y != nullptr && !std::is_same_v<In, float> && w.y_lo == nullptr) {
+    throw std::invalid_argument("clipfast._cuda: a 16-bit grad_y needs the y_lo plane");
+  }
+  if (grad_x != nullptr && w.x_acc == nullptr) {
+    throw std::invalid_argument("clipfast._cuda: grad_x needs the x_acc buffer");
+  }
+  if (Panel::kSums == 2 && need_sums && w.bias_acc == nullptr) {
+    throw std::invalid_argument("clipfast._cuda: the bias gradient needs the bias_acc buffer");
+  }
+  if constexpr (std::is_same_v<In, float>) {
+    if (use_fma<In>(tensor_cores))
+      return backward_on<In, false>(p, loss, factor, coef, w, need_sums, grad_x, grad_y, stream);
+  }
+  backward_on<In, true>(p, loss, factor, coef, w, need_sums, grad_x, grad_y, stream);
+}
+
 }  // namespace
 
 template <typename In>
@@ -807,31 +945,37 @@ template <typename In>
 void backward(const Params<In>& p, const Stats& s, float factor, const float* coef,
               const PanelWorkspace<In>& w, bool tensor_cores, bool need_scale, In* grad_x,
               In* grad_y, cudaStream_t stream) {
-  if (w.panel < kPanelAlign || w.panel % kPanelAlign != 0 || w.ld < p.n ||
-      w.ld % kPanelAlign != 0 || w.panel > w.ld) {
-    throw std::invalid_argument(
-        "clipfast._cuda: panel workspace needs panel and ld multiples of 128, ld >= n and "
-        "panel <= ld; got panel=" + std::to_string(w.panel) + ", ld=" + std::to_string(w.ld) +
-        ", n=" + std::to_string(p.n));
-  }
-  if (grad_y != nullptr && !std::is_same_v<In, float> && w.y_lo == nullptr) {
-    throw std::invalid_argument("clipfast._cuda: a 16-bit grad_y needs the y_lo plane");
-  }
-  if (grad_x != nullptr && w.x_acc == nullptr) {
-    throw std::invalid_argument("clipfast._cuda: grad_x needs the x_acc buffer");
-  }
+  panel_backward<In>(p, ClipPanel{s}, factor, coef, w, tensor_cores, need_scale, grad_x, grad_y,
+                     stream);
+}
+
+template <typename In>
+void siglip_forward_tiles(const Params<In>& p, bool positives, const SiglipWorkspace& w,
+                          bool tensor_cores, cudaStream_t stream) {
   if constexpr (std::is_same_v<In, float>) {
-    if (use_fma<In>(tensor_cores))
-      return backward_on<In, false>(p, s, factor, coef, w, need_scale, grad_x, grad_y, stream);
+    if (use_fma<In>(tensor_cores)) return siglip_forward_tiles_on<In, false>(p, positives, w, stream);
   }
-  backward_on<In, true>(p, s, factor, coef, w, need_scale, grad_x, grad_y, stream);
+  siglip_forward_tiles_on<In, true>(p, positives, w, stream);
+}
+
+template <typename In>
+void siglip_backward(const Params<In>& p, bool positives, float factor, const float* coef,
+                     const PanelWorkspace<In>& w, bool tensor_cores, bool need_sums, In* grad_x,
+                     In* grad_y, cudaStream_t stream) {
+  panel_backward<In>(p, SiglipPanel{positives}, factor, coef, w, tensor_cores, need_sums, grad_x,
+                     grad_y, stream);
 }
 
 #define CLIPFAST_INSTANTIATE_TILES(In)                                                        \
   template void forward_tiles<In>(const Params<In>&, const Stats&, const Workspace&, bool,    \
                                   cudaStream_t);                                              \
   template void backward<In>(const Params<In>&, const Stats&, float, const float*,           \
-                             const PanelWorkspace<In>&, bool, bool, In*, In*, cudaStream_t);
+                             const PanelWorkspace<In>&, bool, bool, In*, In*, cudaStream_t);   \
+  template void siglip_forward_tiles<In>(const Params<In>&, bool, const SiglipWorkspace&, bool, \
+                                         cudaStream_t);                                       \
+  template void siglip_backward<In>(const Params<In>&, bool, float, const float*,            \
+                                    const PanelWorkspace<In>&, bool, bool, In*, In*,          \
+                                    cudaStream_t);
 CLIPFAST_INSTANTIATE_TILES(float)
 CLIPFAST_INSTANTIATE_TILES(__half)
 CLIPFAST_INSTANTIATE_TILES(__nv_bfloat16)
