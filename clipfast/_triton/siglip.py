@@ -66,15 +66,51 @@ from .clip_loss import (
 
 @triton.jit
 def _log1p_exp_neg_abs(logits):
-    """(log1p(exp(-|L|)), exp(-|L|)) to about 2 ulps, without a log1p.
+    """(log1p(exp(-|L|)), exp(-|L|)), within 1.5 ulps of log1p of the e
+    computed, in 11 instructions and one MUFU operation.
 
-    u = 1 + e rounds away e's low bits; log(u) + (e - (u - 1)) / u puts them
-    back (the correction is below ulp(1), so 1 / u ~ 1 - e/2 is accurate
-    enough and needs no division). Where u rounds to 1 this is e - e^2/2.
+    log1p(e) = e g(e) for e in [0, 1], with g a degree-9 minimax fit of
+    log1p(e) / e (relative error 4.7e-9; g(0) = 1 exactly). The forward's
+    epilogue is as long as its main loop at d = 768, so this matters: a
+    general log of 1 + e (libdevice's, ~25 instructions) would also round
+    away e's low bits, and 2 atanh(e / (2 + e)) pays ~10 instructions for
+    the range checks of an IEEE-style division. Explicit FMAs: the kernels
+    are compiled without contraction so that the logits round alike in
+    forward and backward, which this polynomial never feeds.
     """
-    e = tl.exp(-tl.abs(logits))
-    u = 1.0 + e
-    return tl.log(u) + (e - (u - 1.0)) * (1.0 - 0.5 * e), e
+    e = tl.exp2(tl.abs(logits) * -1.4426950408889634)
+    g = tl.fma(e, -0.003244024934247136, 0.01985146291553974)
+    g = tl.fma(g, e, -0.05695953965187073)
+    g = tl.fma(g, e, 0.10603655874729156)
+    g = tl.fma(g, e, -0.15305593609809875)
+    g = tl.fma(g, e, 0.1967594027519226)
+    g = tl.fma(g, e, -0.24954134225845337)
+    g = tl.fma(g, e, 0.3332996368408203)
+    g = tl.fma(g, e, -0.4999990165233612)
+    g = tl.fma(g, e, 1.0)
+    return e * g, e
+
+
+@triton.jit
+def _reciprocal_1_2(v):
+    """1 / v for v in [1, 2] to about an ulp: rsqrt squared (one MUFU
+    operation; Triton's ``1 / v`` is a division with range checks, ~10
+    instructions) and one Newton step."""
+    r = tl.math.rsqrt(v)
+    r = r * r
+    return tl.fma(r, tl.fma(-v, r, 1.0), r)
+
+
+@triton.jit
+def _inverse_norms_of(inv_ptr, offs, mask, NORMALIZE: tl.constexpr, BLOCK: tl.constexpr):
+    """The rows' inverse norms, or constant ones without normalisation: the
+    compiler then drops the multiplications by them, and a wide tile saves
+    the registers of a per-column vector."""
+    if NORMALIZE:
+        inv = tl.load(inv_ptr + offs, mask=mask, other=0.0)
+    else:
+        inv = tl.full((BLOCK,), 1.0, tl.float32)
+    return inv
 
 
 @triton.jit
@@ -93,7 +129,7 @@ def _siglip_forward_kernel(
     x_ptr, y_ptr, inv_x_ptr, inv_y_ptr, scale_ptr, bias_ptr, partial_ptr,
     M, K, D,
     stride_xn, stride_xd, stride_yn, stride_yd,
-    HAS_BIAS: tl.constexpr, POSITIVES: tl.constexpr,
+    HAS_BIAS: tl.constexpr, POSITIVES: tl.constexpr, NORMALIZE: tl.constexpr,
     GUARD_HUGE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -113,8 +149,8 @@ def _siglip_forward_kernel(
         offs_n = (cb * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         mask_m = offs_m < M
         mask_n = offs_n < K
-        inv_x = tl.load(inv_x_ptr + offs_m, mask=mask_m, other=0.0)
-        inv_y = tl.load(inv_y_ptr + offs_n, mask=mask_n, other=0.0)
+        inv_x = _inverse_norms_of(inv_x_ptr, offs_m, mask_m, NORMALIZE, BLOCK_M)
+        inv_y = _inverse_norms_of(inv_y_ptr, offs_n, mask_n, NORMALIZE, BLOCK_N)
         acc, tile_inv_x, tile_inv_y = _tile_dots(
             x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D, inv_x, inv_y,
             stride_xn, stride_xd, stride_yn, stride_yd,
@@ -123,11 +159,15 @@ def _siglip_forward_kernel(
         _, logits = _logits_from_dots(acc, tile_inv_x, tile_inv_y, scale, bias_ptr, HAS_BIAS)
         # softplus(-zL) = max(-zL, 0) + log1p(exp(-|L|)): |zL| = |L| whatever z.
         soft, _ = _log1p_exp_neg_abs(logits)
-        hinge = tl.maximum(logits, 0.0)
         if POSITIVES:
-            if (rb * BLOCK_M < (cb + 1) * BLOCK_N) & (cb * BLOCK_N < (rb + 1) * BLOCK_M):
-                on_diag = offs_m[:, None] == offs_n[None, :]
-                hinge = tl.where(on_diag, tl.maximum(-logits, 0.0), hinge)
+            # A select per element, not a branch on diagonal tiles: a tile-sized
+            # value merged from two branches stays live across them, and
+            # that was the difference between spilling and not.
+            on_diag = (tl.arange(0, BLOCK_M) + (rb * BLOCK_M - cb * BLOCK_N))[:, None] \
+                == tl.arange(0, BLOCK_N)[None, :]
+            hinge = tl.maximum(tl.where(on_diag, -logits, logits), 0.0)
+        else:
+            hinge = tl.maximum(logits, 0.0)
         # maximum() drops a NaN on GPUs; the log1p term keeps it.
         term = hinge + soft
         if ((rb + 1) * BLOCK_M > M) | ((cb + 1) * BLOCK_N > K):
@@ -148,7 +188,8 @@ def _siglip_grad_kernel(
     M, K, D, row_start, col_start, panel_rows, panel_cols, part_pitch,
     stride_xn, stride_xd, stride_yn, stride_yd,
     stride_gm, stride_gn,
-    HAS_BIAS: tl.constexpr, POSITIVES: tl.constexpr, FOLD_INV_NORMS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, POSITIVES: tl.constexpr, NORMALIZE: tl.constexpr,
+    FOLD_INV_NORMS: tl.constexpr, PANEL_SCALE: tl.constexpr,
     GUARD_HUGE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -166,8 +207,8 @@ def _siglip_grad_kernel(
     mask_n = (local_n < panel_cols) & (offs_n < K)
 
     scale = tl.load(scale_ptr).to(tl.float32)
-    inv_x = tl.load(inv_x_ptr + offs_m, mask=mask_m, other=0.0)
-    inv_y = tl.load(inv_y_ptr + offs_n, mask=mask_n, other=0.0)
+    inv_x = _inverse_norms_of(inv_x_ptr, offs_m, mask_m, NORMALIZE, BLOCK_M)
+    inv_y = _inverse_norms_of(inv_y_ptr, offs_n, mask_n, NORMALIZE, BLOCK_N)
     acc, tile_inv_x, tile_inv_y = _tile_dots(
         x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D, inv_x, inv_y,
         stride_xn, stride_xd, stride_yn, stride_yd,
@@ -176,37 +217,51 @@ def _siglip_grad_kernel(
     cosine, logits = _logits_from_dots(acc, tile_inv_x, tile_inv_y, scale, bias_ptr, HAS_BIAS)
     # sigmoid(L) and sigmoid(-L) from e = exp(-|L|): (1 or e) / (1 + e), never
     # 1 - sigmoid, which would lose the small one to cancellation.
-    e = tl.exp(-tl.abs(logits))
-    r = 1.0 / (1.0 + e)
+    e = tl.exp2(tl.abs(logits) * -1.4426950408889634)
+    r = _reciprocal_1_2(1.0 + e)
     above = logits >= 0.0
-    grad = tl.where(above, 1.0, e) * r  # negatives: -z sigmoid(-zL) = sigmoid(L)
     if POSITIVES:
-        first_m = row_start + pid_m * BLOCK_M
-        first_n = col_start + pid_n * BLOCK_N
-        if (first_m < first_n + BLOCK_N) & (first_n < first_m + BLOCK_M):
-            on_diag = offs_m[:, None] == offs_n[None, :]
-            grad = tl.where(on_diag, -(tl.where(above, e, 1.0) * r), grad)
-    valid = mask_m[:, None] & mask_n[None, :]
-    grad = tl.where(valid, grad, 0.0)
+        # -z sigmoid(-zL): sigmoid(L) off the diagonal, -sigmoid(-L) on it; a
+        # select per element rather than a branch (see the forward kernel).
+        on_diag = (local_m + (row_start - col_start))[:, None] == local_n[None, :]
+        grad = tl.where(above != on_diag, 1.0, e) * r
+        grad = tl.where(on_diag, -grad, grad)
+    else:
+        grad = tl.where(above, 1.0, e) * r
+    if FOLD_INV_NORMS:
+        shift_x, shift_y, _, _ = _fold_shifts(inv_range_ptr)
+        folded = grad * (inv_x * shift_x)[:, None] * (inv_y * shift_y)[None, :]
+    else:
+        # fp16 panels hold 2^14 W: sigmoid(-10) = 4.5e-5, the weight of a
+        # negative at open_clip's initial bias, is below fp16's normal range
+        # (6.1e-5) and would lose bits; times 2^14 W stays normal down to
+        # 3.7e-9 and below 65504.
+        folded = grad * PANEL_SCALE
+    g_ptrs = (grad_panel_ptr + local_m[:, None].to(tl.int64) * stride_gm
+              + local_n[None, :].to(tl.int64) * stride_gn)
+    # Only edge tiles pay for the mask. Both branches end in scalars and
+    # stores: a tile-sized value merged from two branches would stay live
+    # across them (registers).
+    if ((pid_m + 1) * BLOCK_M <= panel_rows) & ((pid_n + 1) * BLOCK_N <= panel_cols):
+        scale_partial = tl.sum(tl.sum(grad * cosine, axis=1), axis=0)
+        bias_partial = tl.sum(tl.sum(grad, axis=1), axis=0)
+        tl.store(g_ptrs, folded.to(grad_panel_ptr.dtype.element_ty))
+    else:
+        valid = mask_m[:, None] & mask_n[None, :]
+        scale_partial = tl.sum(tl.sum(tl.where(valid, grad * cosine, 0.0), axis=1), axis=0)
+        bias_partial = tl.sum(tl.sum(tl.where(valid, grad, 0.0), axis=1), axis=0)
+        tl.store(g_ptrs, folded.to(grad_panel_ptr.dtype.element_ty), mask=valid)
 
     # One slot per row tile of the block and column tile of a panel, summed
     # over the column panels in launch order (deterministic, no atomics) and
     # once at the end.
     slot = (row_start // BLOCK_M + pid_m).to(tl.int64) * part_pitch + pid_n
-    scale_partial = tl.sum(tl.sum(grad * cosine, axis=1), axis=0)
-    bias_partial = tl.sum(tl.sum(grad, axis=1), axis=0)
     if col_start == 0:
         tl.store(scale_grad_part_ptr + slot, scale_partial)
         tl.store(bias_grad_part_ptr + slot, bias_partial)
     else:
         tl.store(scale_grad_part_ptr + slot, tl.load(scale_grad_part_ptr + slot) + scale_partial)
         tl.store(bias_grad_part_ptr + slot, tl.load(bias_grad_part_ptr + slot) + bias_partial)
-    if FOLD_INV_NORMS:
-        shift_x, shift_y, _, _ = _fold_shifts(inv_range_ptr)
-        grad = grad * (inv_x * shift_x)[:, None] * (inv_y * shift_y)[None, :]
-    g_ptrs = (grad_panel_ptr + local_m[:, None].to(tl.int64) * stride_gm
-              + local_n[None, :].to(tl.int64) * stride_gn)
-    tl.store(g_ptrs, grad.to(grad_panel_ptr.dtype.element_ty), mask=valid)
 
 
 # --------------------------------------------------------------------------- #
@@ -215,18 +270,49 @@ def _siglip_grad_kernel(
 
 
 def _forward_config(dot_dtype: torch.dtype, precision: str, interpret: bool) -> dict:
-    return dict(_tile_config(dot_dtype, precision, interpret), GROUP_M=2 if interpret else 8)
+    if interpret or (dot_dtype == torch.float32 and precision == "ieee"):
+        # The interpreter's small tiles keep multi-tile and edge paths
+        # exercised at test sizes; exact fp32 runs FMA dots (see _tile_config).
+        return dict(_tile_config(dot_dtype, precision, interpret), GROUP_M=2 if interpret else 8)
+    # No statistics live across tiles here (the CLIP forward keeps per-element
+    # column state): 128 x 128 tiles fit, 1.5x the CLIP tile's FLOPs per byte
+    # of operands, and without normalisation sm_90 needs 128 registers: two
+    # CTAs per SM, one's epilogue under the other's MMAs.
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32 if dot_dtype == torch.float32 else 64,
+                num_warps=8, num_stages=3, GROUP_M=8)
 
 
-def _grad_config(dot_dtype: torch.dtype, precision: str, interpret: bool) -> dict:
-    return _tile_config(dot_dtype, precision, interpret)
+def _grad_config(dot_dtype: torch.dtype, precision: str, interpret: bool,
+                 normalize: bool) -> dict:
+    if interpret or (dot_dtype == torch.float32 and precision == "ieee"):
+        return _tile_config(dot_dtype, precision, interpret)
+    # The forward's BLOCK_K, so each logit sums its products in the same order.
+    cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32 if dot_dtype == torch.float32 else 64,
+               num_warps=8, num_stages=3)
+    if not normalize:
+        # About 117 registers without a cap (sm_80 and sm_90): at 128, two
+        # CTAs share an SM. Normalised rows (inverse norms, the folded panel,
+        # the huge-row guard) need more; capped, they spill.
+        cfg["maxnreg"] = 128
+    return cfg
 
 
-def siglip_block_sum(x, y, inv_x, inv_y, scale, bias, positives: bool,
+def panel_scale(x: torch.Tensor, y: torch.Tensor) -> float:
+    """The power of two the gradient panel carries (see ``_siglip_grad_kernel``):
+    ``siglip_block_grads``' Y accumulator holds this times W^T X^."""
+    return 2.0 ** 14 if _dot_dtype(x, y) == torch.float16 else 1.0
+
+
+def _guard_huge(dot_dtype: torch.dtype, normalize: bool) -> bool:
+    # Unnormalised rows keep inverse norm 1: never "huge" (``_huge_row_scales``).
+    return normalize and _rows_can_be_huge(dot_dtype)
+
+
+def siglip_block_sum(x, y, inv_x, inv_y, scale, bias, positives: bool, *, normalize: bool,
                      allow_tf32: bool) -> torch.Tensor:
     """fp64 0-dim sum of softplus(-z L) over the M x K block, z = +1 on (i, i)
     with ``positives``. ``scale`` / ``bias`` are 1-element fp32 tensors (bias
-    may be None)."""
+    may be None); without ``normalize`` the inverse norms are not read."""
     _refuse_interpreted_bf16(x, y)
     m, d = x.shape
     k = y.shape[0]
@@ -241,8 +327,8 @@ def siglip_block_sum(x, y, inv_x, inv_y, scale, bias, positives: bool,
         _siglip_forward_kernel[(programs,)](
             x, y, inv_x, inv_y, scale, bias if bias is not None else scale, partials,
             m, k, d, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-            HAS_BIAS=bias is not None, POSITIVES=positives,
-            GUARD_HUGE=_rows_can_be_huge(dot_dtype),
+            HAS_BIAS=bias is not None, POSITIVES=positives, NORMALIZE=normalize,
+            GUARD_HUGE=_guard_huge(dot_dtype, normalize),
             DOT_DTYPE=_TORCH_TO_TL[dot_dtype], INPUT_PRECISION=precision,
             enable_fp_fusion=_LOGIT_FUSION,
             **cfg,
@@ -257,8 +343,8 @@ def siglip_block_grads(x, y, inv_x, inv_y, scale, bias, positives: bool, *, norm
 
     X side: ``x_out`` (finished per row panel with ``x_factor``, in x's
     dtype) or nothing; Y side: ``y_acc`` (fp32 K x d, or the int16 high plane
-    with ``y_acc_lo``) += W^T @ X^, carrying the inverse norms when
-    ``folds_inv_norms``. Returns fp64 0-dim (sum W * cosine, sum W): the scale
+    with ``y_acc_lo``) += ``panel_scale`` x W^T @ X^, carrying the inverse
+    norms when ``folds_inv_norms``. Returns fp64 0-dim (sum W * cosine, sum W): the scale
     and bias gradients before their factor.
     """
     _refuse_interpreted_bf16(x, y)
@@ -267,7 +353,8 @@ def siglip_block_grads(x, y, inv_x, inv_y, scale, bias, positives: bool, *, norm
     interpret = interpreter_active()
     dot_dtype = _dot_dtype(x, y)
     precision = _input_precision(dot_dtype, allow_tf32, interpret)
-    cfg = _grad_config(dot_dtype, precision, interpret)
+    guard = _guard_huge(dot_dtype, normalize)
+    cfg = _grad_config(dot_dtype, precision, interpret, normalize)
     fold = folds_inv_norms(x, y, normalize)
     mm_cfg = _matmul_config(dot_dtype, normalize and not fold, precision, interpret)
     sm_count = _num_programs_target(x.device, interpret) // 2 if not interpret else None
@@ -281,6 +368,7 @@ def siglip_block_grads(x, y, inv_x, inv_y, scale, bias, positives: bool, *, norm
     part_pitch = triton.cdiv(min(side, k), cfg["BLOCK_N"])
     parts = torch.empty(2, triton.cdiv(m, cfg["BLOCK_M"]), part_pitch, dtype=torch.float32,
                         device=device)
+    scale_part, bias_part = parts.unbind(0)  # views made once, not per launch
     unused = parts  # pointer arguments a specialisation never reads
     gx = panel_acc if need_x else unused
     gy = y_acc if need_y else unused
@@ -288,6 +376,8 @@ def siglip_block_grads(x, y, inv_x, inv_y, scale, bias, positives: bool, *, norm
     tiles_d = triton.cdiv(d, mm_cfg["BLOCK_D"])
     bias_arg = bias if bias is not None else scale
     inv_range = unused
+    if need_x and panel_scale(x, y) != 1.0:
+        x_factor = x_factor / panel_scale(x, y)  # exact: a power of two
     if fold:
         # (max inv_x, max inv_y, min inv_x, min inv_y) for _fold_shifts.
         (x_lo, x_hi), (y_lo, y_hi) = torch.aminmax(inv_x), torch.aminmax(inv_y)
@@ -303,12 +393,12 @@ def siglip_block_grads(x, y, inv_x, inv_y, scale, bias, positives: bool, *, norm
             cols = min(side, k - col_start)
             with _one_launch_at_a_time():
                 _siglip_grad_kernel[(triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(cols, cfg["BLOCK_N"]))](
-                    x, y, inv_x, inv_y, scale, bias_arg, grad_panel, parts[0], parts[1], inv_range,
+                    x, y, inv_x, inv_y, scale, bias_arg, grad_panel, scale_part, bias_part, inv_range,
                     m, k, d, row_start, col_start, rows, cols, part_pitch,
                     x.stride(0), x.stride(1), y.stride(0), y.stride(1),
                     grad_panel.stride(0), grad_panel.stride(1),
-                    HAS_BIAS=bias is not None, POSITIVES=positives, FOLD_INV_NORMS=fold,
-                    GUARD_HUGE=_rows_can_be_huge(dot_dtype),
+                    HAS_BIAS=bias is not None, POSITIVES=positives, NORMALIZE=normalize,
+                    FOLD_INV_NORMS=fold, PANEL_SCALE=panel_scale(x, y), GUARD_HUGE=guard,
                     DOT_DTYPE=_TORCH_TO_TL[dot_dtype], INPUT_PRECISION=precision,
                     enable_fp_fusion=_LOGIT_FUSION,
                     **cfg,
@@ -350,7 +440,7 @@ def triton_siglip_forward(x, y, scale, bias, options: KernelOptions, positives: 
     scale_f32, bias_f32 = _scalars(scale, bias)
     inv_x, inv_y = inverse_norms(x, options.normalize), inverse_norms(y, options.normalize)
     total = siglip_block_sum(x, y, inv_x, inv_y, scale_f32, bias_f32, positives,
-                             options.allow_tf32)
+                             normalize=options.normalize, allow_tf32=options.allow_tf32)
     dtype = compute_dtype(x, y)
     return (total / x.shape[0]).to(dtype), torch.stack([inv_x, inv_y]).to(dtype)
 
@@ -373,7 +463,7 @@ def triton_siglip_backward(grad_loss, x, y, scale, bias, stats, options: KernelO
         allow_tf32=options.allow_tf32, panel=options.block or None,
         x_out=grad_x, x_factor=factor, y_acc=y_acc, y_acc_lo=y_acc_lo)
     if need_y:
-        finish_feature_grad(y_acc, y, inv_y, factor, options.normalize,
+        finish_feature_grad(y_acc, y, inv_y, factor / panel_scale(x, y), options.normalize,
                             folds_inv_norms(x, y, options.normalize), grad_y, acc_lo=y_acc_lo)
     coef64 = grad_loss.detach().double().reshape(()) / x.shape[0]
     grad_scale = (scale_sum * coef64).reshape(scale.shape).to(scale.dtype) if need_scale else None
