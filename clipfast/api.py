@@ -299,7 +299,8 @@ def siglip_loss(
             or None for no bias. Its gradient is sum_ij dL/dL_ij (not zero).
         normalize: L2-normalise each row inside the op. False by default, as
             open_clip's loss (its models normalise their own features).
-        backend: "auto", "reference" or "chunked" (see ``SIGLIP_BACKENDS``).
+        backend: "auto" (auto's CLIP choice for these inputs), "reference",
+            "chunked", "triton", "cpu" or "cuda" (see ``SIGLIP_BACKENDS``).
         allow_tf32: fp32 features may use TF32 tensor cores (fused GPU backends).
         chunk_elements: chunked backend only: logits held at once.
         positives: False scores every pair as a negative (the blocks of the

@@ -100,12 +100,10 @@ template <typename In>
 void forward(const Params<In>& p, const Stats& s, const Workspace& w, bool tensor_cores,
              cudaStream_t stream) {
   const int64_t n = p.n;
-  inverse_norms_kernel<In><<<ceil_div(n, kRowsPerBlock), 32 * kRowsPerBlock, 0, stream>>>(
-      p.x, n, p.d, p.normalize, p.inv_x);
-  check_launch("inverse_norms_kernel (image)");
-  inverse_norms_kernel<In><<<ceil_div(n, kRowsPerBlock), 32 * kRowsPerBlock, 0, stream>>>(
-      p.y, n, p.d, p.normalize, p.inv_y);
-  check_launch("inverse_norms_kernel (text)");
+  launch_inverse_norms<In>(p.x, n, p.d, p.normalize, p.inv_x, stream,
+                           "inverse_norms_kernel (image)");
+  launch_inverse_norms<In>(p.y, n, p.d, p.normalize, p.inv_y, stream,
+                           "inverse_norms_kernel (text)");
   forward_tiles<In>(p, s, w, tensor_cores, stream);
   merge_stats_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(w.row_max_part, w.row_sum_part,
                                                            w.col_splits, n, s.row_max, s.row_logsum);
