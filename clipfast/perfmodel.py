@@ -1,6 +1,7 @@
 """A static performance model of the Triton backend on an H100, from compiled code.
 
     python -m clipfast.perfmodel [--shapes 65536x1024,...] [--dtype bf16] [--breakdown]
+                                 [--loss clip|siglip]
 
 No GPU is needed and none is measured: the launchers run for the requested
 shape with every launch compiled for sm_90 instead of run
@@ -83,6 +84,9 @@ GEMM4_MEASURED_MS = {(32768, 512): 6.9, (32768, 1024): 12.8, (65536, 768): 42.0,
                      (65536, 1024): 49.3, (131072, 1024): 220.0}
 TORCH_COMPILE_MEASURED_MS = {(32768, 512): 10.0, (32768, 1024): 14.4, (65536, 768): 50.9,
                              (65536, 1024): 56.5, (131072, 1024): 233.0}
+# A published fused SigLIP kernel (its authors' H100 measurement, bf16,
+# forward + backward): ms and peak GB.
+SIGLIP_PUBLISHED = {(65536, 768): (48.8, 1.4)}
 
 # --------------------------------------------------------------------------- #
 # SASS
@@ -236,7 +240,21 @@ def estimate_launch(gpu: GPU, launch, info, prof: SassProfile, n: int, d: int,
         rate_per_sm = 2 * 128 * gpu.clock_hz * 0.8  # FFMA: 128 lanes/clk/SM
     name = launch.kernel
     programs = launch.programs
-    if name in ("_forward_tiles_kernel", "_grad_logits_kernel"):
+    if name == "_siglip_forward_kernel":
+        # Persistent programs sweeping tiles in grouped order: the tiles in
+        # flight at once span GROUP_M row blocks and programs / GROUP_M
+        # column blocks, whose rows are what each such wave reads from HBM.
+        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+        m, k = launch.scalars["M"], launch.scalars["K"]
+        kdim = d
+        tiles = math.ceil(m / bm) * math.ceil(k / bn)
+        tiles_per_program = math.ceil(tiles / programs)
+        group = int(cfg.get("GROUP_M", 8))
+        wave_rows = group * bm + math.ceil(programs / group) * bn
+        hbm = math.ceil(tiles / programs) * wave_rows * d * feat_bytes
+        tile = f"{bm}x{bn}x{bk}"
+        op_bytes = (bm + bn) * kdim * feat_bytes
+    elif name in ("_forward_tiles_kernel", "_grad_logits_kernel", "_siglip_grad_kernel"):
         bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
         kdim = d
         if name == "_forward_tiles_kernel":
@@ -329,15 +347,21 @@ class Estimate:
         return sum(self.phase_ms.values())
 
 
-def _run_launchers(n: int, d: int, dtype, arch: int, sm_count: int):
+def _run_launchers(n: int, d: int, dtype, arch: int, sm_count: int, loss: str = "clip"):
     """Forward and backward through the launchers, compiled not run; returns
-    the launches and PyTorch ops of each phase."""
+    the launches and PyTorch ops of each phase.
+
+    CLIP: normalize=True, no bias. SigLIP as open_clip calls it: features
+    its model normalised (normalize=False), a learnt bias, positives on the
+    diagonal.
+    """
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from ._triton import aot
     from ._ops import KernelOptions
     from ._triton import clip_loss as kernels
+    from ._triton import siglip
 
     class CountOps(TorchDispatchMode):
         def __init__(self):
@@ -354,28 +378,46 @@ def _run_launchers(n: int, d: int, dtype, arch: int, sm_count: int):
     launches, ops = {}, {}
     for phase in ("forward", "backward"):
         launches[phase] = []
-    options = KernelOptions(True, True, 0)
+    if loss == "siglip":
+        bias = torch.empty((), device="meta", requires_grad=True)
+        options = KernelOptions(False, True, 0)
+
+        def forward():
+            return siglip.triton_siglip_forward(x, y, scale, bias, options)
+
+        def backward(value, stats):
+            siglip.triton_siglip_backward(torch.ones_like(value), x, y, scale, bias, stats, options,
+                                          True, True, True, True)
+    else:
+        options = KernelOptions(True, True, 0)
+
+        def forward():
+            return kernels.triton_forward(x, y, scale, None, options)
+
+        def backward(value, stats):
+            kernels.triton_backward(torch.ones_like(value), x, y, scale, None, stats, options,
+                                    True, True, True)
     # The launchers themselves, not the custom operator (whose meta-tensor
     # path is its fake implementation, which launches nothing).
     with aot.compiling_for(arch, sm_count, launches["forward"]):
         with CountOps() as fwd_ops:
-            loss, stats = kernels.triton_forward(x, y, scale, None, options)
+            value, stats = forward()
     ops["forward"] = fwd_ops.count
     with aot.compiling_for(arch, sm_count, launches["backward"]):
         with CountOps() as bwd_ops:
-            kernels.triton_backward(torch.ones_like(loss), x, y, scale, None, stats, options,
-                                    True, True, True)
+            backward(value, stats)
     ops["backward"] = bwd_ops.count
     return launches, ops
 
 
-def estimate(n: int, d: int, dtype: str = "bf16", gpu: GPU = H100, arch: int = 90) -> Estimate:
+def estimate(n: int, d: int, dtype: str = "bf16", gpu: GPU = H100, arch: int = 90,
+             loss: str = "clip") -> Estimate:
     import torch
 
     from ._triton import aot
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    launches, ops = _run_launchers(n, d, torch_dtype, arch, gpu.sms)
+    launches, ops = _run_launchers(n, d, torch_dtype, arch, gpu.sms, loss)
     infos: Dict[tuple, tuple] = {}
     kernels: List[KernelEstimate] = []
     phase_gpu, phase_host, phase_launches = {}, {}, {}
@@ -513,19 +555,29 @@ def gemm4_ms(n: int, d: int, dtype: str, gpu: GPU = H100) -> Tuple[float, str]:
     return 8 * n * n * d / gpu.gemm_rate[dtype] * 1e3, "rate"
 
 
-def format_summary(estimates: List[Estimate], gpu: GPU = H100, backend: str = "triton") -> str:
-    lines = [f"Model of the {backend} backend on {gpu.name}: forward + backward, ms "
+def format_summary(estimates: List[Estimate], gpu: GPU = H100, backend: str = "triton",
+                   loss: str = "clip") -> str:
+    if loss == "siglip":
+        title, other = "SigLIP loss", "published fused SigLIP (measured)"
+    else:
+        title, other = "CLIP loss", "torch.compile (measured)"
+    lines = [f"Model of the {backend} backend's {title} on {gpu.name}: forward + backward, ms "
              "(a model from compiled SASS, not a measurement)", "",
-             "| dtype | N | d | forward | backward | total | 4-GEMM bound | x bound | torch.compile (measured) | host-bound phases |",
+             f"| dtype | N | d | forward | backward | total | 4-GEMM bound | x bound | {other} | host-bound phases |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for e in estimates:
         bound, how = gemm4_ms(e.n, e.d, e.dtype, gpu)
-        tc = TORCH_COMPILE_MEASURED_MS.get((e.n, e.d)) if e.dtype != "fp32" else None
+        if loss == "siglip":
+            published = SIGLIP_PUBLISHED.get((e.n, e.d)) if e.dtype == "bf16" else None
+            theirs = f"{published[0]:.1f} ({published[1]} GB)" if published else "-"
+        else:
+            tc = TORCH_COMPILE_MEASURED_MS.get((e.n, e.d)) if e.dtype != "fp32" else None
+            theirs = f"{tc:.1f}" if tc else "-"
         host_bound = [p for p in e.phase_gpu_ms if e.phase_host_ms[p] > e.phase_gpu_ms[p]]
         lines.append(
             f"| {e.dtype} | {e.n} | {e.d} | {e.phase_ms['forward']:.1f} | {e.phase_ms['backward']:.1f} | "
             f"{e.total_ms:.1f} | {bound:.1f} ({how}) | {e.total_ms / bound:.2f} | "
-            f"{'%.1f' % tc if tc else '-'} | {', '.join(host_bound) or 'none'} |")
+            f"{theirs} | {', '.join(host_bound) or 'none'} |")
     return "\n".join(lines)
 
 
@@ -565,6 +617,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--backend", default="triton", choices=["triton", "cuda"],
                         help="which backend's kernels and schedule to model")
+    parser.add_argument("--loss", default="clip", choices=["clip", "siglip"],
+                        help="the CLIP (softmax) or SigLIP (sigmoid) loss; siglip: triton only")
     parser.add_argument("--breakdown", default="65536x1024",
                         help="NxD whose per-kernel breakdown to print ('' for none)")
     args = parser.parse_args(argv)
@@ -577,6 +631,8 @@ def main(argv=None) -> int:
         if n < 2 or d < 1:
             parser.error(f"--shapes: {item!r} needs N >= 2 and D >= 1")
         shapes.append((n, d))
+    if args.loss == "siglip" and args.backend != "triton":
+        parser.error("--loss siglip is modelled for --backend triton only")
     if args.backend == "cuda":
         compiled = cuda_kernels()
 
@@ -584,9 +640,9 @@ def main(argv=None) -> int:
             return estimate_cuda(n, d, args.dtype, gpu, kernels=compiled)
     else:
         def model(n, d, gpu=H100):
-            return estimate(n, d, args.dtype, gpu)
+            return estimate(n, d, args.dtype, gpu, loss=args.loss)
     estimates = [model(n, d) for n, d in shapes]
-    print(format_summary(estimates, backend=args.backend))
+    print(format_summary(estimates, backend=args.backend, loss=args.loss))
     if args.breakdown:
         bn, bd = (int(v) for v in args.breakdown.lower().split("x"))
         chosen = [e for e in estimates if (e.n, e.d) == (bn, bd)] or [model(bn, bd)]

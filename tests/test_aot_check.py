@@ -37,6 +37,32 @@ def test_broken_kernels_fail_the_check(target):
     assert "4 kernel configurations, 4 with problems" in out
 
 
+def test_siglip_kernels_compile_without_spills(tmp_path):
+    # clipfast.aot_check counts only the CLIP tile kernels as main-loop
+    # kernels; as --extra scenarios the SigLIP ones are held to the same rule
+    # (no spill, shared memory within the limit). bf16, with and without
+    # normalisation: the configurations nearest the register limit.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CLIPFAST_AOT_SIGLIP_DTYPES"] = "bf16"
+    out_json = tmp_path / "rows.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "clipfast.aot_check", "--targets", "sm_80,sm_90",
+                           "--extra", "tests/aot/siglip_scenarios.py", "--only-extra",
+                           "--json", str(out_json)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    import json
+
+    rows = [json.loads(line) for line in out_json.read_text().splitlines()]
+    tiles = [r for r in rows if r["kernel"] in ("_siglip_forward_kernel", "_siglip_grad_kernel")]
+    assert {(r["kernel"], r["target"]) for r in tiles} == {
+        (k, t) for k in ("_siglip_forward_kernel", "_siglip_grad_kernel") for t in ("sm_80", "sm_90")}
+    for r in tiles:
+        assert r["spill_bytes"] == 0 and not r["problems"], r
+        # Forward and backward logits round alike only without contraction.
+        assert "enable_fp_fusion=False" in r["config"], r
+
+
 def test_interpreter_is_refused():
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-m", "clipfast.aot_check", "--no-cuda"], cwd=REPO,

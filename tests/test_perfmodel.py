@@ -61,6 +61,32 @@ def test_model_runs_and_never_beats_the_gemm_rate():
     assert total >= bound
 
 
+def test_siglip_model_runs_and_never_beats_the_gemm_rate():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "clipfast.perfmodel", "--loss", "siglip", "--shapes", "8192x256",
+         "--breakdown", "8192x256"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SigLIP loss" in proc.stdout and "not a measurement" in proc.stdout
+    row = [line for line in proc.stdout.splitlines() if line.startswith("| bf16 | 8192 | 256 |")]
+    assert len(row) == 1, proc.stdout
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    forward, backward, total = (float(c) for c in cells[3:6])
+    bound = float(re.match(r"[\d.]+", cells[6]).group())
+    assert forward > 0 and backward > 0 and total >= bound
+    # The breakdown names the SigLIP kernels, each modelled as a tile kernel.
+    for kernel in ("_siglip_forward_kernel", "_siglip_grad_kernel", "_panel_grads_kernel"):
+        assert re.search(rf"\| {kernel} \|.*\| \d+x\d+x\d+ \|", proc.stdout), kernel
+
+
+def test_siglip_model_is_triton_only():
+    proc = subprocess.run([sys.executable, "-m", "clipfast.perfmodel", "--loss", "siglip",
+                           "--backend", "cuda"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "--loss siglip" in proc.stderr
+
+
 def test_bad_shapes_are_refused():
     proc = subprocess.run([sys.executable, "-m", "clipfast.perfmodel", "--shapes", "0x512"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -10,6 +10,13 @@ from .clip_loss import (
     triton_clip_loss_op,
     inverse_norms,
 )
+from .siglip import (
+    siglip_block_grads,
+    siglip_block_sum,
+    triton_siglip_backward,
+    triton_siglip_forward,
+    triton_siglip_ops,
+)
 
 __all__ = [
     "TritonRowCrossEntropyFunction",
@@ -20,4 +27,9 @@ __all__ = [
     "interpreter_active",
     "triton_clip_loss_op",
     "inverse_norms",
+    "siglip_block_grads",
+    "siglip_block_sum",
+    "triton_siglip_backward",
+    "triton_siglip_forward",
+    "triton_siglip_ops",
 ]

@@ -33,6 +33,7 @@ from triton.runtime.jit import JITFunction
 
 from .._ops import KernelOptions
 from . import clip_loss as _kernels
+from . import siglip as _siglip
 
 # The GPUs the checks compile for: compute capability and SM count (grids are
 # sized per SM). sm_80 stands for the A100, sm_90 for the H100 SXM.
@@ -96,7 +97,8 @@ class _TargetDriver:
 
 
 def _jit_functions() -> List[JITFunction]:
-    return [v for v in vars(_kernels).values() if isinstance(v, JITFunction)]
+    return [v for module in (_kernels, _siglip) for v in vars(module).values()
+            if isinstance(v, JITFunction)]
 
 
 def _error_summary(exc: BaseException) -> str:
@@ -204,6 +206,42 @@ def _ring_block_step(x, y, normalize, allow_tf32, diag_offset):
     ops.finish(x_acc, x, inv_x, s, torch.ones(1, device=x.device))
 
 
+def _siglip_step(x, y, scale, bias, normalize, allow_tf32, positives=True, panel=None):
+    # The SigLIP launchers directly, as for the CLIP loss (meta tensors would
+    # reach only the operator's fake implementation).
+    options = KernelOptions(normalize, allow_tf32, panel or 0)
+    loss, stats = _siglip.triton_siglip_forward(x, y, scale, bias, options, positives)
+    _siglip.triton_siglip_backward(torch.ones_like(loss), x, y, scale, bias, stats, options,
+                                   x.requires_grad, y.requires_grad, scale.requires_grad,
+                                   bias is not None and bias.requires_grad, positives)
+
+
+def _siglip_scenarios(n: int, d: int) -> List[Scenario]:
+    out: List[Scenario] = []
+
+    def add(label, *args, **kwargs):
+        out.append(Scenario(label, lambda: _siglip_step(*args, **kwargs)))
+
+    for name, dtype in _DTYPES.items():
+        for tf32 in ([True, False] if dtype == torch.float32 else [True]):
+            tag = name + ("" if dtype != torch.float32 else ("/tf32" if tf32 else "/ieee"))
+            for normalize in (True, False):
+                add(f"siglip {tag} normalize={normalize} bias", _features(n, d, dtype),
+                    _features(n, d, dtype), _scale(), _scale(), normalize, tf32)
+            add(f"siglip {tag} no bias, negatives only", _features(n, d, dtype),
+                _features(n, d, dtype), _scale(), None, True, tf32, positives=False)
+            add(f"siglip {tag} grad y only", _features(n, d, dtype, requires_grad=False),
+                _features(n, d, dtype), _scale(requires_grad=False), _scale(requires_grad=False),
+                True, tf32)
+            add(f"siglip {tag} several panels", _features(n, d, dtype), _features(n, d, dtype),
+                _scale(), _scale(), True, tf32, panel=128)
+    add("siglip bf16 unaligned", _features(n, d, torch.bfloat16, aligned=False),
+        _features(n, d, torch.bfloat16, aligned=False), _scale("cpu"), _scale("cpu"), True, True)
+    add("siglip mixed bf16+fp32", _features(n, d, torch.bfloat16), _features(n, d, torch.float32),
+        _scale(), _scale(), True, True)
+    return out
+
+
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -247,7 +285,7 @@ def scenarios(n: int = 384, d: int = 160) -> List[Scenario]:
     for a, b in (("bf16", "fp32"), ("fp16", "fp32"), ("bf16", "fp16")):
         add(f"clip mixed {a}+{b}", _clip_step, _features(n, d, _DTYPES[a]),
             _features(n, d, _DTYPES[b]), _scale(), None, True, True)
-    return out
+    return out + _siglip_scenarios(n, d)
 
 
 def compile_scenarios(arch: int, sm_count: int,

@@ -336,6 +336,23 @@ def siglip_block_sum(x, y, inv_x, inv_y, scale, bias, positives: bool, *, normal
     return partials.sum(dtype=torch.float64)
 
 
+def backward_plan(x, y, normalize: bool, allow_tf32: bool, panel: Optional[int]):
+    """(panel side, tile config, product config) of ``siglip_block_grads``.
+
+    The panel side is the CLIP backward's (``_panel_size``): extra memory of
+    one side x side panel in the dot dtype and a side x d fp32 buffer for dX^.
+    """
+    interpret = interpreter_active()
+    dot_dtype = _dot_dtype(x, y)
+    precision = _input_precision(dot_dtype, allow_tf32, interpret)
+    cfg = _grad_config(dot_dtype, precision, interpret, normalize)
+    fold = folds_inv_norms(x, y, normalize)
+    mm_cfg = _matmul_config(dot_dtype, normalize and not fold, precision, interpret)
+    sm_count = _num_programs_target(x.device, interpret) // 2 if not interpret else None
+    side = _panel_size(max(x.shape[0], y.shape[0]), x.shape[1], panel, cfg, mm_cfg, sm_count)
+    return side, cfg, mm_cfg
+
+
 def siglip_block_grads(x, y, inv_x, inv_y, scale, bias, positives: bool, *, normalize: bool,
                        allow_tf32: bool, panel: Optional[int], x_out=None, x_factor=None,
                        y_acc=None, y_acc_lo=None):
@@ -344,8 +361,8 @@ def siglip_block_grads(x, y, inv_x, inv_y, scale, bias, positives: bool, *, norm
     X side: ``x_out`` (finished per row panel with ``x_factor``, in x's
     dtype) or nothing; Y side: ``y_acc`` (fp32 K x d, or the int16 high plane
     with ``y_acc_lo``) += ``panel_scale`` x W^T @ X^, carrying the inverse
-    norms when ``folds_inv_norms``. Returns fp64 0-dim (sum W * cosine, sum W): the scale
-    and bias gradients before their factor.
+    norms when ``folds_inv_norms``. Returns fp64 0-dim (sum W * cosine,
+    sum W): the scale and bias gradients before their factor.
     """
     _refuse_interpreted_bf16(x, y)
     m, d = x.shape
@@ -354,11 +371,8 @@ def siglip_block_grads(x, y, inv_x, inv_y, scale, bias, positives: bool, *, norm
     dot_dtype = _dot_dtype(x, y)
     precision = _input_precision(dot_dtype, allow_tf32, interpret)
     guard = _guard_huge(dot_dtype, normalize)
-    cfg = _grad_config(dot_dtype, precision, interpret, normalize)
     fold = folds_inv_norms(x, y, normalize)
-    mm_cfg = _matmul_config(dot_dtype, normalize and not fold, precision, interpret)
-    sm_count = _num_programs_target(x.device, interpret) // 2 if not interpret else None
-    side = _panel_size(max(m, k), d, panel, cfg, mm_cfg, sm_count)
+    side, cfg, mm_cfg = backward_plan(x, y, normalize, allow_tf32, panel)
     device = x.device
     need_x = x_out is not None
     need_y = y_acc is not None
