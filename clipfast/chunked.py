@@ -257,10 +257,13 @@ class ChunkedRowCrossEntropyFunction(torch.autograd.Function):
         grad_bias = None
         if need_bias:
             grad_bias = exact_zero_bias_grad(row_logsum, row_logsum, grad_loss.to(dtype), *ctx.bias_meta)
+        grads = (grad_q, grad_k, grad_scale, grad_bias, None, None, None)
+        if len(ctx.needs_input_grad) == len(grads):  # called without extra_logits
+            return grads
         grad_extra = None
         if ctx.needs_input_grad[7]:
             grad_extra = extra_logits_grad(extra, row_max, row_logsum, coef)
-        return grad_q, grad_k, grad_scale, grad_bias, None, None, None, grad_extra
+        return grads + (grad_extra,)
 
 
 def with_bias(extra_logits, bias):

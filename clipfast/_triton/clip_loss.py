@@ -1114,7 +1114,10 @@ class TritonRowCrossEntropyFunction(torch.autograd.Function):
                 coef, need_q, need_k, need_scale, ctx.scale_meta, normalize, allow_tf32, panel)
         if need_bias:
             grad_bias = exact_zero_bias_grad(row_logsum, row_logsum, grad_loss.float(), *ctx.bias_meta)
+        grads = (grad_q, grad_k, grad_scale, grad_bias, None, None, None, None)
+        if len(ctx.needs_input_grad) == len(grads):  # called without extra_logits
+            return grads
         grad_extra = None
         if ctx.needs_input_grad[8]:
             grad_extra = extra_logits_grad(extra, row_max, row_logsum, coef)
-        return grad_q, grad_k, grad_scale, grad_bias, None, None, None, None, grad_extra
+        return grads + (grad_extra,)
