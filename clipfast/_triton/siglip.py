@@ -17,12 +17,22 @@ program, summed once in fp64 on the host side: deterministic, no atomics.
 
 Backward (6 N^2 d FLOPs): per panel of the logits, ``_siglip_grad_kernel``
 recomputes the tile through the same code, writes W (times inv_x_i inv_y_j,
-as the CLIP gradient panel, so the products read raw feature rows) and
-per-tile partial sums of W * cosine and W for the scale and bias gradients;
-the CLIP backend's ``_panel_grads_kernel`` then accumulates dX^ += W Y^ and
-dY^ += W^T X^, and its finish kernel applies the normalisation backward and
-the factor s * grad / N. Panels never hold N x N; the extra memory is that of
-the CLIP backward (see ``clipfast/_triton/clip_loss.py``).
+as the CLIP gradient panel, so the products read raw feature rows; fp16
+panels hold 2^14 W instead) and per-tile partial sums of W * cosine and W
+for the scale and bias gradients; the CLIP backend's ``_panel_grads_kernel``
+then accumulates dX^ += W Y^ and dY^ += W^T X^, and its finish kernel applies
+the normalisation backward and the factor s * grad / N. Panels never hold
+N x N; the extra memory is that of the CLIP backward: the two gradients, a
+byte plane for half-precision dY^ (0.25 of them), one panel and a panel-rows
+x d fp32 buffer for dX^ (about 0.12 of them at the default panel side for
+N = 65536, d = 768).
+
+Tiles and registers were chosen from the compiled code (``python -m
+clipfast.aot_check``, ``python -m clipfast.perfmodel --loss siglip``): the
+epilogue is cheap enough (about 20 instructions a logit) and needs no state
+across tiles, so 128 x 128 forward tiles fit in 128 registers on sm_90
+without normalisation and two CTAs share an SM, one's epilogue overlapping
+the other's MMAs.
 """
 
 from __future__ import annotations
@@ -115,9 +125,10 @@ def _inverse_norms_of(inv_ptr, offs, mask, NORMALIZE: tl.constexpr, BLOCK: tl.co
 
 @triton.jit
 def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
-    """(row block, column block) of a tile index in grouped order: GROUP_M
-    row blocks sweep the columns together, so programs running at once
-    share the same column block of Y in L2."""
+    """(row block, column block) of a tile index in grouped order: the
+    programs running at once cover GROUP_M row blocks and a band of column
+    blocks, so each operand block they read serves several of them from L2
+    (row-major order would stream all of X past every column block)."""
     group_size = GROUP_M * num_n
     first_m = (tile // group_size) * GROUP_M
     group_m = tl.minimum(num_m - first_m, GROUP_M)
