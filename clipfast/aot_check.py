@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 # The tile kernels hold the matmul main loops; a spill there costs every tile.
-MAIN_LOOP_KERNELS = {"_forward_tiles_kernel", "_grad_logits_kernel", "_panel_grads_kernel"}
+MAIN_LOOP_KERNELS = {"_forward_tiles_kernel", "_grad_logits_kernel", "_panel_grads_kernel",
+                     "_siglip_forward_kernel", "_siglip_grad_kernel"}
 # Tile kernels whose logits must round identically forward and backward.
 LOGIT_KERNELS = {"_forward_tiles_kernel", "_grad_logits_kernel"}
 REPO = Path(__file__).resolve().parent.parent

@@ -281,6 +281,7 @@ def siglip_loss(
     backend: str = "auto",
     allow_tf32: bool = True,
     chunk_elements: Optional[int] = None,
+    panel_size: Optional[int] = None,
     positives: bool = True,
 ) -> torch.Tensor:
     """SigLIP's sigmoid loss without materialising the N x N logits.
@@ -303,6 +304,7 @@ def siglip_loss(
             "chunked", "triton", "cpu" or "cuda" (see ``SIGLIP_BACKENDS``).
         allow_tf32: fp32 features may use TF32 tensor cores (fused GPU backends).
         chunk_elements: chunked backend only: logits held at once.
+        panel_size: triton backend only: side of the backward's gradient panels.
         positives: False scores every pair as a negative (the blocks of the
             distributed loss against other ranks' texts).
 
@@ -321,5 +323,5 @@ def siglip_loss(
     else:
         loss = _siglip_ops(chosen)[bool(positives)](
             inputs.image_features, inputs.text_features, inputs.logit_scale, inputs.logit_bias,
-            bool(normalize), bool(allow_tf32), block_size(chosen, chunk_elements, None))
+            bool(normalize), bool(allow_tf32), block_size(chosen, chunk_elements, panel_size))
     return poison_invalid_scalars(loss.to(inputs.loss_dtype), inputs)

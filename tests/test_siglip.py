@@ -179,3 +179,17 @@ def test_compile_fullgraph():
         results.append(_loss_and_grads(fn, x, y, s.float(), b.float()))
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)
+
+
+def test_triton_panel_size_reaches_the_backward():
+    # siglip_loss(panel_size=) is the triton backward's panel side: several
+    # panels give the one-panel result; a bad value is refused by name.
+    x, y, s, b = _inputs(40, 8, dtype=torch.float32)
+    s, b = s.float(), b.float()
+    one = _loss_and_grads(lambda *a: siglip_loss(*a, backend="triton", allow_tf32=False), x, y, s, b)
+    many = _loss_and_grads(lambda *a: siglip_loss(*a, backend="triton", allow_tf32=False,
+                                                  panel_size=16), x, y, s, b)
+    for g, w in zip(many, one):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="panel_size"):
+        siglip_loss(x, y, s, b, backend="triton", panel_size=0)
