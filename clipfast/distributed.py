@@ -79,6 +79,22 @@ def _peers(group) -> Tuple[int, int, int, int]:
     return rank, world_size, nxt, prv
 
 
+def check_process_group(module: str, rank: int, world_size: int, group=None) -> None:
+    """Raise when torch.distributed is not initialised, or when the module's
+    rank / world_size are not those of the process group."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            f"{module}(world_size={world_size}) needs torch.distributed to be initialised "
+            "(torch.distributed.init_process_group) before the loss is computed"
+        )
+    actual = dist.get_world_size(group)
+    if actual != world_size or dist.get_rank(group) != rank:
+        raise ValueError(
+            f"{module} was built with rank={rank}, world_size={world_size} but the process "
+            f"group has rank {dist.get_rank(group)} of {actual}"
+        )
+
+
 def check_equal_batches(local_n: int, device: torch.device, group=None) -> None:
     """Raise the same ValueError on every rank when local batch sizes differ.
 
@@ -366,17 +382,7 @@ def distributed_clip_loss(inputs: LossInputs, *, local_loss: bool, gather_with_g
     """The loss of ``ClipLoss`` when world_size > 1 (see the module docstring)."""
     from .api import _triton_usable_on, clip_loss, resolve_backend
 
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(
-            f"ClipLoss(world_size={world_size}) needs torch.distributed to be initialised "
-            "(torch.distributed.init_process_group) before the loss is computed"
-        )
-    actual = dist.get_world_size(group)
-    if actual != world_size or dist.get_rank(group) != rank:
-        raise ValueError(
-            f"ClipLoss was built with rank={rank}, world_size={world_size} but the process "
-            f"group has rank {dist.get_rank(group)} of {actual}"
-        )
+    check_process_group("ClipLoss", rank, world_size, group)
     check_equal_batches(inputs.image_features.shape[0], inputs.image_features.device, group)
     # The block-wise modes (ring, local_loss) have Triton and chunked PyTorch
     # primitives: they run on the Triton kernels wherever clip_loss would run a

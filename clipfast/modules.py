@@ -8,7 +8,6 @@ import warnings
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -485,15 +484,10 @@ class SigLipLoss(nn.Module):
     def forward(self, image_features, text_features, logit_scale, logit_bias=None,
                 output_dict: bool = False):
         if self.world_size > 1:
-            from .distributed import siglip_distributed_loss
+            from .distributed import check_process_group, siglip_distributed_loss
 
             inputs = check_inputs(image_features, text_features, logit_scale, logit_bias)
-            if dist.get_world_size(self.group) != self.world_size or \
-                    dist.get_rank(self.group) != self.rank:
-                raise ValueError(
-                    f"SigLipLoss was built with rank={self.rank}, world_size={self.world_size} "
-                    f"but the process group has rank {dist.get_rank(self.group)} of "
-                    f"{dist.get_world_size(self.group)}")
+            check_process_group("SigLipLoss", self.rank, self.world_size, self.group)
             loss = siglip_distributed_loss(
                 inputs, lambda x, y, positives: self._loss(
                     x, y, inputs.logit_scale, inputs.logit_bias, negative_only=not positives),
