@@ -899,6 +899,30 @@ def folds_inv_norms(x, y, normalize: bool) -> bool:
     return normalize and _dot_dtype(x, y) != torch.float16
 
 
+def launch_panel_products(grad_panel, rows, cols, row_start, col_start, gx_row0, x, inv_x, y,
+                          inv_y, gx, gy, gy_lo, inv_range, need_x, need_y, *, split_acc_y,
+                          scale_rows, unshift, dot_dtype, precision, mm_cfg):
+    """dX^ += G Y^ and dY^ += G^T X^ for one rows x cols panel of G, in one
+    launch (``_panel_grads_kernel``): shared by the CLIP and SigLIP backwards."""
+    tiles_d = triton.cdiv(x.shape[1], mm_cfg["BLOCK_D"])
+    x_tiles = triton.cdiv(rows, mm_cfg["BLOCK_M"]) * tiles_d if need_x else 0
+    y_tiles = triton.cdiv(cols, mm_cfg["BLOCK_M"]) * tiles_d if need_y else 0
+    with _one_launch_at_a_time():
+        _panel_grads_kernel[(x_tiles + y_tiles,)](
+            grad_panel, grad_panel.stride(0), grad_panel.stride(1), rows, cols, x.shape[1],
+            row_start, col_start, gx_row0,
+            x, x.stride(0), x.stride(1), inv_x,
+            y, y.stride(0), y.stride(1), inv_y,
+            gx, gx.stride(0), gx.stride(1),
+            gy, gy_lo, gy.stride(0), gy.stride(1),
+            inv_range, x_tiles, WITH_X=need_x, WITH_Y=need_y,
+            SCALE_ROWS=scale_rows, SPLIT_ACC_Y=split_acc_y,
+            UNSHIFT=unshift,
+            DOT_DTYPE=_TORCH_TO_TL[dot_dtype], INPUT_PRECISION=precision,
+            **mm_cfg,
+        )
+
+
 def block_grads(x, y, inv_x, inv_y, scale, bias, row_stats, col_stats, diag_offset: Optional[int],
                 *, normalize: bool, allow_tf32: bool, panel: Optional[int],
                 x_out=None, x_factor=None, x_acc=None, y_acc=None, y_acc_lo=None):
@@ -941,7 +965,6 @@ def block_grads(x, y, inv_x, inv_y, scale, bias, row_stats, col_stats, diag_offs
         (x_acc, False) if x_acc is not None else (unused, True))
     gy = y_acc if need_y else unused
     gy_lo = y_acc_lo if y_acc_lo is not None else gy
-    tiles_d = triton.cdiv(d, mm_cfg["BLOCK_D"])
     bias_arg = bias if bias is not None else scale
     # (max inv_x, max inv_y, min inv_x, min inv_y) for _fold_shifts: three
     # small launches per call, none per panel, no host synchronisation.
@@ -975,22 +998,12 @@ def block_grads(x, y, inv_x, inv_y, scale, bias, row_stats, col_stats, diag_offs
                 )
             if not (need_x or need_y):
                 continue
-            x_tiles = triton.cdiv(rows, mm_cfg["BLOCK_M"]) * tiles_d if need_x else 0
-            y_tiles = triton.cdiv(cols, mm_cfg["BLOCK_M"]) * tiles_d if need_y else 0
-            with _one_launch_at_a_time():
-                _panel_grads_kernel[(x_tiles + y_tiles,)](
-                    grad_panel, grad_panel.stride(0), grad_panel.stride(1), rows, cols, d,
-                    row_start, col_start, 0 if gx_is_panel else row_start,
-                    x, x.stride(0), x.stride(1), inv_x,
-                    y, y.stride(0), y.stride(1), inv_y,
-                    gx, gx.stride(0), gx.stride(1),
-                    gy, gy_lo, gy.stride(0), gy.stride(1),
-                    inv_range, x_tiles, WITH_X=need_x, WITH_Y=need_y,
-                    SCALE_ROWS=normalize and not fold, SPLIT_ACC_Y=y_acc_lo is not None,
-                    UNSHIFT=fold,
-                    DOT_DTYPE=_TORCH_TO_TL[dot_dtype], INPUT_PRECISION=precision,
-                    **mm_cfg,
-                )
+            launch_panel_products(
+                grad_panel, rows, cols, row_start, col_start, 0 if gx_is_panel else row_start,
+                x, inv_x, y, inv_y, gx, gy, gy_lo, inv_range, need_x, need_y,
+                split_acc_y=y_acc_lo is not None, scale_rows=normalize and not fold, unshift=fold,
+                dot_dtype=dot_dtype,
+                precision=precision, mm_cfg=mm_cfg)
         if x_out is not None:
             finish_feature_grad(
                 panel_acc, x[row_start:row_start + rows], inv_x[row_start:row_start + rows],

@@ -46,6 +46,7 @@ import triton.language as tl
 from .._ops import KernelOptions, compute_dtype
 from ..siglip import define_siglip_ops
 from .clip_loss import (
+    launch_panel_products,
     _LOGIT_FUSION,
     _TORCH_TO_TL,
     _dot_dtype,
@@ -56,7 +57,6 @@ from .clip_loss import (
     _matmul_config,
     _num_programs_target,
     _one_launch_at_a_time,
-    _panel_grads_kernel,
     _panel_size,
     _refuse_interpreted_bf16,
     _rows_can_be_huge,
@@ -398,7 +398,6 @@ def siglip_block_grads(x, y, inv_x, inv_y, scale, bias, positives: bool, *, norm
     gx = panel_acc if need_x else unused
     gy = y_acc if need_y else unused
     gy_lo = y_acc_lo if y_acc_lo is not None else gy
-    tiles_d = triton.cdiv(d, mm_cfg["BLOCK_D"])
     bias_arg = bias if bias is not None else scale
     inv_range = unused
     if need_x and panel_scale(x, y) != 1.0:
@@ -430,22 +429,11 @@ def siglip_block_grads(x, y, inv_x, inv_y, scale, bias, positives: bool, *, norm
                 )
             if not (need_x or need_y):
                 continue
-            x_tiles = triton.cdiv(rows, mm_cfg["BLOCK_M"]) * tiles_d if need_x else 0
-            y_tiles = triton.cdiv(cols, mm_cfg["BLOCK_M"]) * tiles_d if need_y else 0
-            with _one_launch_at_a_time():
-                _panel_grads_kernel[(x_tiles + y_tiles,)](
-                    grad_panel, grad_panel.stride(0), grad_panel.stride(1), rows, cols, d,
-                    row_start, col_start, 0,
-                    x, x.stride(0), x.stride(1), inv_x,
-                    y, y.stride(0), y.stride(1), inv_y,
-                    gx, gx.stride(0), gx.stride(1),
-                    gy, gy_lo, gy.stride(0), gy.stride(1),
-                    inv_range, x_tiles, WITH_X=need_x, WITH_Y=need_y,
-                    SCALE_ROWS=normalize and not fold, SPLIT_ACC_Y=y_acc_lo is not None,
-                    UNSHIFT=fold,
-                    DOT_DTYPE=_TORCH_TO_TL[dot_dtype], INPUT_PRECISION=precision,
-                    **mm_cfg,
-                )
+            launch_panel_products(
+                grad_panel, rows, cols, row_start, col_start, 0,
+                x, inv_x, y, inv_y, gx, gy, gy_lo, inv_range, need_x, need_y,
+                split_acc_y=y_acc_lo is not None, scale_rows=normalize and not fold, unshift=fold,
+                dot_dtype=dot_dtype, precision=precision, mm_cfg=mm_cfg)
         if need_x:
             finish_feature_grad(
                 panel_acc, x[row_start:row_start + rows], inv_x[row_start:row_start + rows],
