@@ -3,8 +3,7 @@
 from .api import BACKENDS, clip_loss, resolve_backend, siglip_loss, triton_available
 from .infonce import info_nce_loss
 from .modules import ClipLoss, CoCaLoss, DistillClipLoss, SigLipLoss
-from .reference import reference_clip_loss
-from .siglip import reference_siglip_loss
+from .backends.reference import reference_clip_loss, reference_siglip_loss
 
 __all__ = [
     "BACKENDS",

@@ -156,23 +156,3 @@ def poison_invalid_scalars(loss: torch.Tensor, inputs: LossInputs) -> torch.Tens
         valid = valid & torch.isfinite(inputs.logit_bias.detach().reshape(()))
     # A factor, not torch.where: the gradients must turn NaN with the loss.
     return loss * torch.where(valid, 1.0, float("nan")).to(loss.dtype)
-
-
-def extension_available(load) -> bool:
-    """Whether ``load()`` (a backend's ``extension``) imports its compiled module."""
-    try:
-        load()
-    except ImportError:
-        return False
-    return True
-
-
-def load_extension(module: str, backend: str, hint: str):
-    """Import ``clipfast.<module>`` or raise an ImportError naming the backend and
-    how to build the extension."""
-    import importlib
-
-    try:
-        return importlib.import_module(f"clipfast.{module}")
-    except ImportError as err:
-        raise ImportError(f"backend={backend!r}: {hint} ({err})") from err

@@ -2,7 +2,7 @@
 
     python -m clipfast.aot_check [--targets sm_80,sm_90] [--no-cuda] [--extra FILE]
 
-Triton kernels are compiled through the launchers (``clipfast/_triton/aot.py``)
+Triton kernels are compiled through the launchers (``clipfast/backends/triton/aot.py``)
 with every configuration they can choose; CUDA sources with nvcc and ptxas'
 resource report. One table: kernel, config, target, registers, spill bytes,
 shared memory, MMA family. Exit status 1 on any compile error, any spill in a
@@ -61,7 +61,7 @@ def _load_extra(path: str):
 
 
 def triton_rows(targets: List[str], extra=None, only_extra: bool = False) -> List[Row]:
-    from ._triton import aot
+    from .backends.triton import aot
 
     rows: List[Row] = []
     for target in targets:
@@ -125,7 +125,7 @@ def _demangle(names: List[str]) -> Dict[str, str]:
 
 def _sass_mma_counts(obj: str) -> Dict[str, str]:
     """Per mangled kernel: its tensor-core instruction family from the SASS."""
-    from ._triton.aot import _nvidia_tool
+    from .backends.triton.aot import _nvidia_tool
 
     sass = subprocess.run([_nvidia_tool("cuobjdump"), "-sass", obj],
                           capture_output=True, text=True).stdout
@@ -149,7 +149,7 @@ def _sass_mma_counts(obj: str) -> Dict[str, str]:
 
 
 def cuda_rows(targets: List[str]) -> List[Row]:
-    from ._triton.aot import SHARED_LIMIT
+    from .backends.triton.aot import SHARED_LIMIT
 
     nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
     if nvcc is None:
@@ -228,7 +228,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the rows as JSON lines here")
     args = parser.parse_args(argv)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    from ._triton.aot import TARGETS
+    from .backends.triton.aot import TARGETS
 
     bad = [t for t in targets if t not in TARGETS]
     if bad or not targets:

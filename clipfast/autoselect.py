@@ -38,6 +38,12 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
+from .backends import REGISTRY
+from .devices import device_name
+
+# auto's choice where the table has no usable measurement (chunked runs anywhere).
+STATIC_ORDER = ("triton", "chunked")
+
 SHIPPED_TABLE = Path(__file__).with_name("auto_table.json")
 # Backends auto may pick: every linear-memory backend (the reference holds
 # N x N matrices, torch.compile is not a clipfast backend).
@@ -108,44 +114,15 @@ def _pick_point(points: Iterable[dict], device_type: str, device: str, dtype: st
 
 
 def usable_backends(device: torch.device, dtypes: Sequence[torch.dtype]) -> List[str]:
-    """Candidates that can run features of these dtypes on this device here."""
-    from .api import triton_available
-
-    usable = ["chunked"]
-    if torch.float64 in dtypes:
-        if device.type == "cpu" and _extension_ok("cpu"):
-            usable.append("cpu")
-        return usable
-    if device.type == "cuda":
-        if triton_available():
-            usable.append("triton")
-        if _extension_ok("cuda"):
-            usable.append("cuda")
-    elif device.type == "cpu" and all(dt == torch.float32 for dt in dtypes) and _extension_ok("cpu"):
-        usable.append("cpu")
-    return usable
-
-
-def _extension_ok(which: str) -> bool:
-    if which == "cpu":
-        from .cpu_backend import available
-    else:
-        from .cuda_backend import available
-    return available()
+    """Candidates that can run features of these dtypes on this device here
+    (each backend's ``native``: no interpreter, no emulation)."""
+    return [name for name, backend in REGISTRY.items() if backend.native(device, dtypes)]
 
 
 def _static_choice(device: torch.device, dtypes: Sequence[torch.dtype]) -> str:
-    from .api import triton_available
-
-    if device.type == "cuda" and torch.float64 not in dtypes and triton_available():
-        return "triton"
-    return "chunked"
-
-
-def _device_name(device: torch.device) -> str:
-    from .bench import device_name
-
-    return device_name(device)
+    """Where nothing was measured: the first native backend of ``STATIC_ORDER``."""
+    usable = usable_backends(device, dtypes)
+    return next(name for name in STATIC_ORDER if name in usable)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -153,7 +130,7 @@ def _choose_cached(device: torch.device, dtypes: tuple, n: int, d: int,
                    override: Optional[str]) -> Choice:
     usable = usable_backends(device, dtypes)
     dtype = _DTYPE_NAMES[dtypes[0] if dtypes[0] == dtypes[1] else torch.float32]
-    name = _device_name(device)
+    name = device_name(device)
     sources = (f"CLIPFAST_AUTO_TABLE ({override})", "the shipped table")
     for source, points in zip(sources, _tables(override)):
         choice, point = _pick_point(points, device.type, name, dtype, n, d, usable)

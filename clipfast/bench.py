@@ -33,7 +33,6 @@ import gc
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -45,8 +44,8 @@ import torch
 
 from ._cli import atomic_output, atomic_write_text, progress, show_info_logs, unwritable_folder
 from .api import clip_loss, siglip_loss
-from .reference import reference_clip_loss
-from .siglip import reference_siglip_loss
+from .backends.reference import reference_clip_loss, reference_siglip_loss
+from .devices import device_name
 
 PROVIDERS = ("reference", "compile", "chunked", "triton", "cuda", "cpu", "gemm4_bound")
 LOSSES = ("clip", "siglip")
@@ -72,12 +71,6 @@ class Point:
 
 
 # ------------------------------ device helpers ------------------------------ #
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 def _sync(device: torch.device) -> None:

@@ -25,6 +25,7 @@ too. ``gather_with_grad=False`` gives gradients scaled by 1/world_size
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import List, Optional, Tuple
 
@@ -32,23 +33,12 @@ import torch
 import torch.distributed as dist
 
 from ._inputs import LossInputs
-from ._ops import (
-    DISTRIBUTED_DOUBLE_BACKWARD,
-    compute_dtype,
-    exact_zero_bias_grad,
-    refuse_double_backward,
-    without_autocast,
-)
-from .chunked import (
-    DEFAULT_CHUNK_ELEMENTS,
-    ChunkedRowCrossEntropyFunction,
-    block_backward,
-    block_forward,
-    features_grad,
-    inverse_norms,
-    scalar_in,
-    unit_rows,
-)
+from .api import clip_loss_from_inputs
+from .backends import get
+from .backends._ops import (DISTRIBUTED_DOUBLE_BACKWARD, exact_zero_bias_grad, refuse_double_backward,
+                            without_autocast)
+from .backends._stats import merge_logsumexp
+from .dispatch import block_backend as block_backend_for
 
 
 def mode_warning(local_loss: bool, gather_with_grad: bool, ring: bool, world_size: int) -> Optional[str]:
@@ -142,22 +132,13 @@ def gather_features(image_features, text_features, local_loss=False, gather_with
 
 
 def local_clip_loss(inputs: LossInputs, all_image, all_text, rank: int, normalize: bool,
-                    block_backend: str, chunk_elements: Optional[int] = None,
-                    allow_tf32: bool = True) -> torch.Tensor:
+                    block_backend: str, block: int = 0, allow_tf32: bool = True) -> torch.Tensor:
     """open_clip's ``local_loss``: this rank's rows against every column."""
     n = inputs.image_features.shape[0]
-    terms = []
-    for queries, keys in ((inputs.image_features, all_text), (inputs.text_features, all_image)):
-        if block_backend == "triton":
-            from ._triton import TritonRowCrossEntropyFunction
-
-            terms.append(TritonRowCrossEntropyFunction.apply(
-                queries, keys, inputs.logit_scale, inputs.logit_bias, normalize, rank * n,
-                allow_tf32, None))
-        else:
-            chunk = DEFAULT_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
-            terms.append(ChunkedRowCrossEntropyFunction.apply(
-                queries, keys, inputs.logit_scale, inputs.logit_bias, normalize, rank * n, chunk))
+    row = get(block_backend).row_loss(normalize, allow_tf32, block)
+    terms = [row(queries, keys, inputs.logit_scale, inputs.logit_bias, rank * n, None)
+             for queries, keys in ((inputs.image_features, all_text),
+                                   (inputs.text_features, all_image))]
     return (terms[0] + terms[1]) / 2
 
 
@@ -181,105 +162,16 @@ def _wait(requests) -> None:
         request.wait()
 
 
-class ChunkedBlockOps:
-    """Block statistics and gradients with the chunked PyTorch primitives."""
-
-    def __init__(self, x, y, normalize: bool, chunk_elements: int, allow_tf32: bool = True):
-        self.dtype = compute_dtype(x, y)
-        self.normalize = normalize
-        self.chunk = chunk_elements
-        self._own = None  # (features, inv_norm, unit rows) of the rank's own rows
-
-    def _unit(self, features, inv_norm):
-        # The rank's own rows meet every block of the ring: normalise them once.
-        if self._own is not None and self._own[0] is features and self._own[1] is inv_norm:
-            return self._own[2]
-        self._own = (features, inv_norm, unit_rows(features, inv_norm))
-        return self._own[2]
-
-    def inverse_norms(self, features):
-        return inverse_norms(features, self.normalize, self.dtype)
-
-    def scalars(self, scale, bias):
-        return scalar_in(scale, self.dtype), scalar_in(bias, self.dtype)
-
-    def stats(self, x, inv_x, y, inv_y, s, b, diag_offset, with_cols=True):
-        return block_forward(self._unit(x, inv_x), unit_rows(y, inv_y), s, b, diag_offset,
-                             self.chunk, with_cols)
-
-    def new_accumulator(self, rows, d, device):
-        return torch.zeros(rows, d, dtype=self.dtype, device=device)
-
-    def grads(self, x, inv_x, y, inv_y, s, b, row_stats, col_stats, diag_offset, x_acc, y_acc):
-        """x_acc += s G Y^, y_acc += s G^T X^ with unscaled G; returns sum G cos."""
-        one = torch.ones((), dtype=self.dtype, device=x.device)
-        gx, gy, gs = block_backward(
-            self._unit(x, inv_x), unit_rows(y, inv_y), s, b, row_stats, col_stats, diag_offset,
-            one if row_stats is not None else None, one if col_stats is not None else None,
-            self.chunk, need_x=x_acc is not None, need_y=y_acc is not None)
-        if x_acc is not None:
-            x_acc += gx
-        if y_acc is not None:
-            y_acc += gy
-        return gs
-
-    def finish(self, acc, features, inv_norm, s, coef):
-        return features_grad(acc * coef, features, inv_norm, self.normalize)
-
-
-class TritonBlockOps:
-    """The same operations with the fused Triton kernels (CUDA, or the interpreter)."""
-
-    def __init__(self, x, y, normalize: bool, chunk_elements: int, allow_tf32: bool = True):
-        from . import _triton
-
-        self.kernels = _triton
-        self.dtype = torch.float32
-        self.normalize = normalize
-        self.allow_tf32 = allow_tf32
-        self.folded = _triton.folds_inv_norms(x, y, normalize)
-
-    def inverse_norms(self, features):
-        return self.kernels.inverse_norms(features, self.normalize)
-
-    def scalars(self, scale, bias):
-        s = scale.detach().reshape(1).float().contiguous()
-        return s, bias.detach().reshape(1).float().contiguous() if bias is not None else None
-
-    def stats(self, x, inv_x, y, inv_y, s, b, diag_offset, with_cols=True):
-        return self.kernels.block_stats(x, y, inv_x, inv_y, s, b, diag_offset, with_cols, self.allow_tf32)
-
-    def new_accumulator(self, rows, d, device):
-        return torch.zeros(rows, d, dtype=torch.float32, device=device)
-
-    def grads(self, x, inv_x, y, inv_y, s, b, row_stats, col_stats, diag_offset, x_acc, y_acc):
-        """x_acc += G Y^, y_acc += G^T X^ (carrying the inverse norms when folded)."""
-        return self.kernels.block_grads(
-            x, y, inv_x, inv_y, s, b, row_stats, col_stats, diag_offset,
-            normalize=self.normalize, allow_tf32=self.allow_tf32, panel=None,
-            x_acc=x_acc, y_acc=y_acc)
-
-    def finish(self, acc, features, inv_norm, s, coef):
-        out = torch.empty(features.shape, dtype=features.dtype, device=features.device)
-        factor = (s.reshape(1) * coef.reshape(1)).float().contiguous()
-        self.kernels.finish_feature_grad(acc, features, inv_norm, factor, self.normalize,
-                                         self.folded, out)
-        return out
-
-
-BLOCK_OPS = {"chunked": ChunkedBlockOps, "triton": TritonBlockOps}
-
-
 class RingClipLossFunction(torch.autograd.Function):
     """Global symmetric CLIP loss over every rank's batch, by ring exchange."""
 
     @staticmethod
     @without_autocast
-    def forward(ctx, x, y, scale, bias, normalize: bool, block_backend: str, chunk_elements: int,
+    def forward(ctx, x, y, scale, bias, normalize: bool, block_backend: str, block: int,
                 allow_tf32: bool, group):
         rank, world_size, nxt, prv = _peers(group)
         n = x.shape[0]
-        ops = BLOCK_OPS[block_backend](x, y, normalize, chunk_elements, allow_tf32)
+        ops = get(block_backend).block_ops()(x, y, normalize, block, allow_tf32)
         s, b = ops.scalars(scale, bias)
         inv_x, inv_y = ops.inverse_norms(x), ops.inverse_norms(y)
 
@@ -301,8 +193,8 @@ class RingClipLossFunction(torch.autograd.Function):
                 x, inv_x, block, block_inv, s, b, 0 if step == 0 else None)
             if step == 0:
                 diag = block_diag
-            row_max, row_sum = _merge_pair(row_max, row_sum, rmax, rsum)
-            col_max, col_sum = _merge_pair(col_max, col_sum, cmax, csum)
+            row_max, row_sum = merge_logsumexp(row_max, row_sum, rmax, rsum)
+            col_max, col_sum = merge_logsumexp(col_max, col_sum, cmax, csum)
             if world_size > 1:
                 # Hand the block's statistics on; after the last hop they are home.
                 in_max, in_sum = torch.empty_like(col_max), torch.empty_like(col_sum)
@@ -320,7 +212,7 @@ class RingClipLossFunction(torch.autograd.Function):
 
         ctx.save_for_backward(x, y, scale, bias, inv_x, inv_y, row_max, row_logsum, col_max, col_logsum)
         ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
-        ctx.options = (normalize, block_backend, chunk_elements, allow_tf32, group)
+        ctx.options = (normalize, block_backend, block, allow_tf32, group)
         return loss
 
     @staticmethod
@@ -328,11 +220,11 @@ class RingClipLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         refuse_double_backward("clipfast's ring mode", DISTRIBUTED_DOUBLE_BACKWARD)
         x, y, scale, bias, inv_x, inv_y, row_max, row_logsum, col_max, col_logsum = ctx.saved_tensors
-        normalize, block_backend, chunk_elements, allow_tf32, group = ctx.options
+        normalize, block_backend, block, allow_tf32, group = ctx.options
         need_x, need_y, need_scale, need_bias = ctx.needs_input_grad[:4]
         rank, world_size, nxt, prv = _peers(group)
         n, d = x.shape
-        ops = BLOCK_OPS[block_backend](x, y, normalize, chunk_elements, allow_tf32)
+        ops = get(block_backend).block_ops()(x, y, normalize, block, allow_tf32)
         s, b = ops.scalars(scale, bias)
         # G = (P + Q - 2I) / (2 N world) per block, times world_size (see the
         # module docstring): each rank returns world_size x its share.
@@ -370,39 +262,30 @@ class RingClipLossFunction(torch.autograd.Function):
         return grad_x, grad_y, grad_scale, grad_bias, None, None, None, None, None
 
 
-def _merge_pair(max_a, sum_a, max_b, sum_b):
-    new_max = torch.maximum(max_a, max_b)
-    return new_max, sum_a * torch.exp(max_a - new_max) + sum_b * torch.exp(max_b - new_max)
-
-
 def distributed_clip_loss(inputs: LossInputs, *, local_loss: bool, gather_with_grad: bool,
                           ring: bool, rank: int, world_size: int, normalize: bool, backend: str,
                           group=None, chunk_elements: Optional[int] = None,
                           allow_tf32: bool = True) -> torch.Tensor:
     """The loss of ``ClipLoss`` when world_size > 1 (see the module docstring)."""
-    from .api import _triton_usable_on, clip_loss, resolve_backend
-
     check_process_group("ClipLoss", rank, world_size, group)
     check_equal_batches(inputs.image_features.shape[0], inputs.image_features.device, group)
-    # The block-wise modes (ring, local_loss) have Triton and chunked PyTorch
-    # primitives: they run on the Triton kernels wherever clip_loss would run a
-    # fused GPU backend (triton or cuda) and Triton can, else on chunked.
-    chosen = resolve_backend(backend, inputs)
-    fused = chosen in ("triton", "cuda") and _triton_usable_on(inputs.image_features.device)
-    block_backend = "triton" if fused else "chunked"
+    # The block-wise modes (ring, local_loss) run on the block primitives of
+    # the backend clip_loss would run, or of its stand-in (triton for cuda,
+    # chunked for cpu and reference).
+    blocks = block_backend_for(backend, inputs)
     if ring:
-        chunk = DEFAULT_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
         return RingClipLossFunction.apply(
             inputs.image_features, inputs.text_features, inputs.logit_scale, inputs.logit_bias,
-            normalize, block_backend, chunk, bool(allow_tf32), group)
+            normalize, blocks.name, blocks.block(chunk_elements, None), bool(allow_tf32), group)
     all_image, all_text = gather_features(
         inputs.image_features, inputs.text_features, local_loss, gather_with_grad,
         rank, world_size, group)
     if local_loss:
-        return local_clip_loss(inputs, all_image, all_text, rank, normalize, block_backend,
-                               chunk_elements, allow_tf32)
-    return clip_loss(all_image, all_text, inputs.logit_scale, logit_bias=inputs.logit_bias,
-                     normalize=normalize, backend=backend, allow_tf32=allow_tf32)
+        return local_clip_loss(inputs, all_image, all_text, rank, normalize, blocks.name,
+                               blocks.block(chunk_elements, None), allow_tf32)
+    gathered = dataclasses.replace(inputs, image_features=all_image, text_features=all_text)
+    return clip_loss_from_inputs(gathered, normalize=normalize, backend=backend,
+                                 allow_tf32=allow_tf32)
 
 
 # ------------------------------ SigLIP modes -------------------------------- #

@@ -25,7 +25,7 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .reference import safe_normalize
+from .backends.reference import safe_normalize
 
 
 @torch.no_grad()

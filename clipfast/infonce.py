@@ -33,11 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from ._inputs import LossInputs, ScaleLike, check_inputs, poison_invalid_scalars
-from .reference import safe_normalize
-
-# Backends whose row-direction primitive takes rectangular blocks and extra
-# logits (hard negatives, one-direction losses).
-ROW_BACKENDS = ("reference", "chunked", "triton")
+from .backends import ROWS
+from .backends.reference import safe_normalize
+from .dispatch import CLIP, resolve
 
 
 def _check_options(inputs: LossInputs, negative_features, labels, label_smoothing):
@@ -163,17 +161,18 @@ def _linear_terms(q, k, neg, scale, labels, label_smoothing, row_direction: bool
     return scale * term.mean()
 
 
-def info_nce_from_inputs(inputs: LossInputs, chosen: str, *, normalize: bool, negative_features,
+def info_nce_from_inputs(inputs: LossInputs, backend: str, *, normalize: bool, negative_features,
                          labels, label_smoothing: float, symmetric: bool, allow_tf32: bool,
                          chunk_elements: Optional[int], panel_size: Optional[int]):
+    """The loss on validated inputs, on ``backend`` (a name, or auto): the
+    one-hot part on the backend's CLIP operator (symmetric, no extra
+    negatives) or row loss, the linear part here."""
+    _check_options(inputs, negative_features, labels, label_smoothing)
+    needs_rows = negative_features is not None or not symmetric
+    chosen = resolve(backend, inputs, ROWS if needs_rows else CLIP)
+    block = chosen.block(chunk_elements, panel_size)
     q, k = inputs.image_features, inputs.text_features
     scale, bias = inputs.logit_scale, inputs.logit_bias
-    if chosen == "reference":
-        return reference_info_nce_loss(
-            q, k, scale, bias, normalize=normalize, negative_features=negative_features,
-            labels=labels, label_smoothing=label_smoothing, symmetric=symmetric)
-    from .api import block_size, fused_clip_loss_op
-
     per_query = negative_features is not None and negative_features.dim() == 3
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), torch.float32)
     unit = safe_normalize if normalize else (lambda t: t)
@@ -187,10 +186,9 @@ def info_nce_from_inputs(inputs: LossInputs, chosen: str, *, normalize: bool, ne
     s = scale.reshape(()).to(dtype)
 
     if symmetric and negative_features is None:
-        one_hot = fused_clip_loss_op(chosen)(q, k, scale, bias, normalize, allow_tf32,
-                                             block_size(chosen, chunk_elements, panel_size))
+        one_hot = chosen.clip_op()(q, k, scale, bias, normalize, allow_tf32, block)
     else:
-        row = _row_function(chosen, normalize, allow_tf32, chunk_elements, panel_size)
+        row = chosen.row_loss(normalize, allow_tf32, block)
         keys = k
         extra = None
         if negative_features is not None and not per_query:
@@ -198,48 +196,16 @@ def info_nce_from_inputs(inputs: LossInputs, chosen: str, *, normalize: bool, ne
         elif per_query:
             # Each query's own k logits, without the bias (added inside).
             extra = s * torch.einsum("nd,nkd->nk", q_unit, neg_unit)
-        one_hot = row(q, keys, scale, bias, extra)
+        one_hot = row(q, keys, scale, bias, 0, extra)
         if symmetric:
-            one_hot = (one_hot + row(k, q, scale, bias, None)) / 2
+            one_hot = (one_hot + row(k, q, scale, bias, 0, None)) / 2
     if not linear:
-        return one_hot
+        return poison_invalid_scalars(one_hot.to(inputs.loss_dtype), inputs)
     terms = _linear_terms(q_unit, k_unit, neg_unit, s, labels, label_smoothing, True)
     if symmetric:
         terms = (terms + _linear_terms(k_unit, q_unit, None, s, labels, label_smoothing,
                                        False)) / 2
-    return one_hot + terms
-
-
-def _row_function(chosen, normalize, allow_tf32, chunk_elements, panel_size):
-    """``row(queries, keys, scale, bias, extra) -> mean_i CE(row i, label i)``."""
-    if chosen == "triton":
-        from ._triton import TritonRowCrossEntropyFunction
-
-        return lambda q, k, s, b, extra: TritonRowCrossEntropyFunction.apply(
-            q, k, s, b, normalize, 0, allow_tf32, panel_size, extra)
-    from .chunked import DEFAULT_CHUNK_ELEMENTS, ChunkedRowCrossEntropyFunction
-
-    chunk = chunk_elements or DEFAULT_CHUNK_ELEMENTS
-    return lambda q, k, s, b, extra: ChunkedRowCrossEntropyFunction.apply(
-        q, k, s, b, normalize, 0, chunk, extra)
-
-
-def resolve_row_backend(backend: str, inputs: LossInputs, needs_rows: bool) -> str:
-    """The backend that runs a loss needing the row-direction primitive
-    (hard negatives, one direction): auto falls back from cpu/cuda to
-    triton/chunked; naming cpu or cuda is an error that names the others."""
-    from .api import _triton_usable_on, resolve_backend
-
-    chosen = resolve_backend(backend, inputs)
-    if not needs_rows or chosen in ROW_BACKENDS:
-        return chosen
-    if backend == "auto":
-        fused = chosen == "cuda" and _triton_usable_on(inputs.image_features.device) and \
-            torch.float64 not in (inputs.image_features.dtype, inputs.text_features.dtype)
-        return "triton" if fused else "chunked"
-    raise ValueError(
-        f"backend={backend!r} has no one-direction / hard-negative loss yet; the backends "
-        f"with it are {', '.join(ROW_BACKENDS)} (and 'auto')")
+    return poison_invalid_scalars((one_hot + terms).to(inputs.loss_dtype), inputs)
 
 
 def info_nce_loss(
@@ -292,11 +258,7 @@ def info_nce_loss(
         0-dim tensor (float32 for half-precision inputs).
     """
     inputs = check_inputs(queries, keys, logit_scale, logit_bias)
-    _check_options(inputs, negative_features, labels, label_smoothing)
-    needs_rows = negative_features is not None or not symmetric
-    chosen = resolve_row_backend(backend, inputs, needs_rows)
-    loss = info_nce_from_inputs(
-        inputs, chosen, normalize=normalize, negative_features=negative_features, labels=labels,
+    return info_nce_from_inputs(
+        inputs, backend, normalize=normalize, negative_features=negative_features, labels=labels,
         label_smoothing=label_smoothing, symmetric=symmetric, allow_tf32=allow_tf32,
         chunk_elements=chunk_elements, panel_size=panel_size)
-    return poison_invalid_scalars(loss.to(inputs.loss_dtype), inputs)

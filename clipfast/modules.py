@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from typing import Optional
@@ -12,9 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ._inputs import check_inputs
-from .api import BACKENDS, clip_loss
-from .chunked import DEFAULT_CHUNK_ELEMENTS
+from ._inputs import LossInputs, check_inputs
+from .api import clip_loss_from_inputs, siglip_loss_from_inputs
+from .backends.chunked import DEFAULT_CHUNK_ELEMENTS
+from .backends.reference import siglip_labels
+from .dispatch import BACKENDS
 from .distributed import distributed_clip_loss, gather_features, mode_warning
 
 
@@ -154,24 +157,16 @@ class ClipLoss(nn.Module):
             logits_per_text = logits_per_text + logit_bias
         return logits_per_image, logits_per_text
 
-    def _contrastive(self, image_features, text_features, logit_scale, logit_bias=None):
+    def _contrastive(self, inputs: LossInputs):
         if self.world_size > 1:
-            inputs = check_inputs(image_features, text_features, logit_scale, logit_bias)
             loss = distributed_clip_loss(
                 inputs, local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
                 ring=self.ring, rank=self.rank, world_size=self.world_size,
                 normalize=self.normalize, backend=self.backend, group=self.group,
                 allow_tf32=self.allow_tf32)
             return loss.to(inputs.loss_dtype)
-        return clip_loss(
-            image_features,
-            text_features,
-            logit_scale,
-            logit_bias=logit_bias,
-            normalize=self.normalize,
-            backend=self.backend,
-            allow_tf32=self.allow_tf32,
-        )
+        return clip_loss_from_inputs(inputs, normalize=self.normalize, backend=self.backend,
+                                     allow_tf32=self.allow_tf32)
 
     def forward(
         self,
@@ -181,7 +176,8 @@ class ClipLoss(nn.Module):
         logit_bias: Optional[torch.Tensor] = None,
         output_dict: bool = False,
     ):
-        loss = self._contrastive(image_features, text_features, logit_scale, logit_bias)
+        inputs = check_inputs(image_features, text_features, logit_scale, logit_bias)
+        loss = self._contrastive(inputs)
         return {"contrastive_loss": loss} if output_dict else loss
 
     def extra_repr(self) -> str:
@@ -339,7 +335,7 @@ class DistillClipLoss(ClipLoss):
                 f"batch size mismatch: image_features has shape "
                 f"{tuple(student.image_features.shape)} and dist_image_features has shape "
                 f"{tuple(teacher.image_features.shape)}; the teacher must score the same batch")
-        contrastive_loss = self._contrastive(image_features, text_features, logit_scale)
+        contrastive_loss = self._contrastive(student)
         distill_loss = self._distill(
             (student.image_features, student.text_features, student.logit_scale),
             (teacher.image_features, teacher.text_features, teacher.logit_scale))
@@ -402,7 +398,8 @@ class CoCaLoss(ClipLoss):
                 f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}"
                 f"{' ' + str(labels.dtype) if isinstance(labels, torch.Tensor) else ''}")
         if self.clip_loss_weight:
-            clip = self.clip_loss_weight * self._contrastive(image_features, text_features, logit_scale)
+            clip = self.clip_loss_weight * self._contrastive(
+                check_inputs(image_features, text_features, logit_scale))
         else:
             clip = torch.tensor(0, device=logits.device)
         caption = self.caption_loss(logits.permute(0, 2, 1), labels.long()) * self.caption_loss_weight
@@ -458,8 +455,6 @@ class SigLipLoss(nn.Module):
     def get_ground_truth(self, device, dtype, num_logits: int, negative_only: bool = False):
         """open_clip's labels: -1 everywhere, +1 on the diagonal unless
         ``negative_only`` (an N x N tensor; ``forward`` never builds it)."""
-        from .siglip import siglip_labels
-
         return siglip_labels(num_logits, num_logits, not negative_only, dtype, device)
 
     def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
@@ -473,27 +468,25 @@ class SigLipLoss(nn.Module):
             logits = logits + logit_bias
         return logits
 
-    def _loss(self, image_features, text_features, logit_scale, logit_bias=None,
-              negative_only: bool = False):
-        from .api import siglip_loss
-
-        return siglip_loss(image_features, text_features, logit_scale, logit_bias,
-                           normalize=self.normalize, backend=self.backend,
-                           allow_tf32=self.allow_tf32, positives=not negative_only)
+    def _loss(self, inputs: LossInputs, positives: bool = True):
+        return siglip_loss_from_inputs(inputs, normalize=self.normalize, backend=self.backend,
+                                       allow_tf32=self.allow_tf32, positives=positives)
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None,
                 output_dict: bool = False):
+        inputs = check_inputs(image_features, text_features, logit_scale, logit_bias)
         if self.world_size > 1:
             from .distributed import check_process_group, siglip_distributed_loss
 
-            inputs = check_inputs(image_features, text_features, logit_scale, logit_bias)
             check_process_group("SigLipLoss", self.rank, self.world_size, self.group)
+            # Blocks against other ranks' texts: the same validated scalars,
+            # texts of the shape and dtype every rank checked for its own.
             loss = siglip_distributed_loss(
                 inputs, lambda x, y, positives: self._loss(
-                    x, y, inputs.logit_scale, inputs.logit_bias, negative_only=not positives),
+                    dataclasses.replace(inputs, image_features=x, text_features=y), positives),
                 dist_impl=self.dist_impl, group=self.group)
         else:
-            loss = self._loss(image_features, text_features, logit_scale, logit_bias)
+            loss = self._loss(inputs)
         return {"contrastive_loss": loss} if output_dict else loss
 
     def extra_repr(self) -> str:

@@ -5,7 +5,7 @@
 
 No GPU is needed and none is measured: the launchers run for the requested
 shape with every launch compiled for sm_90 instead of run
-(``clipfast/_triton/aot.py``), so the model sees the grids, panel counts and
+(``clipfast/backends/triton/aot.py``), so the model sees the grids, panel counts and
 configurations the library would use, and the SASS of every kernel. From the
 SASS it counts, per tile, the main loop's instructions and the epilogue's
 (instructions and MUFU exponentials outside the matmul loop), and from ptxas
@@ -358,10 +358,10 @@ def _run_launchers(n: int, d: int, dtype, arch: int, sm_count: int, loss: str = 
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from ._triton import aot
-    from ._ops import KernelOptions
-    from ._triton import clip_loss as kernels
-    from ._triton import siglip
+    from .backends.triton import aot
+    from .backends._ops import KernelOptions
+    from .backends.triton import clip_loss as kernels
+    from .backends.triton import siglip
 
     class CountOps(TorchDispatchMode):
         def __init__(self):
@@ -414,7 +414,7 @@ def estimate(n: int, d: int, dtype: str = "bf16", gpu: GPU = H100, arch: int = 9
              loss: str = "clip") -> Estimate:
     import torch
 
-    from ._triton import aot
+    from .backends.triton import aot
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     launches, ops = _run_launchers(n, d, torch_dtype, arch, gpu.sms, loss)
@@ -463,7 +463,7 @@ def cuda_kernels(arch: int = 90):
     import subprocess
     import tempfile
 
-    from ._triton.aot import _nvidia_tool
+    from .backends.triton.aot import _nvidia_tool
     from .aot_check import REPO, _demangle, _parse_ptxas
 
     nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
@@ -491,11 +491,11 @@ def cuda_kernels(arch: int = 90):
 
 def estimate_cuda(n: int, d: int, dtype: str = "bf16", gpu: GPU = H100, arch: int = 90,
                   kernels=None) -> Estimate:
-    """The CUDA backend's schedule (cuda_backend.py, tiles.cu) on the same
+    """The CUDA backend's schedule (backends/cuda.py, tiles.cu) on the same
     per-tile model: forward super-tiles, then per p x p panel of G one
     recompute launch and one launch of both products, dX^ finished per row
     panel. Launches come from a C++ loop: host cost ``host_launch_s / 4``."""
-    from .cuda_backend import panel_plan
+    from .backends.cuda import panel_plan
 
     cpp_type = {"bf16": "__nv_bfloat16", "fp16": "__half", "fp32": "float"}[dtype]
     kernels = cuda_kernels(arch) if kernels is None else kernels

@@ -22,7 +22,7 @@ import torch
 from . import digits
 from ._cli import atomic_output, atomic_write_text, show_info_logs, unwritable_folder
 from ._cli import progress as progress_lines
-from .api import BACKENDS
+from .dispatch import BACKENDS
 from .evaluation import retrieval_metrics, zero_shot_classifier, zero_shot_metrics
 from .gradcache import cached_contrastive_backward
 from .models import CaptionTokenizer, build_clip

@@ -27,5 +27,5 @@ g++ -std=c++20 -O1 -g -fPIC -shared -pthread -fno-strict-aliasing -Wno-unknown-p
 cd "$OUT/pkg"
 LD_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libubsan.so)" \
 ASAN_OPTIONS=detect_leaks=0,halt_on_error=1 PYTHONPATH=. \
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_emulated.py \
-        tests/test_siglip_cuda_emulated.py "$@"
+    "$PY" -m pytest -q -p no:cacheprovider tests/backends/test_cuda_emulated.py \
+        tests/backends/test_cuda_siglip_emulated.py "$@"

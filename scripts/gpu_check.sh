@@ -7,7 +7,7 @@
 #          own pybind11), versions and nvidia-smi
 #   tests  the whole suite on CUDA (GPU-only tests run instead of skipping);
 #          every failure is reported, not just the first
-#   cuda   only tests/test_cuda_backend.py (quick check of the CUDA backend)
+#   cuda   only tests/backends/test_cuda.py (quick check of the CUDA backend)
 #   bench-bf16 | bench-fp32 | bench-fp16   the benchmark sweep in one dtype,
 #          plus backend="auto"'s table merged with its points
 # Logs and results go under OUT_DIR. Each stage after `build` expects the
@@ -37,7 +37,7 @@ for stage in "${STAGES[@]}"; do
         [ "$status" -ne 0 ] && rc=$status
         ;;
     cuda)
-        python3 -m pytest -q -p no:cacheprovider -rf tests/test_cuda_backend.py 2>&1 \
+        python3 -m pytest -q -p no:cacheprovider -rf tests/backends/test_cuda.py 2>&1 \
             | tail -n 300 > "$OUT/tests_cuda.log"
         status=${PIPESTATUS[0]}
         tail -n 40 "$OUT/tests_cuda.log"

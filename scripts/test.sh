@@ -20,6 +20,6 @@ PYTHON=.venv/bin/python bash scripts/aot_check.sh
 # The CUDA kernels once more through the CPU emulation, under AddressSanitizer
 # and alignment checks (CLIPFAST_ASAN=0 skips this).
 if [ "${CLIPFAST_ASAN:-1}" != "0" ]; then
-    echo "== pytest 2 of 2: tests/test_cuda_emulated.py again, kernels built with AddressSanitizer"
+    echo "== pytest 2 of 2: tests/backends/test_cuda_emulated.py again, kernels built with AddressSanitizer"
     PYTHON=.venv/bin/python bash scripts/asan_emulated.sh -n "${PYTEST_WORKERS:-2}"
 fi

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 import clipfast
-from clipfast.siglip import reference_siglip_loss
+from clipfast.backends.reference import reference_siglip_loss
 
 from .parity import floor_for, make_features
 
@@ -65,7 +65,7 @@ def assert_siglip_parity(
     allow_tf32: bool = True,
 ):
     """``ref_dtype``: the plain reference in this dtype stands for "the same
-    dtype" (float16 for TF32, as in tests/test_cuda_emulated.py)."""
+    dtype" (float16 for TF32, as in tests/backends/test_cuda_emulated.py)."""
     y_dtype = y_dtype or x_dtype
     x32, y32 = make_features(n, d, torch.float32, device, seed, correlated=correlated)
     x, y = x32.to(x_dtype), y32.to(y_dtype)

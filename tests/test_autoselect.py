@@ -67,7 +67,7 @@ def test_override_table_takes_precedence(tmp_path, monkeypatch):
     x = torch.randn(300, 64)
     table.write_text(json.dumps([_point("cpu", "any", "fp32", 300, 64, chunked=5.0, cpu=1.0)]))
     monkeypatch.setenv("CLIPFAST_AUTO_TABLE", str(table))
-    expected = "cpu" if clipfast.cpu_backend.available() else "chunked"
+    expected = "cpu" if clipfast.backends.cpu.available() else "chunked"
     assert choose(x, x) == expected
     inputs = clipfast._inputs.check_inputs(x, x, 1.0)
     assert clipfast.resolve_backend("auto", inputs) == expected

@@ -153,7 +153,7 @@ def test_siglip_modes_match_the_concatenated_batch(world_size, name, kwargs, dty
     # Each rank's loss covers its images against every rank's texts, divided
     # by its local N: their mean is the single-process loss of the whole
     # batch, and DDP's averaged gradients are that loss's gradients.
-    from clipfast.siglip import reference_siglip_loss
+    from clipfast.backends.reference import reference_siglip_loss
 
     results = _run(world_size, tmp_root)
     problem = make_problem(LOCAL_N * world_size)

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import clipfast
-from clipfast import clip_loss, cpu_backend, cuda_backend, info_nce_loss
+from clipfast import clip_loss, info_nce_loss
+from clipfast.backends import cpu as cpu_backend, cuda as cuda_backend
 from clipfast.infonce import reference_info_nce_loss
-from clipfast.reference import reference_clip_loss
+from clipfast.backends.reference import reference_clip_loss
 
 from .parity import floor_for, make_features, requires_cuda
 

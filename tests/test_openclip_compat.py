@@ -141,7 +141,7 @@ def test_clip_loss_matches_open_clip_fp64(backend, normalize, bias):
 
 
 def _cpu_backend_params():
-    from clipfast.cpu_backend import available
+    from clipfast.backends.cpu import available
 
     return [pytest.param("cpu", marks=pytest.mark.skipif(not available(), reason="no _cpu extension"))]
 
@@ -178,7 +178,7 @@ def test_allow_tf32_and_backend_reach_clip_loss(monkeypatch):
         seen.update(kwargs)
         return torch.zeros(())
 
-    monkeypatch.setattr(modules_mod, "clip_loss", spy)
+    monkeypatch.setattr(modules_mod, "clip_loss_from_inputs", spy)
     x = torch.randn(3, 2)
     ClipLoss(backend="chunked", allow_tf32=False, normalize=True)(x, x, 1.0)
     assert seen["allow_tf32"] is False and seen["backend"] == "chunked" and seen["normalize"] is True
@@ -510,7 +510,7 @@ def test_coca_without_clip_weight_returns_a_zero_contrastive_loss(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the contrastive loss must not be computed with clip_loss_weight=0")
 
-    monkeypatch.setattr(modules_mod, "clip_loss", fail)
+    monkeypatch.setattr(modules_mod, "clip_loss_from_inputs", fail)
     clip, caption = CoCaLoss(caption_loss_weight=1.0, clip_loss_weight=0.0)(x, y, logits, labels, s)
     assert clip.item() == 0 and clip.device == logits.device
     torch.testing.assert_close(caption, F.cross_entropy(logits.permute(0, 2, 1), labels, ignore_index=0))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import clipfast
 from clipfast import SigLipLoss, siglip_loss
-from clipfast.siglip import reference_siglip_loss
+from clipfast.backends.reference import reference_siglip_loss
 
 from .parity import floor_for, make_features
 

@@ -12,7 +12,8 @@ import threading
 import pytest
 import torch
 
-from clipfast import clip_loss, cpu_backend, cuda_backend
+from clipfast import clip_loss
+from clipfast.backends import cpu as cpu_backend, cuda as cuda_backend
 
 from .parity import make_features
 

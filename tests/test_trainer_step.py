@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import clipfast
-from clipfast import cpu_backend, cuda_backend
+from clipfast.backends import cpu as cpu_backend, cuda as cuda_backend
 
 
 class DualEncoder(nn.Module):

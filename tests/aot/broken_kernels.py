@@ -5,8 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
-from clipfast._triton import aot
-from clipfast._triton import clip_loss as kernels
+from clipfast.backends.triton import aot
+from clipfast.backends.triton import clip_loss as kernels
 
 
 @triton.jit

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from clipfast._triton import aot
+from clipfast.backends.triton import aot
 
 _DTYPES = {"bf16": (torch.bfloat16, True), "fp16": (torch.float16, True),
            "tf32": (torch.float32, True), "fp32": (torch.float32, False)}

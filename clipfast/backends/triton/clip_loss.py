@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import threading
 from typing import Optional
 
@@ -51,7 +50,8 @@ import triton.language as tl
 
 from .._ops import (DISTRIBUTED_DOUBLE_BACKWARD, KernelOptions, define_clip_loss_op,
                     exact_zero_bias_grad, pack_stats, refuse_double_backward, without_autocast)
-from ..chunked import clip_loss_from_stats, extra_logits_grad, merge_extra_logits, with_bias
+from ._runtime import interpreter_requested as interpreter_active
+from .._stats import clip_loss_from_stats, extra_logits_grad, merge_extra_logits, with_bias
 
 _NORM_EPS = 1e-12
 _TORCH_TO_TL = {
@@ -59,10 +59,6 @@ _TORCH_TO_TL = {
     torch.bfloat16: tl.bfloat16,
     torch.float32: tl.float32,
 }
-
-
-def interpreter_active() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # The interpreter runs a kernel by patching triton.language process-wide for
@@ -1063,7 +1059,7 @@ def _scalars(scale, bias):
 
 
 def triton_forward(x, y, scale, bias, options: KernelOptions):
-    """(loss, stats) through the fused kernels (see ``clipfast._ops``)."""
+    """(loss, stats) through the fused kernels (see ``clipfast.backends._ops``)."""
     scale_f32, bias_f32 = _scalars(scale, bias)
     inv_x, inv_y = inverse_norms(x, options.normalize), inverse_norms(y, options.normalize)
     row_max, row_sum, col_max, col_sum, diag = block_stats(
@@ -1134,3 +1130,40 @@ class TritonRowCrossEntropyFunction(torch.autograd.Function):
         if ctx.needs_input_grad[8]:
             grad_extra = extra_logits_grad(extra, row_max, row_logsum, coef)
         return grads + (grad_extra,)
+
+
+class TritonBlockOps:
+    """The same operations with the fused Triton kernels (CUDA, or the interpreter)."""
+
+    def __init__(self, x, y, normalize: bool, block: int, allow_tf32: bool = True):
+        self.dtype = torch.float32
+        self.normalize = normalize
+        self.allow_tf32 = allow_tf32
+        self.folded = folds_inv_norms(x, y, normalize)
+
+    def inverse_norms(self, features):
+        return inverse_norms(features, self.normalize)
+
+    def scalars(self, scale, bias):
+        s = scale.detach().reshape(1).float().contiguous()
+        return s, bias.detach().reshape(1).float().contiguous() if bias is not None else None
+
+    def stats(self, x, inv_x, y, inv_y, s, b, diag_offset, with_cols=True):
+        return block_stats(x, y, inv_x, inv_y, s, b, diag_offset, with_cols, self.allow_tf32)
+
+    def new_accumulator(self, rows, d, device):
+        return torch.zeros(rows, d, dtype=torch.float32, device=device)
+
+    def grads(self, x, inv_x, y, inv_y, s, b, row_stats, col_stats, diag_offset, x_acc, y_acc):
+        """x_acc += G Y^, y_acc += G^T X^ (carrying the inverse norms when folded)."""
+        return block_grads(
+            x, y, inv_x, inv_y, s, b, row_stats, col_stats, diag_offset,
+            normalize=self.normalize, allow_tf32=self.allow_tf32, panel=None,
+            x_acc=x_acc, y_acc=y_acc)
+
+    def finish(self, acc, features, inv_norm, s, coef):
+        out = torch.empty(features.shape, dtype=features.dtype, device=features.device)
+        factor = (s.reshape(1) * coef.reshape(1)).float().contiguous()
+        finish_feature_grad(acc, features, inv_norm, factor, self.normalize,
+                                         self.folded, out)
+        return out

@@ -31,12 +31,16 @@ behave alike under autocast and double backward:
 # No ``from __future__ import annotations``: torch.library.custom_op reads the
 # schema from the annotations, and older torch (2.6) wants real types there.
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from . import reference
+
 STATS_ROWS = 6  # inv_x, inv_y, row_max, row_logsum, col_max, col_logsum
+SIGLIP_STATS_ROWS = 2  # inv_x, inv_y: SigLIP's backward needs no softmax statistics
 
 # What to do instead, for the distributed modes' double-backward error.
 DISTRIBUTED_DOUBLE_BACKWARD = (
@@ -146,12 +150,17 @@ class LossSpec:
 
 
 def _clip_reference(x, y, scale, bias, normalize):
-    from .reference import reference_clip_loss
-
-    return reference_clip_loss(x, y, scale, bias, normalize)
+    # Looked up per call, so that tests can watch it being called.
+    return reference.reference_clip_loss(x, y, scale, bias, normalize)
 
 
 CLIP = LossSpec("clip", STATS_ROWS, _clip_reference, kernel_bias_grad=False)
+# SigLIP with positives on the diagonal, and the all-negative blocks of its
+# distributed form (other ranks' texts).
+SIGLIP = LossSpec("siglip", SIGLIP_STATS_ROWS, reference.reference_siglip_loss, kernel_bias_grad=True)
+SIGLIP_NEGATIVES = LossSpec(
+    "siglip_negatives", SIGLIP_STATS_ROWS,
+    functools.partial(reference.reference_siglip_loss, positives=False), kernel_bias_grad=True)
 
 _OPS: Dict[Tuple[str, str], Callable] = {}
 
@@ -160,6 +169,16 @@ def define_clip_loss_op(backend: str, forward: Callable, backward: Callable) -> 
     """Register ``clipfast::<backend>_clip_loss`` (+ ``_backward``) and return
     ``op(x, y, scale, bias, normalize, allow_tf32, block) -> loss``."""
     return define_loss_op(CLIP, backend, forward, backward)
+
+
+def define_siglip_ops(backend: str, forward: Callable, backward: Callable) -> Dict[bool, Callable]:
+    """Register a backend's SigLIP operators from ``forward(..., positives)``
+    and ``backward(..., positives)``; returns {positives: op}."""
+    return {
+        positives: define_loss_op(spec, backend, functools.partial(forward, positives=positives),
+                                  functools.partial(backward, positives=positives))
+        for positives, spec in ((True, SIGLIP), (False, SIGLIP_NEGATIVES))
+    }
 
 
 def define_loss_op(spec: LossSpec, backend: str, forward: Callable, backward: Callable) -> Callable:

@@ -194,9 +194,7 @@ def _row_ce_step(q, k, scale, bias, normalize, offset, allow_tf32):
 def _ring_block_step(x, y, normalize, allow_tf32, diag_offset):
     """The ring's per-block work (distributed.TritonBlockOps): statistics with
     column partials, fp32 accumulators on both sides, then the finish."""
-    from ..distributed import TritonBlockOps
-
-    ops = TritonBlockOps(x, y, normalize, 0, allow_tf32)
+    ops = _kernels.TritonBlockOps(x, y, normalize, 0, allow_tf32)
     s, b = ops.scalars(torch.ones((), device=x.device), None)
     inv_x, inv_y = ops.inverse_norms(x), ops.inverse_norms(y)
     rmax, rsum, cmax, csum, _ = ops.stats(x, inv_x, y, inv_y, s, b, diag_offset)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from clipfast import clip_loss
-from clipfast.reference import reference_clip_loss
+from clipfast.backends.reference import reference_clip_loss
 
 
 def _loss_from_spec(x, y, s, b, normalize):

@@ -20,9 +20,10 @@ import math
 import pytest
 import torch
 
-from clipfast import clip_loss, cpu_backend, cuda_backend
+from clipfast import clip_loss
+from clipfast.backends import cpu as cpu_backend, cuda as cuda_backend
 
-from .parity import _loss_and_grads, floor_for
+from ..parity import _loss_and_grads, floor_for
 
 EPS = 1e-12
 SCALE = 30.0

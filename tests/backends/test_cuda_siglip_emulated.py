@@ -1,6 +1,6 @@
 """The CUDA backend's SigLIP loss: its kernels on the CPU through the
-emulation build (clipfast._cuda_emulated, see tests/test_cuda_emulated.py),
-against open_clip's formula (clipfast.siglip.reference_siglip_loss) by the
+emulation build (clipfast._cuda_emulated, see tests/backends/test_cuda_emulated.py),
+against open_clip's formula (clipfast.backends.reference.reference_siglip_loss) by the
 accuracy rule of tests/parity.py; and, on a CUDA GPU, the same kernels at
 sizes the emulation cannot reach. Tiny shapes here: every emulated block
 spawns 256 threads."""
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import clipfast
-from clipfast import cuda_backend
+from clipfast.backends import cuda as cuda_backend
 
-from .parity import make_features, requires_cuda, unaligned_copy
-from .siglip_parity import assert_siglip_parity, loss_and_grads, scalars
+from ..parity import make_features, requires_cuda, unaligned_copy
+from ..siglip_parity import assert_siglip_parity, loss_and_grads, scalars
 
 emulated = pytest.mark.skipif(
     not cuda_backend.emulation_available(),

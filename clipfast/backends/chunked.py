@@ -1,4 +1,5 @@
-"""Chunked CLIP loss in pure PyTorch: any device, extra memory O(chunk * N).
+"""The chunked backend: CLIP and SigLIP losses in pure PyTorch, on any device,
+with extra memory O(chunk * N).
 
 Forward walks over row chunks of the logit matrix: each chunk gives its rows'
 statistics directly and is merged into running column statistics (online
@@ -15,10 +16,15 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
-from ._inputs import LossInputs
-from ._ops import (DISTRIBUTED_DOUBLE_BACKWARD, KernelOptions, compute_dtype, define_clip_loss_op, exact_zero_bias_grad,
-                   pack_stats, refuse_double_backward, without_autocast)
+from ._base import BLOCKS, HALF_AND_SINGLE, ROWS, SIGLIP, Backend
+from ._ops import (DISTRIBUTED_DOUBLE_BACKWARD, KernelOptions, compute_dtype, define_clip_loss_op,
+                   define_siglip_ops, exact_zero_bias_grad, pack_stats, refuse_double_backward,
+                   without_autocast)
+from ._stats import (clip_loss_from_stats, extra_logits_grad, merge_extra_logits, merge_logsumexp,
+                     with_bias)
+from .reference import siglip_labels
 
 # Default number of logits materialised at once (rows_per_chunk * N).
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
@@ -27,9 +33,12 @@ _NORM_EPS = 1e-12  # as F.normalize
 
 
 
-def _rows_per_chunk(n: int, chunk_elements: int) -> int:
-    # At most half the rows: the N x N logits never exist, even for small N.
-    return max(1, min(-(-n // 2), chunk_elements // max(n, 1)))
+def _block_rows(m: int, k: int, chunk_elements: int) -> int:
+    """Rows per chunk of an M x K block: chunk_elements // K, and for a square
+    block at most half the rows, so the N x N logits never exist, even for
+    small N."""
+    rows = min(m, chunk_elements // max(k, 1))
+    return max(1, min(-(-m // 2), rows) if m == k else rows)
 
 
 def _pow2_row_scales(features: torch.Tensor) -> torch.Tensor:
@@ -94,8 +103,7 @@ def block_forward(x_unit, y_unit, scale, bias, diag_offset: Optional[int], chunk
     ``diag_offset`` is None, i.e. the block holds no labels).
     """
     m, k = x_unit.shape[0], y_unit.shape[0]
-    rows = _rows_per_chunk(max(m, k), chunk_elements) if m == k else max(
-        1, min(m, chunk_elements // max(k, 1)))
+    rows = _block_rows(m, k, chunk_elements)
     dtype, device = x_unit.dtype, x_unit.device
     row_max = torch.empty(m, dtype=dtype, device=device)
     row_sum = torch.empty(m, dtype=dtype, device=device)
@@ -111,10 +119,9 @@ def block_forward(x_unit, y_unit, scale, bias, diag_offset: Optional[int], chunk
         row_max[start:stop] = chunk_row_max
         row_sum[start:stop] = torch.exp(logits - chunk_row_max[:, None]).sum(dim=1)
         if with_cols:
-            new_col_max = torch.maximum(col_max, logits.max(dim=0).values)
-            col_sum = col_sum * torch.exp(col_max - new_col_max) + torch.exp(
-                logits - new_col_max[None, :]).sum(dim=0)
-            col_max = new_col_max
+            chunk_col_max = logits.max(dim=0).values
+            col_max, col_sum = merge_logsumexp(
+                col_max, col_sum, chunk_col_max, torch.exp(logits - chunk_col_max[None, :]).sum(dim=0))
         if diag is not None:
             diag[start:stop] = logits.diagonal(offset=start + diag_offset)
     return row_max, row_sum, col_max, col_sum, diag
@@ -130,8 +137,7 @@ def block_backward(x_unit, y_unit, scale, bias, row_stats, col_stats, diag_offse
     dL/dY^ (K x d) or None, dL/ds): dX^ = s G Y^, dY^ = s G^T X^, ds = sum G cos.
     """
     m, k = x_unit.shape[0], y_unit.shape[0]
-    rows = _rows_per_chunk(max(m, k), chunk_elements) if m == k else max(
-        1, min(m, chunk_elements // max(k, 1)))
+    rows = _block_rows(m, k, chunk_elements)
     grad_x = torch.empty_like(x_unit) if need_x else None
     grad_y = torch.zeros_like(y_unit) if need_y else None
     grad_s = torch.zeros((), dtype=x_unit.dtype, device=x_unit.device)
@@ -176,7 +182,7 @@ def _prepare(x, y, scale, bias, normalize):
 
 
 def chunked_forward(x, y, scale, bias, options: KernelOptions):
-    """(loss, stats) of the whole N x N problem (see ``clipfast._ops``)."""
+    """(loss, stats) of the whole N x N problem (see ``clipfast.backends._ops``)."""
     _, inv_x, inv_y, s, b = _prepare(x, y, scale, bias, options.normalize)
     row_max, row_sum, col_max, col_sum, diag = block_forward(
         unit_rows(x, inv_x), unit_rows(y, inv_y), s, b, 0, _chunk(options.block))
@@ -266,56 +272,162 @@ class ChunkedRowCrossEntropyFunction(torch.autograd.Function):
         return grads + (grad_extra,)
 
 
-def with_bias(extra_logits, bias):
-    """The extra logits (without bias) plus the bias, in the bias's dtype."""
-    if extra_logits is None:
-        return None
-    extra = extra_logits.detach().to(row_dtype(extra_logits, bias))
-    return extra if bias is None else extra + bias
-
-
-def row_dtype(extra_logits, bias):
-    return extra_logits.dtype if bias is None else torch.promote_types(extra_logits.dtype, bias.dtype)
-
-
-def merge_extra_logits(row_max, row_sum, extra):
-    """Fold per-row extra logits (M x k: each query's own further columns,
-    e.g. its hard negatives) into the rows' (max, sum exp) statistics."""
-    extra = extra.to(row_max.dtype)
-    new_max = torch.maximum(row_max, extra.max(dim=1).values)
-    new_sum = row_sum * torch.exp(row_max - new_max) + torch.exp(extra - new_max[:, None]).sum(dim=1)
-    return new_max, new_sum
-
-
-def extra_logits_grad(extra, row_max, row_logsum, coef):
-    """d loss / d extra logits: their softmax probabilities (never labels)."""
-    prob = torch.exp((extra.to(row_max.dtype) - row_max[:, None]) - row_logsum[:, None])
-    return prob * coef
-
-
-def clip_loss_from_stats(row_max, row_logsum, col_max, col_logsum, diag_logits):
-    """Loss from split log-sum-exps: lse = max + log(sum exp(L - max)).
-
-    Keeping the max and the log-sum apart (instead of one rounded lse) is what
-    makes exp((L - max) - logsum) as accurate as PyTorch's softmax: L - max is
-    exact when L is near the max, while a rounded lse of magnitude |L| would
-    carry an absolute error of ulp(|L|) into every probability.
-    """
-    n = diag_logits.shape[0]
-    row_ce = (row_max - diag_logits) + row_logsum
-    col_ce = (col_max - diag_logits) + col_logsum
-    return (row_ce.sum() + col_ce.sum()) / (2 * n)
-
-
 def _chunk(block: int) -> int:
     return DEFAULT_CHUNK_ELEMENTS if block == 0 else block
 
 
-def chunked_clip_loss(
-    inputs: LossInputs, normalize: bool = True, chunk_elements: Optional[int] = None
-) -> torch.Tensor:
-    if chunk_elements is not None and int(chunk_elements) < 1:
-        raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
-    return chunked_clip_loss_op(
-        inputs.image_features, inputs.text_features, inputs.logit_scale, inputs.logit_bias,
-        normalize, True, 0 if chunk_elements is None else int(chunk_elements))
+# --------------------------------------------------------------------------- #
+# SigLIP: G_ij = -z_ij sigmoid(-z_ij L_ij) / N needs no softmax statistics, so
+# forward and backward are each one sweep over row chunks.
+# --------------------------------------------------------------------------- #
+
+
+def _chunk_logits(x_unit, y_unit, scale, bias, start, stop, positives):
+    cos = x_unit[start:stop] @ y_unit.t()
+    logits = scale * cos
+    if bias is not None:
+        logits = logits + bias
+    labels = siglip_labels(stop - start, y_unit.shape[0], False, logits.dtype, logits.device)
+    if positives:
+        labels.diagonal(offset=start).fill_(1.0)
+    return cos, logits, labels
+
+
+def siglip_block_sum(x_unit, y_unit, scale, bias, positives: bool, chunk_elements: int):
+    """sum_ij -logsigmoid(z_ij L_ij) over one block, in row chunks."""
+    total = torch.zeros((), dtype=x_unit.dtype, device=x_unit.device)
+    rows = _block_rows(x_unit.shape[0], y_unit.shape[0], chunk_elements)
+    for start in range(0, x_unit.shape[0], rows):
+        stop = min(x_unit.shape[0], start + rows)
+        _, logits, labels = _chunk_logits(x_unit, y_unit, scale, bias, start, stop, positives)
+        total = total - F.logsigmoid(labels * logits).sum()
+    return total
+
+
+def siglip_block_backward(x_unit, y_unit, scale, bias, positives: bool, coef, chunk_elements: int,
+                          need_x: bool = True, need_y: bool = True):
+    """(dX^, dY^, sum G cos, sum G) of ``coef`` x the block's loss sum."""
+    rows = _block_rows(x_unit.shape[0], y_unit.shape[0], chunk_elements)
+    grad_x = torch.empty_like(x_unit) if need_x else None
+    grad_y = torch.zeros_like(y_unit) if need_y else None
+    grad_s = torch.zeros((), dtype=x_unit.dtype, device=x_unit.device)
+    grad_b = torch.zeros((), dtype=x_unit.dtype, device=x_unit.device)
+    for start in range(0, x_unit.shape[0], rows):
+        stop = min(x_unit.shape[0], start + rows)
+        cos, logits, labels = _chunk_logits(x_unit, y_unit, scale, bias, start, stop, positives)
+        # d/dL of -logsigmoid(z L) = -z sigmoid(-z L); sigmoid is stable both ways.
+        grad_logits = -labels * torch.sigmoid(-labels * logits) * coef
+        grad_s += (grad_logits * cos).sum()
+        grad_b += grad_logits.sum()
+        if need_x:
+            grad_x[start:stop] = scale * (grad_logits @ y_unit)
+        if need_y:
+            grad_y += scale * (grad_logits.t() @ x_unit[start:stop])
+    return grad_x, grad_y, grad_s, grad_b
+
+
+def _prepared(x, y, scale, bias, options: KernelOptions):
+    _, inv_x, inv_y, s, b = _prepare(x, y, scale, bias, options.normalize)
+    return unit_rows(x, inv_x), unit_rows(y, inv_y), inv_x, inv_y, s, b
+
+
+def chunked_siglip_forward(x, y, scale, bias, options: KernelOptions, positives: bool = True):
+    """(loss, stats = [inv_x, inv_y]) (see ``clipfast.backends._ops``)."""
+    x_unit, y_unit, inv_x, inv_y, s, b = _prepared(x, y, scale, bias, options)
+    total = siglip_block_sum(x_unit, y_unit, s, b, positives, _chunk(options.block))
+    return total / x.shape[0], torch.stack([inv_x, inv_y])
+
+
+def chunked_siglip_backward(grad_loss, x, y, scale, bias, stats, options: KernelOptions,
+                            need_x: bool, need_y: bool, need_scale: bool, need_bias: bool,
+                            positives: bool = True):
+    x_unit, y_unit, inv_x, inv_y, s, b = _prepared(x, y, scale, bias, options)
+    coef = grad_loss.to(x_unit.dtype) / x.shape[0]
+    grad_x_unit, grad_y_unit, grad_s, grad_b = siglip_block_backward(
+        x_unit, y_unit, s, b, positives, coef, _chunk(options.block), need_x, need_y)
+    return (features_grad(grad_x_unit, x, inv_x, options.normalize) if need_x else None,
+            features_grad(grad_y_unit, y, inv_y, options.normalize) if need_y else None,
+            grad_s.reshape(scale.shape).to(scale.dtype) if need_scale else None,
+            grad_b.reshape(bias.shape).to(bias.dtype) if need_bias and bias is not None else None)
+
+
+chunked_siglip_ops = define_siglip_ops("chunked", chunked_siglip_forward, chunked_siglip_backward)
+
+
+# --------------------------------------------------------------------------- #
+# Block primitives for the distributed ring mode (clipfast.distributed).
+# --------------------------------------------------------------------------- #
+
+
+class ChunkedBlockOps:
+    """Block statistics and gradients with the chunked PyTorch primitives."""
+
+    def __init__(self, x, y, normalize: bool, block: int, allow_tf32: bool = True):
+        self.dtype = compute_dtype(x, y)
+        self.normalize = normalize
+        self.chunk = _chunk(block)
+        self._own = None  # (features, inv_norm, unit rows) of the rank's own rows
+
+    def _unit(self, features, inv_norm):
+        # The rank's own rows meet every block of the ring: normalise them once.
+        if self._own is not None and self._own[0] is features and self._own[1] is inv_norm:
+            return self._own[2]
+        self._own = (features, inv_norm, unit_rows(features, inv_norm))
+        return self._own[2]
+
+    def inverse_norms(self, features):
+        return inverse_norms(features, self.normalize, self.dtype)
+
+    def scalars(self, scale, bias):
+        return scalar_in(scale, self.dtype), scalar_in(bias, self.dtype)
+
+    def stats(self, x, inv_x, y, inv_y, s, b, diag_offset, with_cols=True):
+        return block_forward(self._unit(x, inv_x), unit_rows(y, inv_y), s, b, diag_offset,
+                             self.chunk, with_cols)
+
+    def new_accumulator(self, rows, d, device):
+        return torch.zeros(rows, d, dtype=self.dtype, device=device)
+
+    def grads(self, x, inv_x, y, inv_y, s, b, row_stats, col_stats, diag_offset, x_acc, y_acc):
+        """x_acc += s G Y^, y_acc += s G^T X^ with unscaled G; returns sum G cos."""
+        one = torch.ones((), dtype=self.dtype, device=x.device)
+        gx, gy, gs = block_backward(
+            self._unit(x, inv_x), unit_rows(y, inv_y), s, b, row_stats, col_stats, diag_offset,
+            one if row_stats is not None else None, one if col_stats is not None else None,
+            self.chunk, need_x=x_acc is not None, need_y=y_acc is not None)
+        if x_acc is not None:
+            x_acc += gx
+        if y_acc is not None:
+            y_acc += gy
+        return gs
+
+    def finish(self, acc, features, inv_norm, s, coef):
+        return features_grad(acc * coef, features, inv_norm, self.normalize)
+
+
+class ChunkedBackend(Backend):
+    name = "chunked"
+    summary = "PyTorch in row chunks: any device and dtype, O(chunk * N) extra memory"
+    dtypes = HALF_AND_SINGLE + (torch.float64,)
+    losses = frozenset({SIGLIP, ROWS, BLOCKS})
+    block_option = "chunk_elements"
+
+    def native(self, device, dtypes):
+        return True
+
+    def clip_op(self):
+        return chunked_clip_loss_op
+
+    def siglip_ops(self):
+        return chunked_siglip_ops
+
+    def row_loss(self, normalize, allow_tf32, block):
+        chunk = _chunk(block)
+        return lambda q, k, s, b, label_offset, extra: ChunkedRowCrossEntropyFunction.apply(
+            q, k, s, b, normalize, label_offset, chunk, extra)
+
+    def block_ops(self):
+        return ChunkedBlockOps
+
+
+BACKEND = ChunkedBackend()

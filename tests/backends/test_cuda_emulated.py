@@ -3,15 +3,16 @@
 block's threads on std::threads). The real kernel code, indexing and
 synchronisation run in CI this way; tensor-core fragments are emulated whole,
 so these tests check the algorithm and its arithmetic, not the hardware's
-summation order or speed (tests/test_cuda_backend.py does that on a GPU).
+summation order or speed (tests/backends/test_cuda.py does that on a GPU).
 Tiny shapes: every emulated block spawns 256 threads."""
 
 import pytest
 import torch
 
-from clipfast import clip_loss, cuda_backend
+from clipfast import clip_loss
+from clipfast.backends import cuda as cuda_backend
 
-from .parity import assert_parity, make_features, unaligned_copy
+from ..parity import assert_parity, make_features, unaligned_copy
 
 pytestmark = pytest.mark.skipif(
     not cuda_backend.emulation_available(),

@@ -1,15 +1,15 @@
 """The C++ CPU backend's SigLIP loss (clipfast._cpu) against open_clip's
-formula (clipfast.siglip.reference_siglip_loss)."""
+formula (clipfast.backends.reference.reference_siglip_loss)."""
 
 import pytest
 import torch
 
 import clipfast
-from clipfast.cpu_backend import available, cpu_siglip_ops
-from clipfast.siglip import reference_siglip_loss
+from clipfast.backends.cpu import available, cpu_siglip_ops
+from clipfast.backends.reference import reference_siglip_loss
 
-from .parity import make_features
-from .siglip_parity import assert_siglip_parity, loss_and_grads, scalars
+from ..parity import make_features
+from ..siglip_parity import assert_siglip_parity, loss_and_grads, scalars
 
 pytestmark = pytest.mark.skipif(not available(), reason="clipfast._cpu is not built")
 
@@ -119,8 +119,8 @@ def test_siglip_cpu_nan_is_never_hidden(where):
 
 def test_siglip_cpu_backward_without_bias():
     # No bias: no bias gradient even when asked for, the rest as the formula's.
-    from clipfast._ops import KernelOptions
-    from clipfast.cpu_backend import cpu_siglip_backward, cpu_siglip_forward
+    from clipfast.backends._ops import KernelOptions
+    from clipfast.backends.cpu import cpu_siglip_backward, cpu_siglip_forward
 
     x, y = make_features(9, 5, torch.float64, "cpu", seed=1)
     s = torch.tensor(10.0, dtype=torch.float64)
@@ -156,7 +156,7 @@ def test_siglip_cpu_non_contiguous_inputs():
 
 
 def test_siglip_cpu_double_backward():
-    # create_graph=True recomputes the gradient from the formula (clipfast._ops).
+    # create_graph=True recomputes the gradient from the formula (clipfast.backends._ops).
     x, y = make_features(6, 4, torch.float64, "cpu", seed=8)
     x.requires_grad_()
     s, b = torch.tensor(5.0, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64)

@@ -18,10 +18,9 @@ import os
 
 import torch
 
-from ._inputs import LossInputs, extension_available, load_extension
-from ._ops import KernelOptions, define_clip_loss_op
-from .chunked import clip_loss_from_stats
-from .siglip import SIGLIP_STATS_ROWS, define_siglip_ops
+from ._base import Backend, extension_available, extension_problem, load_extension
+from ._ops import SIGLIP_STATS_ROWS, KernelOptions, define_clip_loss_op, define_siglip_ops
+from ._stats import clip_loss_from_stats
 
 _BUILD_HINT = (
     "the CUDA extension clipfast._cuda is not built; it is built by `pip install -e .` "
@@ -89,7 +88,7 @@ def _value(t) -> float:
 
 
 def cuda_forward(x, y, scale, bias, options: KernelOptions):
-    """(loss, stats) through the CUDA kernels (see ``clipfast._ops``)."""
+    """(loss, stats) through the CUDA kernels (see ``clipfast.backends._ops``)."""
     ext = extension(x.device)
     dtype = _common_dtype(x, y)
     xc, yc = x.detach().to(dtype).contiguous(), y.detach().to(dtype).contiguous()
@@ -228,7 +227,7 @@ def _panel_backward(entry, ext, common, outputs, xc, tensor_cores, need_sums, ne
 
 def cuda_siglip_forward(x, y, scale, bias, options: KernelOptions, positives: bool = True):
     """SigLIP's (loss, stats = [inv_x, inv_y]) through the CUDA kernels (see
-    ``clipfast.siglip``); the loss is fp32."""
+    ``clipfast.backends._ops``); the loss is fp32."""
     ext = extension(x.device)
     dtype = _common_dtype(x, y)
     xc, yc = x.detach().to(dtype).contiguous(), y.detach().to(dtype).contiguous()
@@ -281,6 +280,31 @@ def cuda_siglip_backward(grad_loss, x, y, scale, bias, stats, options: KernelOpt
 cuda_siglip_ops = define_siglip_ops("cuda", cuda_siglip_forward, cuda_siglip_backward)
 
 
-def cuda_clip_loss(inputs: LossInputs, normalize: bool = True, allow_tf32: bool = True) -> torch.Tensor:
-    return cuda_clip_loss_op(inputs.image_features, inputs.text_features, inputs.logit_scale,
-                             inputs.logit_bias, normalize, allow_tf32)
+class CudaBackend(Backend):
+    name = "cuda"
+    summary = ("CUDA C++ tile engine: tensor cores for float16/bfloat16 (and TF32); "
+               "CPU tensors through the emulation with CLIPFAST_CUDA_EMULATION=1")
+    # Its kernels have no row loss or block primitives: the Triton ones stand
+    # in for them where Triton runs (see Backend.stand_in).
+    stand_in = "triton"
+
+    def device_problem(self, device):
+        if device.type != "cuda" and not (device.type == "cpu" and emulation_enabled()):
+            return extension_problem(extension) or ValueError(
+                f"backend='cuda' needs CUDA tensors, got features on {device} (set "
+                "CLIPFAST_CUDA_EMULATION=1 to run its kernels on CPU tensors through the "
+                "slow CPU emulation, for tests)")
+        return extension_problem(extension, device)
+
+    def native(self, device, dtypes):
+        return (device.type == "cuda" and all(dt in self.dtypes for dt in dtypes)
+                and available())
+
+    def clip_op(self):
+        return cuda_clip_loss_op
+
+    def siglip_ops(self):
+        return cuda_siglip_ops
+
+
+BACKEND = CudaBackend()

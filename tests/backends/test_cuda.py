@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from clipfast import clip_loss
-from clipfast.cuda_backend import available, panel_plan, split_low_bytes
+from clipfast.backends.cuda import available, panel_plan, split_low_bytes
 
-from .parity import (HAS_CUDA, assert_gpu_memory_is_linear, assert_parity, make_features,
+from ..parity import (HAS_CUDA, assert_gpu_memory_is_linear, assert_parity, make_features,
                      requires_cuda, unaligned_copy)
 
 HAS_NVCC = shutil.which("nvcc") is not None

@@ -3,7 +3,7 @@
 With logits ``L = s X^ Y^T + b`` and labels z = +1 on (i, i) (``positives``),
 -1 elsewhere, the loss is ``sum_ij softplus(-z_ij L_ij) / N`` and its
 gradient with respect to the logits ``W_ij / N`` with
-``W = -z sigmoid(-z L)``, |W| <= 1 (see ``clipfast.siglip``). No softmax
+``W = -z sigmoid(-z L)``, |W| <= 1 (see ``clipfast.backends._ops``). No softmax
 statistics exist, so:
 
 Forward (2 N^2 d FLOPs): ``_siglip_forward_kernel`` is a persistent grid of
@@ -43,8 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._ops import KernelOptions, compute_dtype
-from ..siglip import define_siglip_ops
+from .._ops import KernelOptions, compute_dtype, define_siglip_ops
 from .clip_loss import (
     launch_panel_products,
     _LOGIT_FUSION,
@@ -449,7 +448,7 @@ def siglip_block_grads(x, y, inv_x, inv_y, scale, bias, positives: bool, *, norm
 
 def triton_siglip_forward(x, y, scale, bias, options: KernelOptions, positives: bool = True):
     """(loss, stats = [inv_x, inv_y]) through the fused kernels (see
-    ``clipfast._ops``)."""
+    ``clipfast.backends._ops``)."""
     scale_f32, bias_f32 = _scalars(scale, bias)
     inv_x, inv_y = inverse_norms(x, options.normalize), inverse_norms(y, options.normalize)
     total = siglip_block_sum(x, y, inv_x, inv_y, scale_f32, bias_f32, positives,

@@ -6,7 +6,7 @@ import torch
 
 from clipfast import clip_loss
 
-from .parity import HAS_CUDA, assert_gpu_memory_is_linear, assert_parity, make_features, requires_cuda
+from ...parity import HAS_CUDA, assert_gpu_memory_is_linear, assert_parity, make_features, requires_cuda
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
@@ -56,7 +56,7 @@ def test_triton_refuses_bf16_under_the_interpreter(monkeypatch, local_loss):
     before = (x.clone(), y.clone())
     with pytest.raises(TypeError, match=r"(?s)bfloat16.*interpreter.*backend='chunked'.*float16"):
         if local_loss:
-            from clipfast._triton import TritonRowCrossEntropyFunction
+            from clipfast.backends.triton.clip_loss import TritonRowCrossEntropyFunction
             TritonRowCrossEntropyFunction.apply(x, y, torch.tensor(10.0, device=DEVICE), None, True,
                                                 0, True, None)
         else:
@@ -172,9 +172,9 @@ def test_triton_zero_and_tiny_rows_match_reference():
 @pytest.mark.parametrize("m,k,d,offset", [(1, 1, 3, 0), (5, 15, 7, 10), (33, 97, 65, 31), (40, 80, 9, 40)])
 def test_triton_row_cross_entropy_parity(m, k, d, offset, normalize):
     # Rectangular blocks with a label offset: open_clip's local_loss rows.
-    from clipfast._triton import TritonRowCrossEntropyFunction
+    from clipfast.backends.triton.clip_loss import TritonRowCrossEntropyFunction
 
-    from .parity import assert_row_ce_parity
+    from ...parity import assert_row_ce_parity
 
     assert_row_ce_parity(TritonRowCrossEntropyFunction, m, k, d, offset, normalize=normalize,
                          device=DEVICE, extra_args=(False, 16))
@@ -182,9 +182,9 @@ def test_triton_row_cross_entropy_parity(m, k, d, offset, normalize):
 
 @pytest.mark.parametrize("dtype", [torch.float16])
 def test_triton_row_cross_entropy_half(dtype):
-    from clipfast._triton import TritonRowCrossEntropyFunction
+    from clipfast.backends.triton.clip_loss import TritonRowCrossEntropyFunction
 
-    from .parity import assert_row_ce_parity
+    from ...parity import assert_row_ce_parity
 
     assert_row_ce_parity(TritonRowCrossEntropyFunction, 33, 66, 40, 33, dtype=dtype, device=DEVICE,
                          extra_args=(True, 16))

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from clipfast import clip_loss
-from clipfast.chunked import chunked_clip_loss_op
+from clipfast.backends.chunked import chunked_clip_loss_op
 
-from .parity import assert_parity
+from ..parity import assert_parity
 
 NS = [1, 2, 7, 97, 257]
 DS = [1, 3, 65, 123, 512]
@@ -74,16 +74,16 @@ def test_chunked_gradcheck_zero_feature_row():
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("m,k,d,offset", [(1, 1, 3, 0), (5, 15, 7, 10), (33, 97, 65, 31), (40, 40, 9, 0)])
 def test_chunked_row_cross_entropy_parity(m, k, d, offset, normalize):
-    from clipfast.chunked import ChunkedRowCrossEntropyFunction
+    from clipfast.backends.chunked import ChunkedRowCrossEntropyFunction
 
-    from .parity import assert_row_ce_parity
+    from ..parity import assert_row_ce_parity
 
     assert_row_ce_parity(ChunkedRowCrossEntropyFunction, m, k, d, offset, normalize=normalize,
                          extra_args=(max(1, k * 4),))
 
 
 def test_chunked_row_cross_entropy_gradcheck_fp64():
-    from clipfast.chunked import ChunkedRowCrossEntropyFunction
+    from clipfast.backends.chunked import ChunkedRowCrossEntropyFunction
 
     torch.manual_seed(3)
     q = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)

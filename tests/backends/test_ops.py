@@ -6,11 +6,12 @@ import pytest
 import torch
 
 import clipfast
-from clipfast import clip_loss, cpu_backend, cuda_backend
-from clipfast.api import fused_clip_loss_op
-from clipfast.reference import reference_clip_loss
+from clipfast import clip_loss
+from clipfast.backends import cpu as cpu_backend, cuda as cuda_backend
+from clipfast.backends import get
+from clipfast.backends.reference import reference_clip_loss
 
-from .parity import assert_parity, make_features, requires_cuda
+from ..parity import assert_parity, make_features, requires_cuda
 
 FUSED = ["chunked", "triton", "cpu", "cuda"]
 
@@ -144,7 +145,7 @@ def test_double_backward_without_graph_request_uses_the_kernels(monkeypatch):
     # Only create_graph=True takes the reference route: a plain backward must
     # never build the N x N logits.
     calls = []
-    import clipfast.reference as reference
+    import clipfast.backends.reference as reference
 
     original = reference.reference_clip_loss
     monkeypatch.setattr(reference, "reference_clip_loss",
@@ -179,7 +180,7 @@ def _op_args(backend, n=11, d=6, dtype=torch.float32, bias=True, requires_grad=T
 @pytest.mark.parametrize("bias", [True, False])
 def test_opcheck(backend, bias):
     _require(backend)
-    op = fused_clip_loss_op(backend)
+    op = get(backend).clip_op()
     args = _op_args(backend, bias=bias)
     # test_aot_dispatch_dynamic compares the compiled op with eager: the kernels
     # are deterministic, so bitwise equality is expected and checked.

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from ._inputs import LossInputs, extension_available, load_extension
-from ._ops import KernelOptions, compute_dtype, define_clip_loss_op
-from .siglip import SIGLIP_STATS_ROWS, define_siglip_ops
+from ._base import Backend, extension_available, extension_problem, load_extension
+from ._ops import (SIGLIP_STATS_ROWS, KernelOptions, compute_dtype, define_clip_loss_op,
+                   define_siglip_ops)
 
 _BUILD_HINT = (
     "the C++ extension clipfast._cpu is not built; install the package with "
@@ -34,7 +34,7 @@ def _code(dtype: torch.dtype, ext) -> int:
 
 
 def cpu_forward(x, y, scale, bias, options: KernelOptions):
-    """(loss, stats) through the C++ kernels (see ``clipfast._ops``)."""
+    """(loss, stats) through the C++ kernels (see ``clipfast.backends._ops``)."""
     ext = extension()
     dtype = compute_dtype(x, y)
     xc, yc = x.detach().to(dtype).contiguous(), y.detach().to(dtype).contiguous()
@@ -72,7 +72,7 @@ cpu_clip_loss_op = define_clip_loss_op("cpu", cpu_forward, cpu_backward)
 
 def cpu_siglip_forward(x, y, scale, bias, options: KernelOptions, positives: bool = True):
     """SigLIP's (loss, stats = [inv_x, inv_y]) through the C++ kernels
-    (see ``clipfast.siglip``)."""
+    (see ``clipfast.backends._ops``)."""
     ext = extension()
     dtype = compute_dtype(x, y)
     xc, yc = x.detach().to(dtype).contiguous(), y.detach().to(dtype).contiguous()
@@ -110,6 +110,30 @@ def cpu_siglip_backward(grad_loss, x, y, scale, bias, stats, options: KernelOpti
 cpu_siglip_ops = define_siglip_ops("cpu", cpu_siglip_forward, cpu_siglip_backward)
 
 
-def cpu_clip_loss(inputs: LossInputs, normalize: bool = True) -> torch.Tensor:
-    return cpu_clip_loss_op(inputs.image_features, inputs.text_features, inputs.logit_scale,
-                            inputs.logit_bias, normalize)
+class CpuBackend(Backend):
+    name = "cpu"
+    summary = "C++ on the CPU (OpenMP, AVX2): float32 and float64 CPU tensors"
+    dtypes = (torch.float32, torch.float64)
+    dtype_hint = "; use backend='chunked' for half precision"
+
+    def device_problem(self, device):
+        if device.type != "cpu":
+            return ValueError(f"backend='cpu' needs CPU tensors, got features on {device}")
+        return None
+
+    def problem(self, inputs):
+        # An unbuilt extension is the first thing to say, even for meta tensors.
+        return extension_problem(extension) or super().problem(inputs)
+
+    def native(self, device, dtypes):
+        # Half precision would be upcast; float64 only where nothing else runs it.
+        return device.type == "cpu" and all(dt in self.dtypes for dt in dtypes) and available()
+
+    def clip_op(self):
+        return cpu_clip_loss_op
+
+    def siglip_ops(self):
+        return cpu_siglip_ops
+
+
+BACKEND = CpuBackend()

@@ -1,5 +1,5 @@
 """Triton SigLIP loss (clipfast/_triton/siglip.py) against open_clip's formula
-(``clipfast.siglip.reference_siglip_loss``) in fp64, by the accuracy rule of
+(``clipfast.backends.reference.reference_siglip_loss``) in fp64, by the accuracy rule of
 tests/parity.py: the error against fp64 is at most twice that of the plain
 reference computed in the same dtype, plus a floor of a few ulps. On CPU the
 kernels run through Triton's interpreter (fp32 / fp16, small shapes); with a
@@ -13,17 +13,17 @@ import triton
 import triton.language as tl
 
 import clipfast
-from clipfast._triton.siglip import _log1p_exp_neg_abs
-from clipfast.siglip import reference_siglip_loss
+from clipfast.backends.triton.siglip import _log1p_exp_neg_abs
+from clipfast.backends.reference import reference_siglip_loss
 
-from .parity import HAS_CUDA, floor_for, make_features, requires_cuda
+from ...parity import HAS_CUDA, floor_for, make_features, requires_cuda
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 NAMES = ("loss", "grad_image", "grad_text", "grad_scale", "grad_bias")
 
 
 def _triton_op(positives: bool):
-    from clipfast._triton.siglip import triton_siglip_ops
+    from clipfast.backends.triton.siglip import triton_siglip_ops
 
     return triton_siglip_ops[positives]
 
@@ -344,7 +344,7 @@ def test_siglip_triton_gpu_memory_is_linear():
     # current row panel (p x d): about 0.12 at the default p (~2800), so
     # about 1.37x the gradients in all. Both the sum of those allocations and
     # the ratio are checked.
-    from clipfast._triton.siglip import backward_plan
+    from clipfast.backends.triton.siglip import backward_plan
 
     n, d = 65536, 768
     x, y = make_features(n, d, torch.bfloat16, "cuda", seed=1)

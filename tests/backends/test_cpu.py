@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from clipfast import clip_loss
-from clipfast.cpu_backend import available, cpu_clip_loss_op
+from clipfast.backends.cpu import available, cpu_clip_loss_op
 
-from .parity import assert_parity
+from ..parity import assert_parity
 
 NS = [1, 2, 7, 97, 257]
 DS = [1, 3, 65, 123, 512]
