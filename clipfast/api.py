@@ -91,18 +91,11 @@ def clip_loss(
         label_smoothing=label_smoothing, negative_features=negative_features)
 
 
-def clip_loss_from_inputs(
-    inputs: LossInputs,
-    *,
-    normalize: bool = True,
-    backend: str = "auto",
-    allow_tf32: bool = True,
-    chunk_elements: Optional[int] = None,
-    panel_size: Optional[int] = None,
-    labels: Optional[torch.Tensor] = None,
-    label_smoothing: float = 0.0,
-    negative_features: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+def clip_loss_from_inputs(inputs: LossInputs, *, normalize: bool = True, backend: str = "auto",
+                          allow_tf32: bool = True, chunk_elements: Optional[int] = None,
+                          panel_size: Optional[int] = None, labels: Optional[torch.Tensor] = None,
+                          label_smoothing: float = 0.0,
+                          negative_features: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``clip_loss`` on inputs already validated by ``check_inputs``."""
     if labels is not None or label_smoothing or negative_features is not None:
         from .infonce import info_nce_from_inputs
@@ -165,16 +158,10 @@ def siglip_loss(
         chunk_elements=chunk_elements, panel_size=panel_size, positives=positives)
 
 
-def siglip_loss_from_inputs(
-    inputs: LossInputs,
-    *,
-    normalize: bool = False,
-    backend: str = "auto",
-    allow_tf32: bool = True,
-    chunk_elements: Optional[int] = None,
-    panel_size: Optional[int] = None,
-    positives: bool = True,
-) -> torch.Tensor:
+def siglip_loss_from_inputs(inputs: LossInputs, *, normalize: bool = False, backend: str = "auto",
+                            allow_tf32: bool = True, chunk_elements: Optional[int] = None,
+                            panel_size: Optional[int] = None,
+                            positives: bool = True) -> torch.Tensor:
     """``siglip_loss`` on inputs already validated by ``check_inputs``."""
     chosen = resolve(backend, inputs, SIGLIP)
     loss = chosen.siglip_ops()[bool(positives)](

@@ -38,6 +38,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from . import reference
+from ._stats import clip_loss_from_stats
 
 STATS_ROWS = 6  # inv_x, inv_y, row_max, row_logsum, col_max, col_logsum
 SIGLIP_STATS_ROWS = 2  # inv_x, inv_y: SigLIP's backward needs no softmax statistics
@@ -268,3 +269,11 @@ def define_loss_op(spec: LossSpec, backend: str, forward: Callable, backward: Ca
 def pack_stats(inv_x, inv_y, row_max, row_logsum, col_max, col_logsum) -> torch.Tensor:
     return torch.stack([t.to(row_max.dtype) for t in
                         (inv_x, inv_y, row_max, row_logsum, col_max, col_logsum)])
+
+
+def clip_forward_result(inv_x, inv_y, row_max, row_sum, col_max, col_sum, diag):
+    """A CLIP forward's (loss, stats) from complete (max, sum exp) statistics
+    and the label logits: what every backend's forward returns."""
+    row_logsum, col_logsum = torch.log(row_sum), torch.log(col_sum)
+    loss = clip_loss_from_stats(row_max, row_logsum, col_max, col_logsum, diag)
+    return loss, pack_stats(inv_x, inv_y, row_max, row_logsum, col_max, col_logsum)

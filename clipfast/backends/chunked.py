@@ -19,11 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from ._base import BLOCKS, HALF_AND_SINGLE, ROWS, SIGLIP, Backend
-from ._ops import (DISTRIBUTED_DOUBLE_BACKWARD, KernelOptions, compute_dtype, define_clip_loss_op,
-                   define_siglip_ops, exact_zero_bias_grad, pack_stats, refuse_double_backward,
-                   without_autocast)
-from ._stats import (clip_loss_from_stats, extra_logits_grad, merge_extra_logits, merge_logsumexp,
-                     with_bias)
+from ._ops import (DISTRIBUTED_DOUBLE_BACKWARD, KernelOptions, clip_forward_result, compute_dtype,
+                   define_clip_loss_op, define_siglip_ops, exact_zero_bias_grad,
+                   refuse_double_backward, without_autocast)
+from ._stats import extra_logits_grad, merge_extra_logits, merge_logsumexp, with_bias
 from .reference import siglip_labels
 
 # Default number of logits materialised at once (rows_per_chunk * N).
@@ -184,11 +183,8 @@ def _prepare(x, y, scale, bias, normalize):
 def chunked_forward(x, y, scale, bias, options: KernelOptions):
     """(loss, stats) of the whole N x N problem (see ``clipfast.backends._ops``)."""
     _, inv_x, inv_y, s, b = _prepare(x, y, scale, bias, options.normalize)
-    row_max, row_sum, col_max, col_sum, diag = block_forward(
-        unit_rows(x, inv_x), unit_rows(y, inv_y), s, b, 0, _chunk(options.block))
-    row_logsum, col_logsum = torch.log(row_sum), torch.log(col_sum)
-    loss = clip_loss_from_stats(row_max, row_logsum, col_max, col_logsum, diag)
-    return loss, pack_stats(inv_x, inv_y, row_max, row_logsum, col_max, col_logsum)
+    return clip_forward_result(inv_x, inv_y, *block_forward(
+        unit_rows(x, inv_x), unit_rows(y, inv_y), s, b, 0, _chunk(options.block)))
 
 
 def chunked_backward(grad_loss, x, y, scale, bias, stats, options: KernelOptions,

@@ -73,8 +73,12 @@ def _splits(device: torch.device, n: int, tile: int) -> int:
     return max(1, min(blocks, int(target ** 0.5)))
 
 
-def _common_dtype(x, y) -> torch.dtype:
-    return x.dtype if x.dtype == y.dtype else torch.float32
+def _kernel_inputs(x, y):
+    """(extension, dtype, x, y): the features detached, contiguous and in one
+    dtype (the common one, fp32 for a mix), as the kernels' raw pointers need."""
+    dtype = x.dtype if x.dtype == y.dtype else torch.float32
+    return (extension(x.device), dtype, x.detach().to(dtype).contiguous(),
+            y.detach().to(dtype).contiguous())
 
 
 def _uses_tensor_cores(dtype: torch.dtype, allow_tf32: bool) -> bool:
@@ -89,9 +93,7 @@ def _value(t) -> float:
 
 def cuda_forward(x, y, scale, bias, options: KernelOptions):
     """(loss, stats) through the CUDA kernels (see ``clipfast.backends._ops``)."""
-    ext = extension(x.device)
-    dtype = _common_dtype(x, y)
-    xc, yc = x.detach().to(dtype).contiguous(), y.detach().to(dtype).contiguous()
+    ext, dtype, xc, yc = _kernel_inputs(x, y)
     n, d = xc.shape
     f32 = dict(dtype=torch.float32, device=xc.device)
     # inv_x, inv_y, row max / log-sum, col max / log-sum (the layout of _ops'
@@ -111,9 +113,7 @@ def cuda_forward(x, y, scale, bias, options: KernelOptions):
 
 def cuda_backward(grad_loss, x, y, scale, bias, stats, options: KernelOptions,
                   need_x: bool, need_y: bool, need_scale: bool):
-    ext = extension(x.device)
-    dtype = _common_dtype(x, y)
-    xc, yc = x.detach().to(dtype).contiguous(), y.detach().to(dtype).contiguous()
+    ext, dtype, xc, yc = _kernel_inputs(x, y)
     stats = stats.contiguous()
     n, d = xc.shape
     s_value = _value(scale)
@@ -228,9 +228,7 @@ def _panel_backward(entry, ext, common, outputs, xc, tensor_cores, need_sums, ne
 def cuda_siglip_forward(x, y, scale, bias, options: KernelOptions, positives: bool = True):
     """SigLIP's (loss, stats = [inv_x, inv_y]) through the CUDA kernels (see
     ``clipfast.backends._ops``); the loss is fp32."""
-    ext = extension(x.device)
-    dtype = _common_dtype(x, y)
-    xc, yc = x.detach().to(dtype).contiguous(), y.detach().to(dtype).contiguous()
+    ext, dtype, xc, yc = _kernel_inputs(x, y)
     n, d = xc.shape
     f32 = dict(dtype=torch.float32, device=xc.device)
     stats = torch.empty(SIGLIP_STATS_ROWS, n, **f32)
@@ -248,9 +246,7 @@ def cuda_siglip_forward(x, y, scale, bias, options: KernelOptions, positives: bo
 def cuda_siglip_backward(grad_loss, x, y, scale, bias, stats, options: KernelOptions,
                          need_x: bool, need_y: bool, need_scale: bool, need_bias: bool,
                          positives: bool = True):
-    ext = extension(x.device)
-    dtype = _common_dtype(x, y)
-    xc, yc = x.detach().to(dtype).contiguous(), y.detach().to(dtype).contiguous()
+    ext, dtype, xc, yc = _kernel_inputs(x, y)
     stats = stats.contiguous()
     n, d = xc.shape
     s_value = _value(scale)

@@ -53,6 +53,21 @@ def _softmax_shift(logit_bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return bias.detach() + (bias - bias.detach()) * 0
 
 
+def _softmax_logits(x, y, logit_scale, logit_bias, normalize: bool, extra_logits=None):
+    """s * X^ Y^T (M x K), then ``extra_logits`` (M x k) as further columns, then
+    the bias as a softmax shift, in the features' promoted dtype."""
+    dtype = torch.promote_types(x.dtype, y.dtype)
+    x, y = x.to(dtype), y.to(dtype)
+    if normalize:
+        x, y = safe_normalize(x), safe_normalize(y)
+    logits = logit_scale.reshape(()).to(dtype) * (x @ y.t())
+    if extra_logits is not None:
+        logits = torch.cat([logits, extra_logits.to(dtype)], dim=1)
+    if logit_bias is not None:
+        logits = logits + _softmax_shift(logit_bias, dtype)
+    return logits
+
+
 def reference_clip_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -76,17 +91,8 @@ def reference_clip_loss(
         0-dim tensor, the mean of the image->text and text->image cross-entropies.
         Twice differentiable.
     """
-    dtype = torch.promote_types(image_features.dtype, text_features.dtype)
-    x = image_features.to(dtype)
-    y = text_features.to(dtype)
-    if normalize:
-        x = safe_normalize(x)
-        y = safe_normalize(y)
-    scale = logit_scale.reshape(()).to(dtype)
-    logits = scale * (x @ y.t())
-    if logit_bias is not None:
-        logits = logits + _softmax_shift(logit_bias, dtype)
-    labels = torch.arange(x.shape[0], device=x.device)
+    logits = _softmax_logits(image_features, text_features, logit_scale, logit_bias, normalize)
+    labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 
@@ -136,16 +142,8 @@ def reference_row_loss(queries, keys, logit_scale, logit_bias=None, normalize: b
     """One direction of the CLIP loss over an M x K block: mean_i CE(row i,
     label i + label_offset), with ``extra_logits`` (M x k, without the bias)
     as further columns of each row alone (never labels)."""
-    dtype = torch.promote_types(queries.dtype, keys.dtype)
-    q, k = queries.to(dtype), keys.to(dtype)
-    if normalize:
-        q, k = safe_normalize(q), safe_normalize(k)
-    logits = logit_scale.reshape(()).to(dtype) * (q @ k.t())
-    if extra_logits is not None:
-        logits = torch.cat([logits, extra_logits.to(dtype)], dim=1)
-    if logit_bias is not None:
-        logits = logits + _softmax_shift(logit_bias, dtype)
-    labels = torch.arange(q.shape[0], device=q.device) + label_offset
+    logits = _softmax_logits(queries, keys, logit_scale, logit_bias, normalize, extra_logits)
+    labels = torch.arange(logits.shape[0], device=logits.device) + label_offset
     return F.cross_entropy(logits, labels)
 
 
