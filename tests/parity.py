@@ -150,10 +150,34 @@ def assert_parity(
         same = _loss_and_grads(x_ref, y_ref, s, b, normalize, needs, "reference",
                                autocast=autocast)
 
+    assert_within_rule(got, truth, same, x, y, scale=scale, bias=bias, normalize=normalize,
+                       dtypes=(x_dtype, y_dtype), ref_dtype=ref_dtype,
+                       context=(f"{backend}", f"N={n}, d={d}, {x_dtype}/{y_dtype}, scale={scale}, "
+                                f"bias={bias}, normalize={normalize}, autocast={autocast}"))
+    return got, truth
+
+
+def assert_within_rule(got, truth, same, x, y, *, scale, bias, normalize, dtypes,
+                       ref_dtype=None, finite_reference=False, context=("", "")):
+    """The accuracy rule on every entry of ``truth`` (loss, grad_*): the
+    error of ``got`` against the fp64 ``truth`` is at most twice the error of
+    ``same`` (the plain reference in the same dtype) plus a floor of a few
+    ulps of the coarsest dtype involved.
+
+    ``x``, ``y``: the features (their norms size the gradients' floor);
+    ``dtypes``: (image, text) dtypes of the backend's inputs; ``ref_dtype``:
+    the dtype ``same`` ran in when it stands in for "the same dtype";
+    ``finite_reference``: a non-finite ``same`` fails (it would excuse any
+    error); ``context``: (who, what) for the failure message.
+    """
+    who, what = context
+    n = x.shape[0]
     assert set(got) == set(truth), f"gradients returned for {sorted(got)}, expected {sorted(truth)}"
     assert torch.isfinite(got["loss"]), f"non-finite loss {got['loss']}"
     for key in truth:
         t = truth[key].double()
+        if finite_reference:
+            assert torch.isfinite(same[key]).all(), f"the same-dtype reference's {key} is not finite"
         err = (got[key].double() - t).abs().max().item()
         ref_err = (same[key].double() - t).abs().max().item()
         if key in ("loss", "grad_scale", "grad_bias"):
@@ -167,21 +191,18 @@ def assert_parity(
             inv = 1 / feats.double().norm(dim=1).clamp_min(1e-12).min().item() if normalize else 1.0
             magnitude = max(t.abs().max().item(), scale / n * max(inv, 1.0))
         # The floor follows the coarsest dtype that touched this quantity.
-        dtypes = {"grad_image": [x_dtype], "grad_text": [y_dtype]}.get(key, [x_dtype, y_dtype])
-        dtypes += [] if ref_dtype is None else [ref_dtype]
-        floor = max(floor_for(dt) for dt in dtypes) * magnitude
+        used = {"grad_image": [dtypes[0]], "grad_text": [dtypes[1]]}.get(key, list(dtypes))
+        used += [] if ref_dtype is None else [ref_dtype]
+        floor = max(floor_for(dt) for dt in used) * magnitude
         if key in ("loss", "grad_scale"):
             # Both move by ~|L| * (relative logit error): one ulp of the largest
             # logit is a floor no rounding order can beat. (It matters where the
             # reference is exact by accident, e.g. d = 1 where cosines are +-1.)
-            floor += max(torch.finfo(dt).eps for dt in dtypes) * (scale + abs(bias or 0.0))
+            floor += max(torch.finfo(dt).eps for dt in used) * (scale + abs(bias or 0.0))
         allowed = 2 * ref_err + floor
         assert err <= allowed, (
-            f"{backend} {key}: error {err:.3e} vs fp64 exceeds 2 x reference error "
-            f"{ref_err:.3e} + floor {floor:.3e} (N={n}, d={d}, {x_dtype}/{y_dtype}, "
-            f"scale={scale}, bias={bias}, normalize={normalize}, autocast={autocast})"
-        )
-    return got, truth
+            f"{who} {key}: error {err:.3e} vs fp64 exceeds 2 x reference error "
+            f"{ref_err:.3e} + floor {floor:.3e} ({what})")
 
 
 def reference_row_cross_entropy(queries, keys, scale, bias, normalize, label_offset):

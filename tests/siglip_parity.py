@@ -12,7 +12,7 @@ import torch
 import clipfast
 from clipfast.backends.reference import reference_siglip_loss
 
-from .parity import floor_for, make_features
+from .parity import assert_within_rule, make_features
 
 NAMES = ("grad_image", "grad_text", "grad_scale", "grad_bias")
 
@@ -84,29 +84,10 @@ def assert_siglip_parity(
     x_ref, y_ref = (x, y) if ref_dtype is None else (x.to(ref_dtype), y.to(ref_dtype))
     same = loss_and_grads(plain, x_ref, y_ref, s, b, needs)
 
-    assert set(got) == set(truth), f"gradients returned for {sorted(got)}, expected {sorted(truth)}"
-    assert torch.isfinite(got["loss"]), f"non-finite loss {got['loss']}"
     want_loss_dtype = torch.promote_types(torch.promote_types(x_dtype, y_dtype), torch.float32)
     assert got["loss"].dtype == want_loss_dtype, got["loss"].dtype
-    for key in truth:
-        t = truth[key].double()
-        err = (got[key].double() - t).abs().max().item()
-        ref_err = (same[key].double() - t).abs().max().item()
-        if key in ("loss", "grad_scale", "grad_bias"):
-            magnitude = max(t.abs().max().item(), 1.0)
-        else:
-            feats = x if key == "grad_image" else y
-            inv = 1 / feats.double().norm(dim=1).clamp_min(1e-12).min().item() if normalize else 1.0
-            magnitude = max(t.abs().max().item(), scale / n * max(inv, 1.0))
-        dtypes = {"grad_image": [x_dtype], "grad_text": [y_dtype]}.get(key, [x_dtype, y_dtype])
-        dtypes += [] if ref_dtype is None else [ref_dtype]
-        floor = max(floor_for(dt) for dt in dtypes) * magnitude
-        if key in ("loss", "grad_scale"):
-            # One ulp of the largest logit, as in tests/parity.py.
-            floor += max(torch.finfo(dt).eps for dt in dtypes) * (scale + abs(bias or 0.0))
-        allowed = 2 * ref_err + floor
-        assert err <= allowed, (
-            f"{backend} {key}: error {err:.3e} vs fp64 exceeds 2 x reference error "
-            f"{ref_err:.3e} + floor {floor:.3e} (N={n}, d={d}, {x_dtype}/{y_dtype}, "
-            f"scale={scale}, bias={bias}, normalize={normalize}, positives={positives})")
+    assert_within_rule(got, truth, same, x, y, scale=scale, bias=bias, normalize=normalize,
+                       dtypes=(x_dtype, y_dtype), ref_dtype=ref_dtype,
+                       context=(backend, f"N={n}, d={d}, {x_dtype}/{y_dtype}, scale={scale}, "
+                                         f"bias={bias}, normalize={normalize}, positives={positives}"))
     return got, truth
