@@ -7,6 +7,11 @@
 // the end. Backward recomputes the tiles twice: once by row blocks for dX^
 // and the scale gradient, once by column blocks for dY^, so no thread ever
 // shares an output row and no N x d partial exists per thread.
+//
+// The tile sweeps and the backward's two passes (backward_passes) are shared
+// with the SigLIP backend, which includes this file: a loss supplies its
+// per-logit gradient rule (ClipRule here, SiglipRule there), as the CUDA
+// backend's ClipPanel / SiglipPanel do for its panel kernel.
 #include "cpu/clip_loss_cpu.h"
 
 #include <algorithm>
@@ -147,6 +152,13 @@ void inverse_norms(const T* x, int64_t n, int64_t d, bool normalize, T* inv) {
   }
 }
 
+// Every forward starts here; the backward reads what it leaves in p.
+template <typename T>
+void fill_inverse_norms(Problem<T>& p) {
+  inverse_norms(p.x, p.n, p.d, p.normalize, p.inv_x);
+  inverse_norms(p.y, p.n, p.d, p.normalize, p.inv_y);
+}
+
 // The rows one tile's dot products read, and their inverse norms: the
 // features themselves, or for a side of the tile holding a huge row (see
 // tile_math.h) per-thread copies scaled by huge_row_scale, with the inverse
@@ -200,13 +212,40 @@ void tile_logits(const Problem<T>& p, const TileOperands<T>& ops, int64_t i0, in
   }
 }
 
+// One thread's tile: logits and cosines (row-major, rows `width` apart), a
+// row of scratch for whatever a sweep derives per tile row (weights, loss
+// terms, column maxima), and the operands the tile was computed from.
+template <typename T>
+struct TileWork {
+  std::vector<T> logits = std::vector<T>(kBlockRows * kBlockCols);
+  std::vector<T> cosines = std::vector<T>(kBlockRows * kBlockCols);
+  std::vector<T> row = std::vector<T>(kBlockCols);
+  TileOperands<T> ops;
+
+  // Computes rows [i0, i1) x columns [j0, j1); returns the width.
+  int64_t compute(const Problem<T>& p, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+    ops.prepare(p, i0, i1, j0, j1);
+    tile_logits(p, ops, i0, i1, j0, j1, logits.data(), cosines.data());
+    return j1 - j0;
+  }
+};
+
+int64_t row_blocks(int64_t n) { return (n + kBlockRows - 1) / kBlockRows; }
+
+// Per-row-block partials are summed in block order, never in thread order:
+// reproducible whatever the schedule.
+double sum_in_order(const std::vector<double>& parts) {
+  double total = 0.0;
+  for (double part : parts) total += part;
+  return total;
+}
+
 }  // namespace
 
 template <typename T>
 double forward(Problem<T>& p, Stats<T>& s) {
   const int64_t n = p.n;
-  inverse_norms(p.x, n, p.d, p.normalize, p.inv_x);
-  inverse_norms(p.y, n, p.d, p.normalize, p.inv_y);
+  fill_inverse_norms(p);
   const int threads = num_threads();
   const T neg_inf = -std::numeric_limits<T>::infinity();
   std::vector<T> part_max(static_cast<size_t>(threads) * n, neg_inf);
@@ -216,9 +255,7 @@ double forward(Problem<T>& p, Stats<T>& s) {
   {
     T* my_max = part_max.data() + static_cast<int64_t>(thread_id()) * n;
     T* my_sum = part_sum.data() + static_cast<int64_t>(thread_id()) * n;
-    std::vector<T> tile(kBlockRows * kBlockCols), cosines(kBlockRows * kBlockCols);
-    std::vector<T> scratch(kBlockCols);
-    TileOperands<T> ops;
+    TileWork<T> work;
     // Static: each thread's column partials always cover the same row blocks,
     // so results are bitwise reproducible (gradcheck's reentrancy check).
 #pragma omp for schedule(static)
@@ -228,15 +265,14 @@ double forward(Problem<T>& p, Stats<T>& s) {
       std::fill(row_max, row_max + kBlockRows, neg_inf);
       std::fill(row_sum, row_sum + kBlockRows, T(0));
       for (int64_t j0 = 0; j0 < n; j0 += kBlockCols) {
-        const int64_t j1 = std::min(n, j0 + kBlockCols), width = j1 - j0;
-        ops.prepare(p, i0, i1, j0, j1);
-        tile_logits(p, ops, i0, i1, j0, j1, tile.data(), cosines.data());
+        const int64_t j1 = std::min(n, j0 + kBlockCols), width = work.compute(p, i0, i1, j0, j1);
         for (int64_t i = i0; i < i1; ++i) {
-          const T* row = tile.data() + (i - i0) * width;
+          const T* row = work.logits.data() + (i - i0) * width;
           lse_push_row(row, width, row_max[i - i0], row_sum[i - i0]);
           if (i >= j0 && i < j1) s.diag[i] = row[i - j0];
         }
-        lse_push_cols(tile.data(), i1 - i0, width, my_max + j0, my_sum + j0, scratch.data());
+        lse_push_cols(work.logits.data(), i1 - i0, width, my_max + j0, my_sum + j0,
+                      work.row.data());
       }
       for (int64_t i = i0; i < i1; ++i) {
         s.row_max[i] = row_max[i - i0];
@@ -281,50 +317,55 @@ void finish_row(T* g, const T* features, T inv_norm, T factor, bool normalize, i
   }
 }
 
-}  // namespace
+// The scalar sums of a backward, over all pairs: sum w cos (the scale
+// gradient) and sum w (the bias gradient; a softmax loss leaves it 0).
+struct WeightSums {
+  double weight_cosine = 0.0;
+  double weight = 0.0;
+};
 
-template <typename T>
-T backward(const Problem<T>& p, const Stats<T>& s, T grad_loss, T* grad_x, T* grad_y,
-           bool need_x, bool need_y, bool need_scale) {
+// The backward of a loss given by its gradient rule, w_ij = c dloss/dL_ij for
+// a constant c (2N for CLIP, N for SigLIP) that factor = grad_loss scale / c
+// multiplies back out in the finish:
+//   rule.row_weights(logits, width, i, j0, out): w of tile row i, columns j0..
+//   rule.add_sums(weights, cosines, width, sums): adds that row to the sums.
+// Pass 1, by row blocks: dX^ rows (complete within one thread) and the sums,
+// one partial per row block; pass 2, by column blocks: dY^ rows, recomputing
+// the same tiles. Returns the sums (zeros unless need_sums).
+template <typename T, typename Rule>
+WeightSums backward_passes(const Problem<T>& p, const Rule& rule, T factor, T* grad_x, T* grad_y,
+                           bool need_x, bool need_y, bool need_sums) {
   const int64_t n = p.n, d = p.d;
-  const T coef = grad_loss / T(2 * n);
-  const T factor = coef * p.scale;
-  // One scale-gradient partial per row block, summed in order afterwards:
-  // reproducible whatever the thread schedule.
-  std::vector<double> block_scale_grad((n + kBlockRows - 1) / kBlockRows, 0.0);
+  std::vector<double> block_weight_cosine(static_cast<size_t>(row_blocks(n)), 0.0);
+  std::vector<double> block_weight(static_cast<size_t>(row_blocks(n)), 0.0);
 
-  // Pass 1, by row blocks: dX^ rows (complete within one thread) and the
-  // scale gradient.
-  if (need_x || need_scale) {
+  if (need_x || need_sums) {
 #pragma omp parallel
     {
-      std::vector<T> tile(kBlockRows * kBlockCols), cosines(kBlockRows * kBlockCols);
-      std::vector<T> weights(kBlockCols);
-      TileOperands<T> ops;
+      TileWork<T> work;
 #pragma omp for schedule(dynamic)
       for (int64_t i0 = 0; i0 < n; i0 += kBlockRows) {
         const int64_t i1 = std::min(n, i0 + kBlockRows);
         if (need_x) std::fill(grad_x + i0 * d, grad_x + i1 * d, T(0));
+        WeightSums sums;
+        T* weights = work.row.data();
         for (int64_t j0 = 0; j0 < n; j0 += kBlockCols) {
-          const int64_t j1 = std::min(n, j0 + kBlockCols), width = j1 - j0;
-          ops.prepare(p, i0, i1, j0, j1);
-          tile_logits(p, ops, i0, i1, j0, j1, tile.data(), cosines.data());
+          const int64_t j1 = std::min(n, j0 + kBlockCols), width = work.compute(p, i0, i1, j0, j1);
           for (int64_t i = i0; i < i1; ++i) {
             const int64_t at = (i - i0) * width;
-            grad_weights_row(tile.data() + at, width, s.row_max[i], s.row_logsum[i],
-                             s.col_max + j0, s.col_logsum + j0, i - j0, weights.data());
-            T tile_scale_grad = T(0);
-            for (int64_t j = 0; j < width; ++j) tile_scale_grad += weights[j] * cosines[at + j];
-            block_scale_grad[i0 / kBlockRows] += static_cast<double>(tile_scale_grad);
+            rule.row_weights(work.logits.data() + at, width, i, j0, weights);
+            if (need_sums) rule.add_sums(weights, work.cosines.data() + at, width, sums);
             if (need_x) {
               T* gx = grad_x + i * d;
               // w inv_y y = (w inv_y / s) (y s): scaled huge rows keep every
               // factor in range.
               for (int64_t j = j0; j < j1; ++j)
-                axpy(weights[j - j0] * ops.inv_y[j - j0], ops.y + (j - j0) * d, gx, d);
+                axpy(weights[j - j0] * work.ops.inv_y[j - j0], work.ops.y + (j - j0) * d, gx, d);
             }
           }
         }
+        block_weight_cosine[i0 / kBlockRows] = sums.weight_cosine;
+        block_weight[i0 / kBlockRows] = sums.weight;
         if (need_x) {
           for (int64_t i = i0; i < i1; ++i)
             finish_row(grad_x + i * d, p.x + i * d, p.inv_x[i], factor, p.normalize, d);
@@ -333,27 +374,23 @@ T backward(const Problem<T>& p, const Stats<T>& s, T grad_loss, T* grad_x, T* gr
     }
   }
 
-  // Pass 2, by column blocks: dY^ columns, recomputing the same tiles.
   if (need_y) {
 #pragma omp parallel
     {
-      std::vector<T> tile(kBlockRows * kBlockCols), cosines(kBlockRows * kBlockCols);
-      std::vector<T> weights(kBlockCols);
-      TileOperands<T> ops;
+      TileWork<T> work;
 #pragma omp for schedule(dynamic)
       for (int64_t j0 = 0; j0 < n; j0 += kBlockCols) {
         const int64_t j1 = std::min(n, j0 + kBlockCols), width = j1 - j0;
         std::fill(grad_y + j0 * d, grad_y + j1 * d, T(0));
+        T* weights = work.row.data();
         for (int64_t i0 = 0; i0 < n; i0 += kBlockRows) {
           const int64_t i1 = std::min(n, i0 + kBlockRows);
-          ops.prepare(p, i0, i1, j0, j1);
-          tile_logits(p, ops, i0, i1, j0, j1, tile.data(), cosines.data());
+          work.compute(p, i0, i1, j0, j1);
           for (int64_t i = i0; i < i1; ++i) {
-            grad_weights_row(tile.data() + (i - i0) * width, width, s.row_max[i], s.row_logsum[i],
-                             s.col_max + j0, s.col_logsum + j0, i - j0, weights.data());
-            const T* xi = ops.x + (i - i0) * d;
+            rule.row_weights(work.logits.data() + (i - i0) * width, width, i, j0, weights);
+            const T* xi = work.ops.x + (i - i0) * d;
             for (int64_t j = j0; j < j1; ++j)
-              axpy(weights[j - j0] * ops.inv_x[i - i0], xi, grad_y + j * d, d);
+              axpy(weights[j - j0] * work.ops.inv_x[i - i0], xi, grad_y + j * d, d);
           }
         }
         for (int64_t j = j0; j < j1; ++j)
@@ -361,9 +398,38 @@ T backward(const Problem<T>& p, const Stats<T>& s, T grad_loss, T* grad_x, T* gr
       }
     }
   }
-  double scale_grad = 0.0;
-  for (double part : block_scale_grad) scale_grad += part;
-  return static_cast<T>(scale_grad) * coef;
+  return WeightSums{sum_in_order(block_weight_cosine), sum_in_order(block_weight)};
+}
+
+// CLIP's rule: w = 2N dloss/dL = (P - [label]) + (Q - [label]) from the
+// forward's softmax statistics.
+template <typename T>
+struct ClipRule {
+  Stats<T> s;
+
+  void row_weights(const T* logits, int64_t width, int64_t i, int64_t j0, T* out) const {
+    grad_weights_row(logits, width, s.row_max[i], s.row_logsum[i], s.col_max + j0,
+                     s.col_logsum + j0, i - j0, out);
+  }
+
+  // Per row in T, then fp64 across rows: the CLIP backward's summation
+  // order from the start, kept so its scale gradient stays bit for bit.
+  void add_sums(const T* weights, const T* cosines, int64_t width, WeightSums& sums) const {
+    T row_scale_grad = T(0);
+    for (int64_t j = 0; j < width; ++j) row_scale_grad += weights[j] * cosines[j];
+    sums.weight_cosine += static_cast<double>(row_scale_grad);
+  }
+};
+
+}  // namespace
+
+template <typename T>
+T backward(const Problem<T>& p, const Stats<T>& s, T grad_loss, T* grad_x, T* grad_y,
+           bool need_x, bool need_y, bool need_scale) {
+  const T coef = grad_loss / T(2 * p.n);
+  const WeightSums sums = backward_passes(p, ClipRule<T>{s}, coef * p.scale, grad_x, grad_y,
+                                          need_x, need_y, need_scale);
+  return static_cast<T>(sums.weight_cosine) * coef;
 }
 
 template double forward<float>(Problem<float>&, Stats<float>&);

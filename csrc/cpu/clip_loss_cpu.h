@@ -35,7 +35,8 @@ struct Stats {
 template <typename T>
 double forward(Problem<T>& p, Stats<T>& s);
 
-// Writes dL/dx, dL/dy (times grad_loss) where asked; returns dL/dscale.
+// Writes dL/dx, dL/dy (times grad_loss) where asked; returns dL/dscale when
+// need_scale (else 0).
 template <typename T>
 T backward(const Problem<T>& p, const Stats<T>& s, T grad_loss, T* grad_x, T* grad_y,
            bool need_x, bool need_y, bool need_scale);
