@@ -2,7 +2,8 @@
 
 A softmax over columns that arrive in pieces (row chunks, tiles, other
 ranks' blocks, hard-negative columns) is carried as a (max, sum exp(L - max))
-pair per row or column; ``merge_logsumexp`` merges two such pairs, and
+pair per row or column; ``merge_logsumexp`` merges two such pairs,
+``merge_partial_sums`` k of them stacked, and
 ``clip_loss_from_stats`` turns complete pairs into the loss.
 """
 
@@ -18,6 +19,14 @@ def merge_logsumexp(max_a, sum_a, max_b, sum_b):
     # exp(-inf - -inf) is NaN: where both are empty, shift by 0 instead.
     safe_max = torch.where(torch.isinf(new_max) & (new_max < 0), torch.zeros_like(new_max), new_max)
     return new_max, sum_a * torch.exp(max_a - safe_max) + sum_b * torch.exp(max_b - safe_max)
+
+
+def merge_partial_sums(part_max, part_sum):
+    """Merge k (max, sum exp(L - max)) partials stacked on dim 0 into one
+    (max, sum) pair: the Triton forward's per-split statistics, in one pass
+    rather than k - 1 pairwise merges."""
+    total_max = part_max.max(dim=0).values
+    return total_max, (part_sum * torch.exp(part_max - total_max[None, :])).sum(dim=0)
 
 
 def clip_loss_from_stats(row_max, row_logsum, col_max, col_logsum, diag_logits):

@@ -32,8 +32,7 @@ from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
 from .._ops import KernelOptions
-from . import clip_loss as _kernels
-from . import siglip as _siglip
+from . import backward_kernels, clip_loss, forward_kernels, launchers, siglip, tile_math
 
 # The GPUs the checks compile for: compute capability and SM count (grids are
 # sized per SM). sm_80 stands for the A100, sm_90 for the H100 SXM.
@@ -97,7 +96,8 @@ class _TargetDriver:
 
 
 def _jit_functions() -> List[JITFunction]:
-    return [v for module in (_kernels, _siglip) for v in vars(module).values()
+    return [v for module in (tile_math, forward_kernels, backward_kernels)
+            for v in vars(module).values()
             if isinstance(v, JITFunction)]
 
 
@@ -118,7 +118,7 @@ def compiling_for(arch: int, sm_count: int, sink: List[Launch]) -> Iterator[None
     """Within this block, kernel launches compile for ``arch`` and land in ``sink``."""
     from triton.backends.compiler import GPUTarget
 
-    if _kernels.interpreter_active():
+    if launchers.interpreter_active():
         raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset")
     original_run = JITFunction.run
     jit_functions = _jit_functions()
@@ -146,11 +146,11 @@ def compiling_for(arch: int, sm_count: int, sink: List[Launch]) -> Iterator[None
     for fn in jit_functions:
         fn.device_caches.clear()
     JITFunction.run = compile_only
-    _kernels._AOT_SM_COUNT = sm_count
+    launchers._AOT_SM_COUNT = sm_count
     try:
         yield
     finally:
-        _kernels._AOT_SM_COUNT = None
+        launchers._AOT_SM_COUNT = None
         JITFunction.run = original_run
         driver.set_active(previous_driver)
         for fn in jit_functions:
@@ -180,21 +180,21 @@ def _clip_step(x, y, scale, bias, normalize, allow_tf32, panel=None):
     # The launchers themselves: the custom operator would send meta tensors to
     # its fake implementation, which launches nothing.
     options = KernelOptions(normalize, allow_tf32, panel or 0)
-    loss, stats = _kernels.triton_forward(x, y, scale, bias, options)
-    _kernels.triton_backward(torch.ones_like(loss), x, y, scale, bias, stats, options,
-                             x.requires_grad, y.requires_grad, scale.requires_grad)
+    loss, stats = clip_loss.triton_forward(x, y, scale, bias, options)
+    clip_loss.triton_backward(torch.ones_like(loss), x, y, scale, bias, stats, options,
+                              x.requires_grad, y.requires_grad, scale.requires_grad)
 
 
 def _row_ce_step(q, k, scale, bias, normalize, offset, allow_tf32):
-    loss = _kernels.TritonRowCrossEntropyFunction.apply(q, k, scale, bias, normalize, offset,
-                                                        allow_tf32, None)
+    loss = clip_loss.TritonRowCrossEntropyFunction.apply(q, k, scale, bias, normalize, offset,
+                                                         allow_tf32, None)
     loss.backward()
 
 
 def _ring_block_step(x, y, normalize, allow_tf32, diag_offset):
     """The ring's per-block work (distributed.TritonBlockOps): statistics with
     column partials, fp32 accumulators on both sides, then the finish."""
-    ops = _kernels.TritonBlockOps(x, y, normalize, 0, allow_tf32)
+    ops = clip_loss.TritonBlockOps(x, y, normalize, 0, allow_tf32)
     s, b = ops.scalars(torch.ones((), device=x.device), None)
     inv_x, inv_y = ops.inverse_norms(x), ops.inverse_norms(y)
     rmax, rsum, cmax, csum, _ = ops.stats(x, inv_x, y, inv_y, s, b, diag_offset)
@@ -208,10 +208,10 @@ def _siglip_step(x, y, scale, bias, normalize, allow_tf32, positives=True, panel
     # The SigLIP launchers directly, as for the CLIP loss (meta tensors would
     # reach only the operator's fake implementation).
     options = KernelOptions(normalize, allow_tf32, panel or 0)
-    loss, stats = _siglip.triton_siglip_forward(x, y, scale, bias, options, positives)
-    _siglip.triton_siglip_backward(torch.ones_like(loss), x, y, scale, bias, stats, options,
-                                   x.requires_grad, y.requires_grad, scale.requires_grad,
-                                   bias is not None and bias.requires_grad, positives)
+    loss, stats = siglip.triton_siglip_forward(x, y, scale, bias, options, positives)
+    siglip.triton_siglip_backward(torch.ones_like(loss), x, y, scale, bias, stats, options,
+                                  x.requires_grad, y.requires_grad, scale.requires_grad,
+                                  bias is not None and bias.requires_grad, positives)
 
 
 def _siglip_scenarios(n: int, d: int) -> List[Scenario]:

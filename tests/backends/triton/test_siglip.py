@@ -1,4 +1,4 @@
-"""Triton SigLIP loss (clipfast/_triton/siglip.py) against open_clip's formula
+"""Triton SigLIP loss (clipfast/backends/triton/siglip.py) against open_clip's formula
 (``clipfast.backends.reference.reference_siglip_loss``) in fp64, by the accuracy rule of
 tests/parity.py: the error against fp64 is at most twice that of the plain
 reference computed in the same dtype, plus a floor of a few ulps. On CPU the
@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 import clipfast
-from clipfast.backends.triton.siglip import _log1p_exp_neg_abs
+from clipfast.backends.triton.tile_math import _log1p_exp_neg_abs
 from clipfast.backends.reference import reference_siglip_loss
 
 from ...parity import HAS_CUDA, floor_for, make_features, requires_cuda
@@ -344,7 +344,7 @@ def test_siglip_triton_gpu_memory_is_linear():
     # current row panel (p x d): about 0.12 at the default p (~2800), so
     # about 1.37x the gradients in all. Both the sum of those allocations and
     # the ratio are checked.
-    from clipfast.backends.triton.siglip import backward_plan
+    from clipfast.backends.triton.launchers import backward_plan
 
     n, d = 65536, 768
     x, y = make_features(n, d, torch.bfloat16, "cuda", seed=1)
