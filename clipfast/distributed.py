@@ -167,11 +167,11 @@ class RingClipLossFunction(torch.autograd.Function):
 
     @staticmethod
     @without_autocast
-    def forward(ctx, x, y, scale, bias, normalize: bool, block_backend: str, block: int,
+    def forward(ctx, x, y, scale, bias, normalize: bool, block_backend: str, block_size: int,
                 allow_tf32: bool, group):
         rank, world_size, nxt, prv = _peers(group)
         n = x.shape[0]
-        ops = get(block_backend).block_ops()(x, y, normalize, block, allow_tf32)
+        ops = get(block_backend).block_ops()(x, y, normalize, block_size, allow_tf32)
         s, b = ops.scalars(scale, bias)
         inv_x, inv_y = ops.inverse_norms(x), ops.inverse_norms(y)
 
@@ -212,7 +212,7 @@ class RingClipLossFunction(torch.autograd.Function):
 
         ctx.save_for_backward(x, y, scale, bias, inv_x, inv_y, row_max, row_logsum, col_max, col_logsum)
         ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
-        ctx.options = (normalize, block_backend, block, allow_tf32, group)
+        ctx.options = (normalize, block_backend, block_size, allow_tf32, group)
         return loss
 
     @staticmethod
@@ -220,11 +220,11 @@ class RingClipLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         refuse_double_backward("clipfast's ring mode", DISTRIBUTED_DOUBLE_BACKWARD)
         x, y, scale, bias, inv_x, inv_y, row_max, row_logsum, col_max, col_logsum = ctx.saved_tensors
-        normalize, block_backend, block, allow_tf32, group = ctx.options
+        normalize, block_backend, block_size, allow_tf32, group = ctx.options
         need_x, need_y, need_scale, need_bias = ctx.needs_input_grad[:4]
         rank, world_size, nxt, prv = _peers(group)
         n, d = x.shape
-        ops = get(block_backend).block_ops()(x, y, normalize, block, allow_tf32)
+        ops = get(block_backend).block_ops()(x, y, normalize, block_size, allow_tf32)
         s, b = ops.scalars(scale, bias)
         # G = (P + Q - 2I) / (2 N world) per block, times world_size (see the
         # module docstring): each rank returns world_size x its share.
