@@ -1,8 +1,17 @@
 """The Triton backend (``backend="triton"``): fused kernels for CUDA GPUs.
 
 This file only declares the backend; importing it does not import triton.
-The kernels and their launchers import triton when an entry point is first
-used (or when a test imports them directly).
+The modules below import triton when an entry point is first used (or when
+a test imports them directly); each imports only from the layers under it:
+
+  clip_loss.py, siglip.py   autograd Functions and custom ops (the entry points)
+  launchers.py              configs, grids, panel sizing and kernel launches
+  forward_kernels.py,       the @triton.jit kernels, by pass
+  backward_kernels.py
+  tile_math.py              the tile math every kernel inlines
+
+``aot.py`` (ahead-of-time compilation through the launchers, for
+``clipfast.aot_check`` and ``clipfast.perfmodel``) sits beside them.
 """
 
 from __future__ import annotations

@@ -96,9 +96,10 @@ class _TargetDriver:
 
 
 def _jit_functions() -> List[JITFunction]:
-    return [v for module in (tile_math, forward_kernels, backward_kernels)
-            for v in vars(module).values()
-            if isinstance(v, JITFunction)]
+    # By identity: the kernel modules import tile_math's helpers.
+    found = {id(v): v for module in (tile_math, forward_kernels, backward_kernels)
+             for v in vars(module).values() if isinstance(v, JITFunction)}
+    return list(found.values())
 
 
 def _error_summary(exc: BaseException) -> str:

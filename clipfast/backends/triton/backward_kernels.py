@@ -5,23 +5,23 @@ CLIP backward (recomputation from the saved LSEs):
   * ``_grad_logits_kernel`` recomputes one panel of logits and writes the
     unscaled gradient weights P + Q - 2*I (values in [-2, 2], so fp16/bf16
     panels neither overflow nor flush) and accumulates per-tile partial sums
-    for the scale gradient on the device. A panel is at most PANEL x PANEL (8192^2 by default) and
-    never the whole N x N matrix.
+    for the scale gradient on the device. A panel is at most PANEL x PANEL
+    (8192^2 by default) and never the whole N x N matrix.
   * ``_panel_grads_kernel`` accumulates dX^ += G @ Y^ and dY^ += G^T @ X^
     in one launch. The panel carries the inverse norms (G_ij inv_x_i inv_y_j),
     so both products read the raw feature rows and no normalised copy is ever
     stored; the 1/|x| of the normalisation backward cancels against them.
-    (fp16 panels instead normalise feature rows on load: see ``fold``.) dX^ of the current row panel lives in
-    a PANEL x d fp32 buffer; dY^ lives in the gradient output itself (fp32), or
+    (fp16 panels instead normalise feature rows on load: see
+    ``launchers.folds_inv_norms``.) dX^ of the current row panel lives in a
+    PANEL x d fp32 buffer; dY^ lives in the gradient output itself (fp32), or
     for fp16/bf16 as a 24-bit float split over the 16-bit output and a byte
     plane, which keeps accumulation error far below the final rounding.
   * ``_finish_grad_kernel`` applies the normalisation backward and the
     s * grad_out / (2N) factor in place, without N x d temporaries.
 
-Extra memory beyond the two gradients: O(N) statistics, one G panel (about
-
 SigLIP backward (6 N^2 d FLOPs): per panel of the logits,
-``_siglip_grad_kernel`` recomputes the tile through the same code, writes W
+``_siglip_grad_kernel`` recomputes the tile as the CLIP kernel does
+(``_panel_tile``), writes W
 (times inv_x_i inv_y_j, as the CLIP gradient panel, so the products read raw
 feature rows; fp16 panels hold 2^14 W instead) and per-tile partial sums of
 W * cosine and W for the scale and bias gradients; ``_panel_grads_kernel``
@@ -40,8 +40,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tile_math import (_fold_shifts, _inverse_norms_of, _load_accumulator, _logits_from_dots,
-                        _reciprocal_1_2, _tile_dots)
+from .tile_math import (_fold_inv_norms, _fold_shifts, _load_accumulator, _panel_tile,
+                        _reciprocal_1_2, _tile_coords)
 
 
 @triton.jit
@@ -52,8 +52,8 @@ def _grad_logits_kernel(
     M, K, D, diag_offset, row_start, col_start, panel_rows, panel_cols, scale_part_pitch,
     stride_xn, stride_xd, stride_yn, stride_yd,
     stride_gm, stride_gn,
-    HAS_BIAS: tl.constexpr, HAS_DIAG: tl.constexpr, USE_ROWS: tl.constexpr,
-    USE_COLS: tl.constexpr, FOLD_INV_NORMS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DIAG: tl.constexpr,
+    USE_ROWS: tl.constexpr, USE_COLS: tl.constexpr, FOLD_INV_NORMS: tl.constexpr,
     GUARD_HUGE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -61,24 +61,17 @@ def _grad_logits_kernel(
     I marking column i + diag_offset of row i (HAS_DIAG); times inv_x_i * inv_y_j
     * 2^shift with FOLD_INV_NORMS (``_fold_shifts``), so the panel products can
     take raw feature rows."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    local_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    local_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = (row_start + local_m).to(tl.int64)
-    offs_n = (col_start + local_n).to(tl.int64)
-    mask_m = (local_m < panel_rows) & (offs_m < M)
-    mask_n = (local_n < panel_cols) & (offs_n < K)
-
-    scale = tl.load(scale_ptr).to(tl.float32)
-    inv_x = tl.load(inv_x_ptr + offs_m, mask=mask_m, other=0.0)
-    inv_y = tl.load(inv_y_ptr + offs_n, mask=mask_n, other=0.0)
-    acc, tile_inv_x, tile_inv_y = _tile_dots(
-        x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D, inv_x, inv_y,
-        stride_xn, stride_xd, stride_yn, stride_yd,
-        GUARD_HUGE, DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+    (pid_m, pid_n, local_m, local_n, offs_m, offs_n, mask_m, mask_n,
+     inv_x, inv_y, cosine, logits) = _panel_tile(
+        x_ptr, y_ptr, inv_x_ptr, inv_y_ptr, scale_ptr, bias_ptr,
+        M, K, D, row_start, col_start, panel_rows, panel_cols,
+        stride_xn, stride_xd, stride_yn, stride_yd, HAS_BIAS,
+        # The CLIP launchers always pass inverse norms (ones without
+        # normalisation), and the statistics were taken with them.
+        NORMALIZE=True,
+        GUARD_HUGE=GUARD_HUGE, DOT_DTYPE=DOT_DTYPE, INPUT_PRECISION=INPUT_PRECISION,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
     )
-    cosine, logits = _logits_from_dots(acc, tile_inv_x, tile_inv_y, scale, bias_ptr, HAS_BIAS)
     # (L - max) first: exact near the max, as in PyTorch's softmax. On the
     # labels (P - 1) + (Q - 1): each difference is exact, whereas P + Q - 2
     # would round P + Q at ulp(2) first.
@@ -112,8 +105,7 @@ def _grad_logits_kernel(
     else:
         tl.store(slot, tl.load(slot) + partial)
     if FOLD_INV_NORMS:
-        shift_x, shift_y, _, _ = _fold_shifts(inv_range_ptr)
-        grad = grad * (inv_x * shift_x)[:, None] * (inv_y * shift_y)[None, :]
+        grad = _fold_inv_norms(grad, inv_x, inv_y, inv_range_ptr)
     g_ptrs = (grad_panel_ptr + local_m[:, None].to(tl.int64) * stride_gm
               + local_n[None, :].to(tl.int64) * stride_gn)
     tl.store(g_ptrs, grad.to(grad_panel_ptr.dtype.element_ty), mask=valid)
@@ -141,15 +133,8 @@ def _accumulate_product_tile(
     bits keep the accumulation error far below the final fp16/bf16 rounding
     at half the memory of an fp32 accumulator.
     """
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_d = tl.cdiv(D, BLOCK_D)
     # Grouped ordering: neighbouring programs share B columns in L2.
-    group_size = GROUP_M * num_pid_d
-    group_id = pid // group_size
-    first_m = group_id * GROUP_M
-    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % group_m
-    pid_d = (pid % group_size) // group_m
+    pid_m, pid_d = _tile_coords(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(D, BLOCK_D), GROUP_M)
 
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_d = (pid_d * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
@@ -183,10 +168,8 @@ def _accumulate_product_tile(
 
     c_offs = offs_m[:, None] * stride_cm + offs_d[None, :] * stride_cd
     mask_c = mask_m[:, None] & mask_d[None, :]
+    total = _load_accumulator(c_ptr, c_lo_ptr, c_offs, mask_c, SPLIT_ACC) + acc
     if SPLIT_ACC:
-        hi = tl.load(c_ptr + c_offs, mask=mask_c, other=0).to(tl.int32)
-        lo = tl.load(c_lo_ptr + c_offs, mask=mask_c, other=0).to(tl.int32)
-        total = ((hi << 16) | (lo << 8)).to(tl.float32, bitcast=True) + acc
         bits = total.to(tl.int32, bitcast=True)
         # Round the dropped byte to nearest, except for NaN: GPUs produce NaN as
         # 0x7FFFFFFF, which the carry would wrap into -0.0.
@@ -194,7 +177,7 @@ def _accumulate_product_tile(
         tl.store(c_ptr + c_offs, (bits >> 16).to(tl.int16), mask=mask_c)
         tl.store(c_lo_ptr + c_offs, ((bits >> 8) & 0xFF).to(tl.uint8), mask=mask_c)
     else:
-        tl.store(c_ptr + c_offs, tl.load(c_ptr + c_offs, mask=mask_c, other=0.0) + acc, mask=mask_c)
+        tl.store(c_ptr + c_offs, total, mask=mask_c)
 
 
 @triton.jit
@@ -298,6 +281,7 @@ def _finish_grad_kernel(
         tl.store(out_ptr + offs_r[:, None] * stride_om + offs_d[None, :] * stride_od,
                  g.to(out_ptr.dtype.element_ty), mask=mask)
 
+
 @triton.jit
 def _siglip_grad_kernel(
     x_ptr, y_ptr, inv_x_ptr, inv_y_ptr, scale_ptr, bias_ptr, grad_panel_ptr,
@@ -314,24 +298,13 @@ def _siglip_grad_kernel(
     fp16/bf16), times inv_x_i inv_y_j (and the powers of two of
     ``_fold_shifts``) with FOLD_INV_NORMS, plus the tile's sums of W * cosine
     and of W."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    local_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    local_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = (row_start + local_m).to(tl.int64)
-    offs_n = (col_start + local_n).to(tl.int64)
-    mask_m = (local_m < panel_rows) & (offs_m < M)
-    mask_n = (local_n < panel_cols) & (offs_n < K)
-
-    scale = tl.load(scale_ptr).to(tl.float32)
-    inv_x = _inverse_norms_of(inv_x_ptr, offs_m, mask_m, NORMALIZE, BLOCK_M)
-    inv_y = _inverse_norms_of(inv_y_ptr, offs_n, mask_n, NORMALIZE, BLOCK_N)
-    acc, tile_inv_x, tile_inv_y = _tile_dots(
-        x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D, inv_x, inv_y,
+    (pid_m, pid_n, local_m, local_n, _, _, mask_m, mask_n,
+     inv_x, inv_y, cosine, logits) = _panel_tile(
+        x_ptr, y_ptr, inv_x_ptr, inv_y_ptr, scale_ptr, bias_ptr,
+        M, K, D, row_start, col_start, panel_rows, panel_cols,
         stride_xn, stride_xd, stride_yn, stride_yd,
-        GUARD_HUGE, DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        HAS_BIAS, NORMALIZE, GUARD_HUGE, DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
     )
-    cosine, logits = _logits_from_dots(acc, tile_inv_x, tile_inv_y, scale, bias_ptr, HAS_BIAS)
     # sigmoid(L) and sigmoid(-L) from e = exp(-|L|): (1 or e) / (1 + e), never
     # 1 - sigmoid, which would lose the small one to cancellation.
     e = tl.exp2(tl.abs(logits) * -1.4426950408889634)
@@ -346,8 +319,7 @@ def _siglip_grad_kernel(
     else:
         grad = tl.where(above, 1.0, e) * r
     if FOLD_INV_NORMS:
-        shift_x, shift_y, _, _ = _fold_shifts(inv_range_ptr)
-        folded = grad * (inv_x * shift_x)[:, None] * (inv_y * shift_y)[None, :]
+        folded = _fold_inv_norms(grad, inv_x, inv_y, inv_range_ptr)
     else:
         # fp16 panels hold 2^14 W: sigmoid(-10) = 4.5e-5, the weight of a
         # negative at open_clip's initial bias, is below fp16's normal range

@@ -9,31 +9,28 @@ Only autograd and bookkeeping live here; kernels in ``forward_kernels`` /
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from .._ops import (DISTRIBUTED_DOUBLE_BACKWARD, KernelOptions, define_clip_loss_op,
-                    exact_zero_bias_grad, pack_stats, refuse_double_backward, without_autocast)
-from .._stats import clip_loss_from_stats, extra_logits_grad, merge_extra_logits, with_bias
-from .launchers import (_half_precision_accumulator, _scalars, block_grads, block_stats,
-                        finish_feature_grad, folds_inv_norms, inverse_norms)
+from .._ops import (DISTRIBUTED_DOUBLE_BACKWARD, KernelOptions, clip_forward_result,
+                    define_clip_loss_op, exact_zero_bias_grad, refuse_double_backward,
+                    without_autocast)
+from .._stats import extra_logits_grad, merge_extra_logits, with_bias
+from .launchers import (block_grads, block_stats, feature_grads, finish_feature_grad,
+                        folds_inv_norms, fp32_scalars, inverse_norms)
 
 
 def _feature_and_scale_grads(x, y, inv_x, inv_y, scale, bias, row_stats, col_stats, diag_offset,
                              coef, need_x, need_y, need_scale, scale_meta, normalize, allow_tf32,
                              panel):
     """Input gradients of a loss that is ``coef`` x the sum over one block's G."""
-    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
-    grad_y = y_acc = y_acc_lo = grad_scale = None
-    if need_y:
-        grad_y, y_acc, y_acc_lo = _half_precision_accumulator(y)
     factor = (scale * coef).contiguous()
-    scale_grad = block_grads(
-        x, y, inv_x, inv_y, scale, bias, row_stats, col_stats, diag_offset,
-        normalize=normalize, allow_tf32=allow_tf32, panel=panel,
-        x_out=grad_x, x_factor=factor, y_acc=y_acc, y_acc_lo=y_acc_lo)
-    if need_y:
-        finish_feature_grad(y_acc, y, inv_y, factor, normalize, folds_inv_norms(x, y, normalize),
-                            grad_y, acc_lo=y_acc_lo)
+    grad_x, grad_y, scale_grad = feature_grads(
+        x, y, inv_y, factor, need_x, need_y, normalize,
+        functools.partial(block_grads, x, y, inv_x, inv_y, scale, bias, row_stats, col_stats,
+                          diag_offset, normalize=normalize, allow_tf32=allow_tf32, panel=panel))
+    grad_scale = None
     if need_scale:
         grad_scale = (scale_grad * coef).reshape(scale_meta[0]).to(scale_meta[1])
     return grad_x, grad_y, grad_scale
@@ -41,19 +38,16 @@ def _feature_and_scale_grads(x, y, inv_x, inv_y, scale, bias, row_stats, col_sta
 
 def triton_forward(x, y, scale, bias, options: KernelOptions):
     """(loss, stats) through the fused kernels (see ``clipfast.backends._ops``)."""
-    scale_f32, bias_f32 = _scalars(scale, bias)
+    scale_f32, bias_f32 = fp32_scalars(scale, bias)
     inv_x, inv_y = inverse_norms(x, options.normalize), inverse_norms(y, options.normalize)
-    row_max, row_sum, col_max, col_sum, diag = block_stats(
-        x, y, inv_x, inv_y, scale_f32, bias_f32, 0, True, options.allow_tf32)
-    row_logsum, col_logsum = torch.log(row_sum), torch.log(col_sum)
-    loss = clip_loss_from_stats(row_max, row_logsum, col_max, col_logsum, diag)
-    return loss, pack_stats(inv_x, inv_y, row_max, row_logsum, col_max, col_logsum)
+    return clip_forward_result(inv_x, inv_y, *block_stats(
+        x, y, inv_x, inv_y, scale_f32, bias_f32, 0, True, options.allow_tf32))
 
 
 def triton_backward(grad_loss, x, y, scale, bias, stats, options: KernelOptions,
                     need_x: bool, need_y: bool, need_scale: bool):
     inv_x, inv_y, row_max, row_logsum, col_max, col_logsum = stats
-    scale_f32, bias_f32 = _scalars(scale, bias)
+    scale_f32, bias_f32 = fp32_scalars(scale, bias)
     coef = grad_loss.float().reshape(1) / (2 * x.shape[0])
     return _feature_and_scale_grads(
         x, y, inv_x, inv_y, scale_f32, bias_f32, (row_max, row_logsum), (col_max, col_logsum), 0,
@@ -73,7 +67,7 @@ class TritonRowCrossEntropyFunction(torch.autograd.Function):
     @without_autocast
     def forward(ctx, queries, keys, scale, bias, normalize: bool, label_offset: int,
                 allow_tf32: bool, panel, extra_logits=None):
-        scale_f32, bias_f32 = _scalars(scale, bias)
+        scale_f32, bias_f32 = fp32_scalars(scale, bias)
         inv_q, inv_k = inverse_norms(queries, normalize), inverse_norms(keys, normalize)
         row_max, row_sum, _, _, diag = block_stats(
             queries, keys, inv_q, inv_k, scale_f32, bias_f32, label_offset, False, allow_tf32)
@@ -126,8 +120,7 @@ class TritonBlockOps:
         return inverse_norms(features, self.normalize)
 
     def scalars(self, scale, bias):
-        s = scale.detach().reshape(1).float().contiguous()
-        return s, bias.detach().reshape(1).float().contiguous() if bias is not None else None
+        return fp32_scalars(scale, bias)
 
     def stats(self, x, inv_x, y, inv_y, s, b, diag_offset, with_cols=True):
         return block_stats(x, y, inv_x, inv_y, s, b, diag_offset, with_cols, self.allow_tf32)
@@ -145,6 +138,5 @@ class TritonBlockOps:
     def finish(self, acc, features, inv_norm, s, coef):
         out = torch.empty(features.shape, dtype=features.dtype, device=features.device)
         factor = (s.reshape(1) * coef.reshape(1)).float().contiguous()
-        finish_feature_grad(acc, features, inv_norm, factor, self.normalize,
-                                         self.folded, out)
+        finish_feature_grad(acc, features, inv_norm, factor, self.normalize, self.folded, out)
         return out

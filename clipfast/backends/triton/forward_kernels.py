@@ -12,16 +12,16 @@ CLIP forward (one pass over the N x N tiles, 2*N^2*d FLOPs):
     are kept per tile element in registers and reduced once per column block
     into the program's slot of a (ROW_SPLITS, N) buffer. Both use an online
     (running max, running sum) log-sum-exp, so nothing underflows whatever
-    the scale. The per-split
-    partials are merged afterwards (O(splits * N)) and kept as (max, log-sum)
-    pairs rather than one rounded LSE: see ``chunked.clip_loss_from_stats``.
-    The diagonal logits are read off the same tiles.
+    the scale. The per-split partials are merged afterwards (O(splits * N),
+    ``_stats.merge_partial_sums``) and kept as (max, log-sum) pairs rather
+    than one rounded LSE: see ``_stats.clip_loss_from_stats``. The diagonal
+    logits are read off the same tiles.
 
 SigLIP forward (2 N^2 d FLOPs): ``_siglip_forward_kernel`` is a persistent
 grid of about two programs per SM; each takes tiles in grouped order
 (programs running at once share operand rows in L2), computes the tile's dot
 products on-chip with fp32 accumulation through the CLIP kernels' own tile
-routine (``_tile_dots``: norms, scale and bias in the epilogue, huge rows
+routine (``_tile_logits``: norms, scale and bias in the epilogue, huge rows
 scaled), and adds the tile's softplus sum to its running total (compensated,
 so the order of a few thousand tile sums costs no accuracy). One partial per
 program, summed once in fp64 on the host side: deterministic, no atomics.
@@ -32,7 +32,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tile_math import _inverse_norms_of, _log1p_exp_neg_abs, _logits_from_dots, _tile_coords, _tile_dots
+from .tile_math import _log1p_exp_neg_abs, _norms_and_logits, _tile_coords, _tile_logits
+
+
+@triton.jit
+def _row_chunk(x_ptr, offs_r, mask_r, k0, D, stride_xn, stride_xd, BLOCK_D: tl.constexpr):
+    """Columns k0 + [0, BLOCK_D) of the rows offs_r in fp32, zero past D."""
+    offs_d = k0 + tl.arange(0, BLOCK_D)
+    mask = mask_r[:, None] & (offs_d[None, :] < D)
+    return tl.load(x_ptr + offs_r[:, None] * stride_xn + offs_d[None, :] * stride_xd,
+                   mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -41,16 +50,14 @@ def _inverse_norms_kernel(
     NORMALIZE: tl.constexpr, EPS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """inv[i] = 1 / max(|x_i|, EPS) for BLOCK_R rows (ones without NORMALIZE)."""
     pid = tl.program_id(0)
     offs_r = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     mask_r = offs_r < N
     if NORMALIZE:
         sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for k0 in range(0, D, BLOCK_D):
-            offs_d = k0 + tl.arange(0, BLOCK_D)
-            mask = mask_r[:, None] & (offs_d[None, :] < D)
-            x = tl.load(x_ptr + offs_r[:, None] * stride_xn + offs_d[None, :] * stride_xd,
-                        mask=mask, other=0.0).to(tl.float32)
+            x = _row_chunk(x_ptr, offs_r, mask_r, k0, D, stride_xn, stride_xd, BLOCK_D)
             sq += tl.sum(x * x, axis=1)
         inv = 1.0 / tl.maximum(tl.sqrt(sq), EPS)
         overflowed = sq > 3.0e38  # inf; NaN rows stay NaN either way
@@ -60,19 +67,14 @@ def _inverse_norms_kernel(
             # needs no such pass: rows whose squares underflow are below eps.
             top = tl.zeros((BLOCK_R,), dtype=tl.float32)
             for k0 in range(0, D, BLOCK_D):
-                offs_d = k0 + tl.arange(0, BLOCK_D)
-                mask = mask_r[:, None] & (offs_d[None, :] < D)
-                x = tl.load(x_ptr + offs_r[:, None] * stride_xn + offs_d[None, :] * stride_xd,
-                            mask=mask, other=0.0).to(tl.float32)
+                x = _row_chunk(x_ptr, offs_r, mask_r, k0, D, stride_xn, stride_xd, BLOCK_D)
                 top = tl.maximum(top, tl.max(tl.abs(x), axis=1))
             exponent = (top.to(tl.int32, bitcast=True) >> 23) & 0xFF
             pow2 = (tl.maximum(exponent, 1) << 23).to(tl.float32, bitcast=True)
             sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
             for k0 in range(0, D, BLOCK_D):
-                offs_d = k0 + tl.arange(0, BLOCK_D)
-                mask = mask_r[:, None] & (offs_d[None, :] < D)
-                x = tl.load(x_ptr + offs_r[:, None] * stride_xn + offs_d[None, :] * stride_xd,
-                            mask=mask, other=0.0).to(tl.float32) / pow2[:, None]
+                x = _row_chunk(x_ptr, offs_r, mask_r, k0, D, stride_xn, stride_xd,
+                               BLOCK_D) / pow2[:, None]
                 sq += tl.sum(x * x, axis=1)
             # 1 / max(|x|, eps) = (1 / max(|x| / pow2, eps / pow2)) / pow2.
             scaled = (1.0 / tl.maximum(tl.sqrt(sq), EPS / pow2)) / pow2
@@ -132,12 +134,11 @@ def _forward_tiles_kernel(
             offs_m = (rb * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
             mask_m = offs_m < M
             inv_x = tl.load(inv_x_ptr + offs_m, mask=mask_m, other=0.0)
-            acc, tile_inv_x, tile_inv_y = _tile_dots(
-                x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D, inv_x, inv_y,
+            _, logits = _tile_logits(
+                x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D, inv_x, inv_y, scale, bias_ptr,
                 stride_xn, stride_xd, stride_yn, stride_yd,
-                GUARD_HUGE, DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+                HAS_BIAS, GUARD_HUGE, DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
             )
-            _, logits = _logits_from_dots(acc, tile_inv_x, tile_inv_y, scale, bias_ptr, HAS_BIAS)
             if ((rb + 1) * BLOCK_M > M) | ((cb + 1) * BLOCK_N > K):
                 # Only edge tiles pay for the mask.
                 logits = tl.where(mask_m[:, None] & mask_n[None, :], logits, float("-inf"))
@@ -206,14 +207,11 @@ def _siglip_forward_kernel(
         offs_n = (cb * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         mask_m = offs_m < M
         mask_n = offs_n < K
-        inv_x = _inverse_norms_of(inv_x_ptr, offs_m, mask_m, NORMALIZE, BLOCK_M)
-        inv_y = _inverse_norms_of(inv_y_ptr, offs_n, mask_n, NORMALIZE, BLOCK_N)
-        acc, tile_inv_x, tile_inv_y = _tile_dots(
-            x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D, inv_x, inv_y,
+        _, _, _, logits = _norms_and_logits(
+            x_ptr, y_ptr, inv_x_ptr, inv_y_ptr, scale, bias_ptr, offs_m, offs_n, mask_m, mask_n, D,
             stride_xn, stride_xd, stride_yn, stride_yd,
-            GUARD_HUGE, DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            HAS_BIAS, NORMALIZE, GUARD_HUGE, DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
         )
-        _, logits = _logits_from_dots(acc, tile_inv_x, tile_inv_y, scale, bias_ptr, HAS_BIAS)
         # softplus(-zL) = max(-zL, 0) + log1p(exp(-|L|)): |zL| = |L| whatever z.
         soft, _ = _log1p_exp_neg_abs(logits)
         if POSITIVES:

@@ -13,18 +13,19 @@ in ``launchers``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .._ops import KernelOptions, compute_dtype, define_siglip_ops
-from .launchers import (_half_precision_accumulator, _scalars, finish_feature_grad,
-                        folds_inv_norms, inverse_norms, panel_scale, siglip_block_grads,
-                        siglip_block_sum)
+from .launchers import (feature_grads, fp32_scalars, inverse_norms, panel_scale,
+                        siglip_block_grads, siglip_block_sum)
 
 
 def triton_siglip_forward(x, y, scale, bias, options: KernelOptions, positives: bool = True):
     """(loss, stats = [inv_x, inv_y]) through the fused kernels (see
     ``clipfast.backends._ops``)."""
-    scale_f32, bias_f32 = _scalars(scale, bias)
+    scale_f32, bias_f32 = fp32_scalars(scale, bias)
     inv_x, inv_y = inverse_norms(x, options.normalize), inverse_norms(y, options.normalize)
     total = siglip_block_sum(x, y, inv_x, inv_y, scale_f32, bias_f32, positives,
                              normalize=options.normalize, allow_tf32=options.allow_tf32)
@@ -36,22 +37,17 @@ def triton_siglip_backward(grad_loss, x, y, scale, bias, stats, options: KernelO
                            need_x: bool, need_y: bool, need_scale: bool, need_bias: bool,
                            positives: bool = True):
     inv_x, inv_y = stats[0].float().contiguous(), stats[1].float().contiguous()
-    scale_f32, bias_f32 = _scalars(scale, bias)
+    scale_f32, bias_f32 = fp32_scalars(scale, bias)
     need_bias = need_bias and bias is not None
     # The loss is the block's sum / N: every gradient carries grad_loss / N.
     coef = grad_loss.detach().float().reshape(1) / x.shape[0]
-    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
-    grad_y = y_acc = y_acc_lo = None
-    if need_y:
-        grad_y, y_acc, y_acc_lo = _half_precision_accumulator(y)
     factor = (scale_f32 * coef).contiguous()
-    scale_sum, bias_sum = siglip_block_grads(
-        x, y, inv_x, inv_y, scale_f32, bias_f32, positives, normalize=options.normalize,
-        allow_tf32=options.allow_tf32, panel=options.block or None,
-        x_out=grad_x, x_factor=factor, y_acc=y_acc, y_acc_lo=y_acc_lo)
-    if need_y:
-        finish_feature_grad(y_acc, y, inv_y, factor / panel_scale(x, y), options.normalize,
-                            folds_inv_norms(x, y, options.normalize), grad_y, acc_lo=y_acc_lo)
+    grad_x, grad_y, (scale_sum, bias_sum) = feature_grads(
+        x, y, inv_y, factor, need_x, need_y, options.normalize,
+        functools.partial(siglip_block_grads, x, y, inv_x, inv_y, scale_f32, bias_f32, positives,
+                          normalize=options.normalize, allow_tf32=options.allow_tf32,
+                          panel=options.block or None),
+        y_unscale=panel_scale(x, y))
     coef64 = grad_loss.detach().double().reshape(()) / x.shape[0]
     grad_scale = (scale_sum * coef64).reshape(scale.shape).to(scale.dtype) if need_scale else None
     grad_bias = (bias_sum * coef64).reshape(bias.shape).to(bias.dtype) if need_bias else None

@@ -3,7 +3,7 @@ that every kernel of both losses inlines.
 
 One copy matters beyond tidiness: the backward passes recompute the
 forward's logits tile by tile, and only the same code on the same tile grid
-rounds them bit for bit alike (see ``_logits_from_dots``). Here: the
+rounds them bit for bit alike (see ``_tile_logits``). Here: the
 similarity tile and its huge-row guard, the powers of two of the folded
 gradient panel (``_fold_shifts``), SigLIP's softplus and sigmoid pieces,
 inverse-norm loads, grouped tile order and the split accumulator's load.
@@ -28,31 +28,22 @@ def _similarity_tile(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     x_rows = x_ptr + offs_m[:, None] * stride_xn
     y_rows = y_ptr + offs_n[None, :] * stride_yn
-    if SCALED:
-        # Rare (huge rows only): unpipelined, so that its registers do not
-        # add to the common loop's.
-        for k0 in tl.range(0, D, BLOCK_K, num_stages=1):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < D
-            x = tl.load(x_rows + offs_k[None, :] * stride_xd,
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            y_t = tl.load(y_rows + offs_k[:, None] * stride_yd,
-                          mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+    # Huge rows only (SCALED) are rare: that loop runs unpipelined, so that
+    # its registers do not add to the common loop's.
+    for k0 in tl.range(0, D, BLOCK_K, num_stages=1 if SCALED else None):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < D
+        x = tl.load(x_rows + offs_k[None, :] * stride_xd,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        # Y is read as a (BLOCK_K, BLOCK_N) transposed view: no tl.trans needed.
+        y_t = tl.load(y_rows + offs_k[:, None] * stride_yd,
+                      mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if SCALED:
             # Powers of two: exact in the dot dtype itself (bf16 keeps fp32's
             # exponent range), and no fp32 copy of the operands.
             x = x.to(DOT_DTYPE) * scale_x[:, None].to(DOT_DTYPE)
             y_t = y_t.to(DOT_DTYPE) * scale_y[None, :].to(DOT_DTYPE)
-            acc = tl.dot(x, y_t, acc, input_precision=INPUT_PRECISION)
-    else:
-        for k0 in range(0, D, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < D
-            x = tl.load(x_rows + offs_k[None, :] * stride_xd,
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            # Y is read as a (BLOCK_K, BLOCK_N) transposed view: no tl.trans needed.
-            y_t = tl.load(y_rows + offs_k[:, None] * stride_yd,
-                          mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            acc = tl.dot(x.to(DOT_DTYPE), y_t.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(x.to(DOT_DTYPE), y_t.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
     return acc
 
 
@@ -74,13 +65,19 @@ def _huge_row_scales(inv, huge):
 
 
 @triton.jit
-def _tile_dots(
-    x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D, inv_x, inv_y,
+def _tile_logits(
+    x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D, inv_x, inv_y, scale, bias_ptr,
     stride_xn, stride_xd, stride_yn, stride_yd,
-    GUARD_HUGE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GUARD_HUGE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """(dot products, inv_x, inv_y for ``_logits_from_dots``) of one tile.
+    """(cosines, logits) of one tile, from the rows and their inverse norms.
+
+    Every kernel, forward and backward, takes its logits from here, on the
+    same tile grid, so the backward passes recompute bit-identical logits:
+    where |L| is large and the softmax one-hot, an ulp of difference against
+    the saved max would show up as a spurious gradient.
 
     A tile holding a huge row (GUARD_HUGE: not for fp16 operands, whose rows
     stay below 65504 sqrt(d)) reads its rows scaled (``_huge_row_scales``);
@@ -113,23 +110,69 @@ def _tile_dots(
             stride_xn, stride_xd, stride_yn, stride_yd, inv_x, inv_y,
             False, DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
         )
-    return acc, inv_x, inv_y
-
-
-@triton.jit
-def _logits_from_dots(acc, inv_x, inv_y, scale, bias_ptr, HAS_BIAS: tl.constexpr):
-    """(cosines, logits) of a tile of raw dot products.
-
-    Forward and backward both go through here, on the same tile grid, so the
-    backward pass recomputes bit-identical logits: where |L| is large and the
-    softmax one-hot, an ulp of difference against the saved max would show up
-    as a spurious gradient.
-    """
     cosine = acc * inv_x[:, None] * inv_y[None, :]
     logits = cosine * scale
     if HAS_BIAS:
         logits += tl.load(bias_ptr).to(tl.float32)
     return cosine, logits
+
+
+@triton.jit
+def _norms_and_logits(
+    x_ptr, y_ptr, inv_x_ptr, inv_y_ptr, scale, bias_ptr, offs_m, offs_n, mask_m, mask_n, D,
+    stride_xn, stride_xd, stride_yn, stride_yd,
+    HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr, GUARD_HUGE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """(inv_x, inv_y, cosines, logits) of one tile: ``_tile_logits`` with the
+    inverse norms loaded (``_inverse_norms_of``), for the kernels that read
+    each tile's rows afresh."""
+    inv_x = _inverse_norms_of(inv_x_ptr, offs_m, mask_m, NORMALIZE, BLOCK_M)
+    inv_y = _inverse_norms_of(inv_y_ptr, offs_n, mask_n, NORMALIZE, BLOCK_N)
+    cosine, logits = _tile_logits(
+        x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D, inv_x, inv_y, scale, bias_ptr,
+        stride_xn, stride_xd, stride_yn, stride_yd,
+        HAS_BIAS, GUARD_HUGE, DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+    )
+    return inv_x, inv_y, cosine, logits
+
+
+@triton.jit
+def _panel_tile(
+    x_ptr, y_ptr, inv_x_ptr, inv_y_ptr, scale_ptr, bias_ptr,
+    M, K, D, row_start, col_start, panel_rows, panel_cols,
+    stride_xn, stride_xd, stride_yn, stride_yd,
+    HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr, GUARD_HUGE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """This program's tile of a gradient panel, recomputed as the forward
+    computed it. The panel covers rows row_start.. of X and columns
+    col_start.. of Y, at most panel_rows x panel_cols.
+
+    Returns (pid_m, pid_n, local_m, local_n, offs_m, offs_n, mask_m, mask_n,
+    inv_x, inv_y, cosines, logits): the tile's program ids, its indices in
+    the panel (local) and in the block (int64 offs) with their masks, then
+    what ``_norms_and_logits`` returns. Both losses' gradient kernels start
+    here, so their panels cover the block alike.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    local_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    local_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = (row_start + local_m).to(tl.int64)
+    offs_n = (col_start + local_n).to(tl.int64)
+    mask_m = (local_m < panel_rows) & (offs_m < M)
+    mask_n = (local_n < panel_cols) & (offs_n < K)
+
+    scale = tl.load(scale_ptr).to(tl.float32)
+    inv_x, inv_y, cosine, logits = _norms_and_logits(
+        x_ptr, y_ptr, inv_x_ptr, inv_y_ptr, scale, bias_ptr, offs_m, offs_n, mask_m, mask_n, D,
+        stride_xn, stride_xd, stride_yn, stride_yd,
+        HAS_BIAS, NORMALIZE, GUARD_HUGE, DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+    )
+    return pid_m, pid_n, local_m, local_n, offs_m, offs_n, mask_m, mask_n, inv_x, inv_y, cosine, logits
 
 
 @triton.jit
@@ -179,7 +222,19 @@ def _fold_shifts(inv_range_ptr):
 
 
 @triton.jit
+def _fold_inv_norms(grad, inv_x, inv_y, inv_range_ptr):
+    """G_ij (inv_x_i shift_x) (inv_y_j shift_y): a gradient tile as the folded
+    panel holds it (``_fold_shifts``), so that the panel products can read
+    raw feature rows."""
+    shift_x, shift_y, _, _ = _fold_shifts(inv_range_ptr)
+    return grad * (inv_x * shift_x)[:, None] * (inv_y * shift_y)[None, :]
+
+
+@triton.jit
 def _load_accumulator(acc_ptr, acc_lo_ptr, offs, mask, SPLIT_ACC: tl.constexpr):
+    """An accumulator's values in fp32: an fp32 buffer's own, or (SPLIT_ACC)
+    the 24-bit floats held as an int16 high plane and a uint8 low plane
+    (see ``_accumulate_product_tile``, which writes them)."""
     # One return at the end: compiled code (not the interpreter) types an early
     # return inside a constexpr branch against the fall-through one, and an
     # int16 pointer's load is not fp32 ("Return type mismatch").

@@ -344,7 +344,7 @@ def test_siglip_triton_gpu_memory_is_linear():
     # current row panel (p x d): about 0.12 at the default p (~2800), so
     # about 1.37x the gradients in all. Both the sum of those allocations and
     # the ratio are checked.
-    from clipfast.backends.triton.launchers import backward_plan
+    from clipfast.backends.triton.launchers import siglip_panel_plan
 
     n, d = 65536, 768
     x, y = make_features(n, d, torch.bfloat16, "cuda", seed=1)
@@ -352,7 +352,7 @@ def test_siglip_triton_gpu_memory_is_linear():
     y.requires_grad_()
     s = torch.tensor(10.0, device="cuda", requires_grad=True)
     b = torch.tensor(-10.0, device="cuda", requires_grad=True)
-    side, _, _ = backward_plan(x, y, False, True, None)
+    side = siglip_panel_plan(x, y, False, True, None).side
     grad_bytes = 2 * n * d * 2
     planned = grad_bytes + n * d + side * side * 2 + side * d * 4
     torch.cuda.synchronize()
