@@ -38,7 +38,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from . import reference
-from ._stats import clip_loss_from_stats
+from ._stats import clip_loss_from_stats, extra_logits_grad, merge_extra_logits
 
 STATS_ROWS = 6  # inv_x, inv_y, row_max, row_logsum, col_max, col_logsum
 SIGLIP_STATS_ROWS = 2  # inv_x, inv_y: SigLIP's backward needs no softmax statistics
@@ -269,6 +269,31 @@ def define_loss_op(spec: LossSpec, backend: str, forward: Callable, backward: Ca
 def pack_stats(inv_x, inv_y, row_max, row_logsum, col_max, col_logsum) -> torch.Tensor:
     return torch.stack([t.to(row_max.dtype) for t in
                         (inv_x, inv_y, row_max, row_logsum, col_max, col_logsum)])
+
+
+def row_loss_result(row_max, row_sum, diag, extra):
+    """(loss, row_max, row_logsum) of one direction, mean_i (lse_i - L_i,label),
+    from the block's row statistics with the per-row ``extra`` logits (already
+    biased, or None) merged in: the forward of every row-loss Function."""
+    if extra is not None:
+        row_max, row_sum = merge_extra_logits(row_max, row_sum, extra)
+    row_logsum = torch.log(row_sum)
+    return ((row_max - diag) + row_logsum).mean(), row_max, row_logsum
+
+
+def row_loss_grads(ctx, feature_and_scale_grads, grad_loss, extra, row_max, row_logsum, coef):
+    """A row-loss Function's gradients for all its inputs: (queries, keys,
+    scale) as given, the bias's exact zero (``ctx.bias_meta``), None for the
+    options, and the extra logits' softmax probabilities when ``apply`` was
+    called with them (its last input)."""
+    needs = ctx.needs_input_grad
+    grads = list(feature_and_scale_grads) + [None] * (len(needs) - 3)
+    if needs[3]:
+        grads[3] = exact_zero_bias_grad(row_logsum, row_logsum, grad_loss.to(row_max.dtype),
+                                        *ctx.bias_meta)
+    if extra is not None and needs[-1]:
+        grads[-1] = extra_logits_grad(extra, row_max, row_logsum, coef)
+    return tuple(grads)
 
 
 def clip_forward_result(inv_x, inv_y, row_max, row_sum, col_max, col_sum, diag):

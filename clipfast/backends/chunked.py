@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 from ._base import BLOCKS, HALF_AND_SINGLE, ROWS, SIGLIP, Backend
 from ._ops import (DISTRIBUTED_DOUBLE_BACKWARD, KernelOptions, clip_forward_result, compute_dtype,
-                   define_clip_loss_op, define_siglip_ops, exact_zero_bias_grad,
-                   refuse_double_backward, without_autocast)
-from ._stats import extra_logits_grad, merge_extra_logits, merge_logsumexp, with_bias
+                   define_clip_loss_op, define_siglip_ops, refuse_double_backward, row_loss_grads,
+                   row_loss_result, without_autocast)
+from ._stats import merge_logsumexp, with_bias
 from .reference import siglip_labels
 
 # Default number of logits materialised at once (rows_per_chunk * N).
@@ -231,10 +231,7 @@ class ChunkedRowCrossEntropyFunction(torch.autograd.Function):
             unit_rows(queries, inv_q), unit_rows(keys, inv_k), s, b, label_offset, chunk_elements,
             with_cols=False)
         extra = with_bias(extra_logits, b)
-        if extra is not None:
-            row_max, row_sum = merge_extra_logits(row_max, row_sum, extra)
-        row_logsum = torch.log(row_sum)
-        loss = ((row_max - diag) + row_logsum).mean()
+        loss, row_max, row_logsum = row_loss_result(row_max, row_sum, diag, extra)
         ctx.save_for_backward(queries, keys, scale, bias, inv_q, inv_k, row_max, row_logsum, extra)
         ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
         ctx.options = (normalize, label_offset, chunk_elements)
@@ -245,7 +242,7 @@ class ChunkedRowCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         refuse_double_backward("clipfast's local_loss mode (chunked)", DISTRIBUTED_DOUBLE_BACKWARD)
         queries, keys, scale, bias, inv_q, inv_k, row_max, row_logsum, extra = ctx.saved_tensors
-        need_q, need_k, need_scale, need_bias = ctx.needs_input_grad[:4]
+        need_q, need_k, need_scale = ctx.needs_input_grad[:3]
         normalize, label_offset, chunk_elements = ctx.options
         dtype = row_max.dtype
         s, b = scalar_in(scale, dtype), scalar_in(bias, dtype)
@@ -256,16 +253,8 @@ class ChunkedRowCrossEntropyFunction(torch.autograd.Function):
         grad_q = features_grad(grad_q_unit, queries, inv_q, normalize) if need_q else None
         grad_k = features_grad(grad_k_unit, keys, inv_k, normalize) if need_k else None
         grad_scale = grad_s.reshape(scale.shape).to(scale.dtype) if need_scale else None
-        grad_bias = None
-        if need_bias:
-            grad_bias = exact_zero_bias_grad(row_logsum, row_logsum, grad_loss.to(dtype), *ctx.bias_meta)
-        grads = (grad_q, grad_k, grad_scale, grad_bias, None, None, None)
-        if len(ctx.needs_input_grad) == len(grads):  # called without extra_logits
-            return grads
-        grad_extra = None
-        if ctx.needs_input_grad[7]:
-            grad_extra = extra_logits_grad(extra, row_max, row_logsum, coef)
-        return grads + (grad_extra,)
+        return row_loss_grads(ctx, (grad_q, grad_k, grad_scale), grad_loss, extra, row_max,
+                              row_logsum, coef)
 
 
 def _chunk(block: int) -> int:

@@ -14,9 +14,9 @@ import functools
 import torch
 
 from .._ops import (DISTRIBUTED_DOUBLE_BACKWARD, KernelOptions, clip_forward_result,
-                    define_clip_loss_op, exact_zero_bias_grad, refuse_double_backward,
+                    define_clip_loss_op, refuse_double_backward, row_loss_grads, row_loss_result,
                     without_autocast)
-from .._stats import extra_logits_grad, merge_extra_logits, with_bias
+from .._stats import with_bias
 from .launchers import (block_grads, block_stats, feature_grads, finish_feature_grad,
                         folds_inv_norms, fp32_scalars, inverse_norms)
 
@@ -72,10 +72,7 @@ class TritonRowCrossEntropyFunction(torch.autograd.Function):
         row_max, row_sum, _, _, diag = block_stats(
             queries, keys, inv_q, inv_k, scale_f32, bias_f32, label_offset, False, allow_tf32)
         extra = with_bias(extra_logits, None if bias_f32 is None else bias_f32.reshape(()))
-        if extra is not None:
-            row_max, row_sum = merge_extra_logits(row_max, row_sum, extra)
-        row_logsum = torch.log(row_sum)
-        loss = ((row_max - diag) + row_logsum).mean()
+        loss, row_max, row_logsum = row_loss_result(row_max, row_sum, diag, extra)
         ctx.save_for_backward(queries, keys, scale_f32, bias_f32, inv_q, inv_k, row_max, row_logsum,
                               extra)
         ctx.scale_meta = (scale.shape, scale.dtype)
@@ -88,23 +85,16 @@ class TritonRowCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         refuse_double_backward("clipfast's local_loss mode (triton)", DISTRIBUTED_DOUBLE_BACKWARD)
         queries, keys, scale, bias, inv_q, inv_k, row_max, row_logsum, extra = ctx.saved_tensors
-        need_q, need_k, need_scale, need_bias = ctx.needs_input_grad[:4]
+        need_q, need_k, need_scale = ctx.needs_input_grad[:3]
         normalize, label_offset, allow_tf32, panel = ctx.options
         coef = grad_loss.float().reshape(1) / queries.shape[0]
-        grad_q = grad_k = grad_scale = grad_bias = None
+        grad_q = grad_k = grad_scale = None
         if need_q or need_k or need_scale:
             grad_q, grad_k, grad_scale = _feature_and_scale_grads(
                 queries, keys, inv_q, inv_k, scale, bias, (row_max, row_logsum), None, label_offset,
                 coef, need_q, need_k, need_scale, ctx.scale_meta, normalize, allow_tf32, panel)
-        if need_bias:
-            grad_bias = exact_zero_bias_grad(row_logsum, row_logsum, grad_loss.float(), *ctx.bias_meta)
-        grads = (grad_q, grad_k, grad_scale, grad_bias, None, None, None, None)
-        if len(ctx.needs_input_grad) == len(grads):  # called without extra_logits
-            return grads
-        grad_extra = None
-        if ctx.needs_input_grad[8]:
-            grad_extra = extra_logits_grad(extra, row_max, row_logsum, coef)
-        return grads + (grad_extra,)
+        return row_loss_grads(ctx, (grad_q, grad_k, grad_scale), grad_loss, extra, row_max,
+                              row_logsum, coef)
 
 
 class TritonBlockOps:
