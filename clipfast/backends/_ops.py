@@ -38,7 +38,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from . import reference
-from ._stats import clip_loss_from_stats, extra_logits_grad, merge_extra_logits
+from ._stats import clip_loss_from_stats, extra_logits_grad, merge_extra_logits, with_bias
 
 STATS_ROWS = 6  # inv_x, inv_y, row_max, row_logsum, col_max, col_logsum
 SIGLIP_STATS_ROWS = 2  # inv_x, inv_y: SigLIP's backward needs no softmax statistics
@@ -271,21 +271,64 @@ def pack_stats(inv_x, inv_y, row_max, row_logsum, col_max, col_logsum) -> torch.
                         (inv_x, inv_y, row_max, row_logsum, col_max, col_logsum)])
 
 
-def row_loss_result(row_max, row_sum, diag, extra):
-    """(loss, row_max, row_logsum) of one direction, mean_i (lse_i - L_i,label),
-    from the block's row statistics with the per-row ``extra`` logits (already
-    biased, or None) merged in: the forward of every row-loss Function."""
+class RowCrossEntropyFunction(torch.autograd.Function):
+    """mean_i CE(s Q^_i K^^T + b, label i + label_offset): one direction of the
+    CLIP loss over a rectangular M x K block (open_clip's ``local_loss``,
+    hard negatives, asymmetric InfoNCE), on a backend's row primitives.
+
+    ``extra_logits`` (M x k, optional, without the bias) are further columns
+    of each row alone (a query's own hard negatives): they join the row's
+    softmax (never as labels) and get its probabilities as gradient. The bias
+    is added to them inside, so the bias gradient stays the exact zero.
+
+    A backend subclasses it with a ``forward`` that takes its own options and
+    calls ``row_forward`` with its primitives: an object with ``name`` and
+
+        prepare(queries, keys, scale, bias) -> (inv_q, inv_k, s, b)
+        stats(queries, keys, inv_q, inv_k, s, b, label_offset) -> (row_max, row_sum, diag)
+        grads(queries, keys, inv_q, inv_k, s, b, (row_max, row_logsum), label_offset,
+              coef, (need_q, need_k, need_scale), (scale shape, scale dtype))
+            -> (grad_q, grad_k, grad_scale) of coef x the block's summed loss
+    """
+
+    @staticmethod
+    @without_autocast
+    def backward(ctx, grad_loss):
+        rows = ctx.rows
+        refuse_double_backward(f"clipfast's local_loss mode ({rows.name})",
+                               DISTRIBUTED_DOUBLE_BACKWARD)
+        queries, keys, s, b, inv_q, inv_k, row_max, row_logsum, extra = ctx.saved_tensors
+        coef = grad_loss.to(row_max.dtype).reshape(()) / queries.shape[0]
+        grads = (None, None, None)
+        if any(ctx.needs_input_grad[:3]):
+            grads = rows.grads(queries, keys, inv_q, inv_k, s, b, (row_max, row_logsum),
+                               ctx.label_offset, coef, tuple(ctx.needs_input_grad[:3]),
+                               ctx.scale_meta)
+        return _row_loss_grads(ctx, grads, grad_loss, extra, row_max, row_logsum, coef)
+
+
+def row_forward(ctx, rows, queries, keys, scale, bias, label_offset: int, extra_logits):
+    """``RowCrossEntropyFunction``'s forward on the primitives ``rows``."""
+    inv_q, inv_k, s, b = rows.prepare(queries, keys, scale, bias)
+    row_max, row_sum, diag = rows.stats(queries, keys, inv_q, inv_k, s, b, label_offset)
+    extra = with_bias(extra_logits, None if b is None else b.reshape(()))
     if extra is not None:
         row_max, row_sum = merge_extra_logits(row_max, row_sum, extra)
     row_logsum = torch.log(row_sum)
-    return ((row_max - diag) + row_logsum).mean(), row_max, row_logsum
+    loss = ((row_max - diag) + row_logsum).mean()
+    ctx.save_for_backward(queries, keys, s, b, inv_q, inv_k, row_max, row_logsum, extra)
+    ctx.rows = rows
+    ctx.label_offset = label_offset
+    ctx.scale_meta = (scale.shape, scale.dtype)
+    ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
+    return loss
 
 
-def row_loss_grads(ctx, feature_and_scale_grads, grad_loss, extra, row_max, row_logsum, coef):
-    """A row-loss Function's gradients for all its inputs: (queries, keys,
-    scale) as given, the bias's exact zero (``ctx.bias_meta``), None for the
-    options, and the extra logits' softmax probabilities when ``apply`` was
-    called with them (its last input)."""
+def _row_loss_grads(ctx, feature_and_scale_grads, grad_loss, extra, row_max, row_logsum, coef):
+    """The gradients for all of a row Function's inputs: (queries, keys,
+    scale) as given, the bias's exact zero, None for the options, and the
+    extra logits' softmax probabilities when ``apply`` was called with them
+    (its last input)."""
     needs = ctx.needs_input_grad
     grads = list(feature_and_scale_grads) + [None] * (len(needs) - 3)
     if needs[3]:

@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from ._base import BLOCKS, HALF_AND_SINGLE, ROWS, SIGLIP, Backend
-from ._ops import (DISTRIBUTED_DOUBLE_BACKWARD, KernelOptions, clip_forward_result, compute_dtype,
-                   define_clip_loss_op, define_siglip_ops, refuse_double_backward, row_loss_grads,
-                   row_loss_result, without_autocast)
-from ._stats import merge_logsumexp, with_bias
+from ._ops import (KernelOptions, RowCrossEntropyFunction, clip_forward_result, compute_dtype,
+                   define_clip_loss_op, define_siglip_ops, row_forward, without_autocast)
+from ._stats import merge_logsumexp
 from .reference import siglip_labels
 
 # Default number of logits materialised at once (rows_per_chunk * N).
@@ -212,49 +211,45 @@ def features_grad(grad_unit, features, inv_norm, normalize: bool) -> torch.Tenso
     return grad_unit.to(features.dtype)
 
 
-class ChunkedRowCrossEntropyFunction(torch.autograd.Function):
-    """mean_i CE(s Q^_i K^^T + b, label i + label_offset): one direction of the
-    CLIP loss over a rectangular block, as open_clip's ``local_loss`` uses it.
+class ChunkedRows:
+    """The row primitives of ``RowCrossEntropyFunction`` in chunked PyTorch."""
 
-    ``extra_logits`` (M x k, optional, without the bias) are further columns
-    of each row alone (a query's own hard negatives): they join the row's
-    softmax (never as labels) and get its probabilities as gradient. The bias
-    is added to them inside, so the bias gradient stays the exact zero.
-    """
+    name = "chunked"
 
-    @staticmethod
-    @without_autocast
-    def forward(ctx, queries, keys, scale, bias, normalize: bool, label_offset: int, chunk_elements: int,
-                extra_logits=None):
-        dtype, inv_q, inv_k, s, b = _prepare(queries, keys, scale, bias, normalize)
+    def __init__(self, normalize: bool, chunk_elements: int):
+        self.normalize = normalize
+        self.chunk = chunk_elements
+
+    def prepare(self, queries, keys, scale, bias):
+        _, inv_q, inv_k, s, b = _prepare(queries, keys, scale, bias, self.normalize)
+        return inv_q, inv_k, s, b
+
+    def stats(self, queries, keys, inv_q, inv_k, s, b, label_offset):
         row_max, row_sum, _, _, diag = block_forward(
-            unit_rows(queries, inv_q), unit_rows(keys, inv_k), s, b, label_offset, chunk_elements,
+            unit_rows(queries, inv_q), unit_rows(keys, inv_k), s, b, label_offset, self.chunk,
             with_cols=False)
-        extra = with_bias(extra_logits, b)
-        loss, row_max, row_logsum = row_loss_result(row_max, row_sum, diag, extra)
-        ctx.save_for_backward(queries, keys, scale, bias, inv_q, inv_k, row_max, row_logsum, extra)
-        ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
-        ctx.options = (normalize, label_offset, chunk_elements)
-        return loss
+        return row_max, row_sum, diag
+
+    def grads(self, queries, keys, inv_q, inv_k, s, b, row_stats, label_offset, coef, needs,
+              scale_meta):
+        need_q, need_k, need_scale = needs
+        grad_q_unit, grad_k_unit, grad_s = block_backward(
+            unit_rows(queries, inv_q), unit_rows(keys, inv_k), s, b, row_stats, None,
+            label_offset, coef, None, self.chunk, need_q, need_k)
+        return (features_grad(grad_q_unit, queries, inv_q, self.normalize) if need_q else None,
+                features_grad(grad_k_unit, keys, inv_k, self.normalize) if need_k else None,
+                grad_s.reshape(scale_meta[0]).to(scale_meta[1]) if need_scale else None)
+
+
+class ChunkedRowCrossEntropyFunction(RowCrossEntropyFunction):
+    """``RowCrossEntropyFunction`` in chunks of ``chunk_elements`` logits."""
 
     @staticmethod
     @without_autocast
-    def backward(ctx, grad_loss):
-        refuse_double_backward("clipfast's local_loss mode (chunked)", DISTRIBUTED_DOUBLE_BACKWARD)
-        queries, keys, scale, bias, inv_q, inv_k, row_max, row_logsum, extra = ctx.saved_tensors
-        need_q, need_k, need_scale = ctx.needs_input_grad[:3]
-        normalize, label_offset, chunk_elements = ctx.options
-        dtype = row_max.dtype
-        s, b = scalar_in(scale, dtype), scalar_in(bias, dtype)
-        coef = grad_loss.to(dtype) / queries.shape[0]
-        grad_q_unit, grad_k_unit, grad_s = block_backward(
-            unit_rows(queries, inv_q), unit_rows(keys, inv_k), s, b, (row_max, row_logsum), None,
-            label_offset, coef, None, chunk_elements, need_q, need_k)
-        grad_q = features_grad(grad_q_unit, queries, inv_q, normalize) if need_q else None
-        grad_k = features_grad(grad_k_unit, keys, inv_k, normalize) if need_k else None
-        grad_scale = grad_s.reshape(scale.shape).to(scale.dtype) if need_scale else None
-        return row_loss_grads(ctx, (grad_q, grad_k, grad_scale), grad_loss, extra, row_max,
-                              row_logsum, coef)
+    def forward(ctx, queries, keys, scale, bias, normalize: bool, label_offset: int,
+                chunk_elements: int, extra_logits=None):
+        return row_forward(ctx, ChunkedRows(normalize, chunk_elements), queries, keys, scale,
+                           bias, label_offset, extra_logits)
 
 
 def _chunk(block: int) -> int:

@@ -13,10 +13,8 @@ import functools
 
 import torch
 
-from .._ops import (DISTRIBUTED_DOUBLE_BACKWARD, KernelOptions, clip_forward_result,
-                    define_clip_loss_op, refuse_double_backward, row_loss_grads, row_loss_result,
-                    without_autocast)
-from .._stats import with_bias
+from .._ops import (KernelOptions, RowCrossEntropyFunction, clip_forward_result,
+                    define_clip_loss_op, row_forward, without_autocast)
 from .launchers import (block_grads, block_stats, feature_grads, finish_feature_grad,
                         folds_inv_norms, fp32_scalars, inverse_norms)
 
@@ -58,43 +56,43 @@ def triton_backward(grad_loss, x, y, scale, bias, stats, options: KernelOptions,
 triton_clip_loss_op = define_clip_loss_op("triton", triton_forward, triton_backward)
 
 
-class TritonRowCrossEntropyFunction(torch.autograd.Function):
-    """mean_i CE(s Q^_i K^^T + b, label i + label_offset) with the fused kernels:
-    one direction of the loss over a rectangular block (open_clip's local_loss).
-    ``extra_logits``: as ``chunked.ChunkedRowCrossEntropyFunction``'s."""
+class TritonRows:
+    """The row primitives of ``RowCrossEntropyFunction`` on the fused kernels."""
+
+    name = "triton"
+
+    def __init__(self, normalize: bool, allow_tf32: bool, panel):
+        self.normalize = normalize
+        self.allow_tf32 = allow_tf32
+        self.panel = panel
+
+    def prepare(self, queries, keys, scale, bias):
+        scale_f32, bias_f32 = fp32_scalars(scale, bias)
+        return (inverse_norms(queries, self.normalize), inverse_norms(keys, self.normalize),
+                scale_f32, bias_f32)
+
+    def stats(self, queries, keys, inv_q, inv_k, s, b, label_offset):
+        row_max, row_sum, _, _, diag = block_stats(queries, keys, inv_q, inv_k, s, b,
+                                                   label_offset, False, self.allow_tf32)
+        return row_max, row_sum, diag
+
+    def grads(self, queries, keys, inv_q, inv_k, s, b, row_stats, label_offset, coef, needs,
+              scale_meta):
+        return _feature_and_scale_grads(
+            queries, keys, inv_q, inv_k, s, b, row_stats, None, label_offset, coef.reshape(1),
+            *needs, scale_meta, self.normalize, self.allow_tf32, self.panel)
+
+
+class TritonRowCrossEntropyFunction(RowCrossEntropyFunction):
+    """``RowCrossEntropyFunction`` on the fused kernels (``panel``: the
+    backward's panel side, None for the default)."""
 
     @staticmethod
     @without_autocast
     def forward(ctx, queries, keys, scale, bias, normalize: bool, label_offset: int,
                 allow_tf32: bool, panel, extra_logits=None):
-        scale_f32, bias_f32 = fp32_scalars(scale, bias)
-        inv_q, inv_k = inverse_norms(queries, normalize), inverse_norms(keys, normalize)
-        row_max, row_sum, _, _, diag = block_stats(
-            queries, keys, inv_q, inv_k, scale_f32, bias_f32, label_offset, False, allow_tf32)
-        extra = with_bias(extra_logits, None if bias_f32 is None else bias_f32.reshape(()))
-        loss, row_max, row_logsum = row_loss_result(row_max, row_sum, diag, extra)
-        ctx.save_for_backward(queries, keys, scale_f32, bias_f32, inv_q, inv_k, row_max, row_logsum,
-                              extra)
-        ctx.scale_meta = (scale.shape, scale.dtype)
-        ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
-        ctx.options = (normalize, label_offset, allow_tf32, panel)
-        return loss
-
-    @staticmethod
-    @without_autocast
-    def backward(ctx, grad_loss):
-        refuse_double_backward("clipfast's local_loss mode (triton)", DISTRIBUTED_DOUBLE_BACKWARD)
-        queries, keys, scale, bias, inv_q, inv_k, row_max, row_logsum, extra = ctx.saved_tensors
-        need_q, need_k, need_scale = ctx.needs_input_grad[:3]
-        normalize, label_offset, allow_tf32, panel = ctx.options
-        coef = grad_loss.float().reshape(1) / queries.shape[0]
-        grad_q = grad_k = grad_scale = None
-        if need_q or need_k or need_scale:
-            grad_q, grad_k, grad_scale = _feature_and_scale_grads(
-                queries, keys, inv_q, inv_k, scale, bias, (row_max, row_logsum), None, label_offset,
-                coef, need_q, need_k, need_scale, ctx.scale_meta, normalize, allow_tf32, panel)
-        return row_loss_grads(ctx, (grad_q, grad_k, grad_scale), grad_loss, extra, row_max,
-                              row_logsum, coef)
+        return row_forward(ctx, TritonRows(normalize, allow_tf32, panel), queries, keys, scale,
+                           bias, label_offset, extra_logits)
 
 
 class TritonBlockOps:
