@@ -27,11 +27,7 @@ REGISTRY: Dict[str, Backend] = {
 }
 
 __all__ = ["BLOCKS", "LOSS_DESCRIPTIONS", "REGISTRY", "ROWS", "SIGLIP", "Backend", "get",
-           "names", "with_loss"]
-
-
-def names() -> Tuple[str, ...]:
-    return tuple(REGISTRY)
+           "with_loss"]
 
 
 def get(name: str) -> Backend:

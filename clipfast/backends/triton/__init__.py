@@ -16,7 +16,7 @@ a test imports them directly); each imports only from the layers under it:
 
 from __future__ import annotations
 
-from .._base import BLOCKS, HALF_AND_SINGLE, ROWS, SIGLIP, Backend
+from .._base import BLOCKS, ROWS, SIGLIP, Backend
 from ._runtime import interpreter_requested, triton_available, usable_on
 
 __all__ = ["BACKEND", "TritonBackend", "interpreter_requested", "triton_available", "usable_on"]
@@ -46,7 +46,7 @@ class TritonBackend(Backend):
         return super().problem(inputs)
 
     def native(self, device, dtypes):
-        return (device.type == "cuda" and all(dt in HALF_AND_SINGLE for dt in dtypes)
+        return (device.type == "cuda" and all(dt in self.dtypes for dt in dtypes)
                 and triton_available())
 
     def clip_op(self):
