@@ -50,6 +50,7 @@ class Row:
     mma: str = ""
     launches: int = 0
     problems: str = ""
+    variants: int = 0    # distinct binaries (integer specialisations) of this config
 
 
 def _load_extra(path: str):
@@ -68,27 +69,47 @@ def triton_rows(targets: List[str], extra=None, only_extra: bool = False) -> Lis
         arch, sm_count = aot.TARGETS[target]
         extra_scenarios = extra.aot_scenarios() if extra is not None else []
         extra_labels = {s.label for s in extra_scenarios}
-        chosen = ([] if only_extra else aot.scenarios()) + extra_scenarios
+        chosen = [] if only_extra else aot.scenarios() + aot.production_scenarios()
+        chosen += extra_scenarios
         by_config: Dict[tuple, Row] = {}
+        seen = set()
         for scenario in aot.compile_scenarios(arch, sm_count, chosen):
             for launch in scenario.launches:
                 key = (launch.kernel, launch.config_key())
                 row = by_config.get(key)
                 if row is None:
                     row = by_config[key] = Row("triton", launch.kernel, launch.config_key(), target)
-                    main_loop = launch.kernel in MAIN_LOOP_KERNELS or scenario.label in extra_labels
-                    row.problems = _triton_problems(aot, launch, row, arch, main_loop)
                 row.launches += 1
+                # One row per config, but every distinct binary inspected: the
+                # same constexprs compile differently as integer arguments'
+                # specialisations (1, multiple of 16) change with the shape.
+                binary = launch.error or launch.compiled.hash
+                if (key, binary) in seen:
+                    continue
+                seen.add((key, binary))
+                row.variants += 1
+                main_loop = launch.kernel in MAIN_LOOP_KERNELS or scenario.label in extra_labels
+                problems = _triton_problems(aot, launch, row, arch, main_loop)
+                if problems and problems not in row.problems:
+                    row.problems = "; ".join(p for p in (row.problems, problems) if p)
         rows.extend(by_config.values())
     return rows
 
 
+def _worst(old: Optional[int], new: int) -> int:
+    return new if old is None else max(old, new)
+
+
 def _triton_problems(aot, launch, row: Row, arch: int, main_loop: bool) -> str:
+    """Problems of one compiled binary; the row keeps the worst registers,
+    spills and shared memory over its binaries."""
     if launch.error is not None:
         return f"compile error: {launch.error}"
     info = aot.inspect(launch.compiled)
-    row.registers, row.spill_bytes, row.shared_bytes, row.mma = (
-        info.registers, info.spill_bytes, info.shared_bytes, info.mma)
+    row.registers = _worst(row.registers, info.registers)
+    row.spill_bytes = _worst(row.spill_bytes, info.spill_bytes)
+    row.shared_bytes = _worst(row.shared_bytes, info.shared_bytes)
+    row.mma = info.mma
     problems = []
     if info.spill_bytes and main_loop:
         problems.append(f"spills {info.spill_bytes} bytes in a main-loop kernel")
@@ -208,12 +229,15 @@ def _parse_ptxas(log: str):
 
 
 def format_table(rows: List[Row]) -> str:
-    lines = ["| source | kernel | config | target | regs | spill B | smem B | MMA | launches | problems |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    # regs / spill / smem: the worst over the config's binaries (Triton
+    # compiles one per specialisation of its integer arguments).
+    lines = ["| source | kernel | config | target | regs | spill B | smem B | MMA | launches "
+             "| binaries | problems |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.source} | {r.kernel} | {r.config} | {r.target} | {r.registers} | "
                      f"{r.spill_bytes} | {r.shared_bytes} | {r.mma} | {r.launches} | "
-                     f"{r.problems or 'ok'} |")
+                     f"{r.variants or 1} | {r.problems or 'ok'} |")
     return "\n".join(lines)
 
 

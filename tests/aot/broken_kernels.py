@@ -37,6 +37,21 @@ def _spilling_kernel(a_ptr, b_ptr, out_ptr, K, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _spills_unless_one_kernel(a_ptr, b_ptr, out_ptr, K, BLOCK: tl.constexpr):
+    # Triton compiles K == 1 as a constant: that binary drops the loop and
+    # fits; any other K spills (the spilling kernel's loop). The check must
+    # inspect every binary of a config, not the first one it compiled.
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    if K != 1:
+        for k in range(0, K, 16):
+            a = tl.load(a_ptr + offs[:, None] * K + k + tl.arange(0, 16)[None, :])
+            b = tl.load(b_ptr + (k + tl.arange(0, 16))[:, None] * BLOCK + offs[None, :])
+            acc += tl.dot(a, b)
+    tl.store(out_ptr + offs[:, None] * BLOCK + offs[None, :], acc)
+
+
+@triton.jit
 def _shared_overflow_kernel(a_ptr, b_ptr, out_ptr, K, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
     # Six pipeline stages of 256 x 128 bf16 operands: far above 227 KB.
     offs = tl.arange(0, BLOCK)
@@ -69,6 +84,9 @@ def aot_scenarios():
             _meta(128, dtype=torch.int16), _meta(128), SPLIT=True)),
         aot.Scenario("broken: spills", lambda: _spilling_kernel[(1,)](
             _meta(256, 64), _meta(64, 256), _meta(256, 256), 64, BLOCK=256, num_warps=4)),
+        aot.Scenario("broken: spills in a later binary", lambda: [
+            _spills_unless_one_kernel[(1,)](_meta(256, 64), _meta(64, 256), _meta(256, 256), k,
+                                            BLOCK=256, num_warps=4) for k in (1, 64)]),
         aot.Scenario("broken: shared memory", lambda: _shared_overflow_kernel[(1,)](
             _meta(256, 1024, dtype=torch.bfloat16), _meta(1024, 256, dtype=torch.bfloat16),
             _meta(256, 256), 1024, BLOCK=256, BLOCK_K=128, num_warps=8, num_stages=6)),

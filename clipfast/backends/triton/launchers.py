@@ -107,6 +107,27 @@ def _input_precision(dot_dtype: torch.dtype, allow_tf32: bool, interpret: bool) 
     return "tf32" if allow_tf32 else "ieee"
 
 
+def _rows_are_aligned(*features: torch.Tensor) -> bool:
+    """Whether Triton sees every feature row 16-byte aligned: base pointers
+    multiples of 16 bytes and d and the row strides multiples of 16 elements
+    (what its specialisation checks), unit column stride.
+
+    Otherwise the loads cannot be vectorised and keep one address per
+    element: the 128-row tiles then spill on sm_80 and sm_90 (d = 100, or rows
+    sliced out of a wider tensor; python -m clipfast.aot_check), and
+    ``_narrow_for_unaligned`` halves them.
+    """
+    return all(f.data_ptr() % 16 == 0 and f.shape[1] % 16 == 0 and f.stride(0) % 16 == 0
+               and f.stride(1) == 1 for f in features)
+
+
+def _narrow_for_unaligned(cfg: dict, aligned: bool, *keys: str) -> dict:
+    """``cfg`` with the tile sides ``keys`` at most 64 when rows are unaligned."""
+    if aligned:
+        return cfg
+    return dict(cfg, **{key: min(cfg[key], 64) for key in keys})
+
+
 def _rows_can_be_huge(dot_dtype: torch.dtype) -> bool:
     # fp16 rows stay below 65504 sqrt(d), far from 2^32 (``_huge_row_scales``).
     return dot_dtype != torch.float16
@@ -149,7 +170,11 @@ def _kernel_choice(x, y, allow_tf32: bool, config: Callable[[torch.dtype, str, b
     interpret = interpreter_active()
     dot_dtype = _dot_dtype(x, y)
     precision = _input_precision(dot_dtype, allow_tf32, interpret)
-    return dot_dtype, precision, interpret, config(dot_dtype, precision, interpret)
+    # Decided from the same tensors in the forward and the backward, so both
+    # keep one tile grid (bit-identical recomputed logits).
+    cfg = _narrow_for_unaligned(config(dot_dtype, precision, interpret), _rows_are_aligned(x, y),
+                                "BLOCK_M", "BLOCK_N")
+    return dot_dtype, precision, interpret, cfg
 
 
 # --------------------------------------------------------------------------- #
@@ -260,8 +285,11 @@ def _panel_size(n: int, d: int, panel: Optional[int], cfg: dict, mm_cfg: dict,
         # Rounds per unit of panel area for the recompute kernel (one program
         # per tile) and the product kernel (one per output tile of both sides),
         # weighted alike: their GPU times are about equal.
-        logits_programs = (candidate // cfg["BLOCK_M"]) * (candidate // cfg["BLOCK_N"])
-        product_programs = 2 * (candidate // mm_cfg["BLOCK_M"]) * -(-d // mm_cfg["BLOCK_D"])
+        # Ceiling divisions: a candidate may be narrower than the product
+        # kernel's tile (64-wide panels, 128-row products), which still
+        # takes one program per side, not none.
+        logits_programs = -(-candidate // cfg["BLOCK_M"]) * -(-candidate // cfg["BLOCK_N"])
+        product_programs = 2 * -(-candidate // mm_cfg["BLOCK_M"]) * -(-d // mm_cfg["BLOCK_D"])
         return wasted(logits_programs) + wasted(product_programs)
 
     lo, hi = max(tile, (3 * side // 4) // tile * tile), min(-(-n // 2), 5 * side // 4)
@@ -290,7 +318,9 @@ def _panel_plan(x, y, normalize: bool, allow_tf32: bool, panel: Optional[int],
     k = y.shape[0]
     dot_dtype, precision, interpret, cfg = _kernel_choice(x, y, allow_tf32, grad_config)
     fold = folds_inv_norms(x, y, normalize)
-    mm_cfg = _matmul_config(dot_dtype, normalize and not fold, precision, interpret)
+    mm_cfg = _narrow_for_unaligned(
+        _matmul_config(dot_dtype, normalize and not fold, precision, interpret),
+        _rows_are_aligned(x, y), "BLOCK_D")
     sm_count = _num_programs_target(x.device, interpret) // 2 if not interpret else None
     side = _panel_size(max(m, k), d, panel, cfg, mm_cfg, sm_count)
     partials = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(min(side, k), cfg["BLOCK_N"]))
