@@ -507,7 +507,9 @@ def estimate_cuda(n: int, d: int, dtype: str = "bf16", gpu: GPU = H100, arch: in
 
     def kernel(prefix):
         for name, value in kernels.items():
-            if name.startswith(prefix) and f"<{cpp_type}, true" in name:
+            # The gradient panel is instantiated per loss: this is CLIP's.
+            if (name.startswith(prefix) and f"<{cpp_type}, true" in name
+                    and "SiglipPanel" not in name):
                 return name, value
         raise KeyError(f"{prefix}<{cpp_type}, true...> not in the compiled kernels")
 
