@@ -72,6 +72,7 @@ def triton_rows(targets: List[str], extra=None, only_extra: bool = False) -> Lis
         chosen = [] if only_extra else aot.scenarios() + aot.production_scenarios()
         chosen += extra_scenarios
         by_config: Dict[tuple, Row] = {}
+        problems: Dict[tuple, List[str]] = {}
         seen = set()
         for scenario in aot.compile_scenarios(arch, sm_count, chosen):
             for launch in scenario.launches:
@@ -89,9 +90,11 @@ def triton_rows(targets: List[str], extra=None, only_extra: bool = False) -> Lis
                 seen.add((key, binary))
                 row.variants += 1
                 main_loop = launch.kernel in MAIN_LOOP_KERNELS or scenario.label in extra_labels
-                problems = _triton_problems(aot, launch, row, arch, main_loop)
-                if problems and problems not in row.problems:
-                    row.problems = "; ".join(p for p in (row.problems, problems) if p)
+                found = _triton_problems(aot, launch, row, arch, main_loop)
+                if found and found not in problems.setdefault(key, []):
+                    problems[key].append(found)
+        for key, row in by_config.items():
+            row.problems = "; ".join(problems.get(key, []))
         rows.extend(by_config.values())
     return rows
 

@@ -295,15 +295,17 @@ def scenarios(n: int = 384, d: int = 160) -> List[Scenario]:
 # The shapes DESIGN.md's anchors were measured at (N, d). Triton specialises
 # every integer argument on being 1 or a multiple of 16, and the launchers
 # derive many (blocks per split, panel sides, tile counts) from N and d: the
-# binaries real batches run are not those of the small shapes above. A kernel
-# spilled at N = 65536 and compiled clean at N = 384.
+# binaries real batches run are not those of the small shapes above (a
+# 128 x 128 CLIP forward tile, tried, compiled clean at N = 384 and spilled
+# 448 bytes at N = 65536).
 PRODUCTION_SHAPES = ((32768, 512), (32768, 1024), (65536, 768), (65536, 1024), (131072, 1024))
 
 
 def production_scenarios(shapes=PRODUCTION_SHAPES) -> List[Scenario]:
     """The training-step paths users run, at the anchor shapes: CLIP with
-    normalisation in every dtype, SigLIP as open_clip calls it (normalised
-    features, a learnt bias), and the ring's per-block work."""
+    normalisation in every dtype, SigLIP as open_clip calls it (features its
+    model normalised, so normalize=False, and a learnt bias), and the ring's
+    per-block work."""
     out: List[Scenario] = []
 
     def add(label, fn, *args, **kwargs):
