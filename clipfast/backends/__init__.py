@@ -6,6 +6,7 @@ One module or folder per backend, each declaring one ``Backend`` (see
     reference   plain PyTorch, N x N logits: the specification
     chunked     PyTorch in row chunks, any device and dtype
     triton/     fused Triton kernels (CUDA; CPU through the interpreter)
+    hybrid/     cuBLAS panel products + Triton epilogues (CUDA; CPU likewise)
     cpu         C++ CPU kernels (the clipfast._cpu extension, csrc/cpu)
     cuda        CUDA C++ kernels (clipfast._cuda, csrc/cuda; CPU emulation)
 
@@ -19,11 +20,11 @@ from __future__ import annotations
 
 from typing import Dict, Tuple
 
-from . import chunked, cpu, cuda, reference, triton
+from . import chunked, cpu, cuda, hybrid, reference, triton
 from ._base import BLOCKS, LOSS_DESCRIPTIONS, ROWS, SIGLIP, Backend
 
 REGISTRY: Dict[str, Backend] = {
-    backend.BACKEND.name: backend.BACKEND for backend in (reference, chunked, triton, cpu, cuda)
+    backend.BACKEND.name: backend.BACKEND for backend in (reference, chunked, triton, hybrid, cpu, cuda)
 }
 
 __all__ = ["BLOCKS", "LOSS_DESCRIPTIONS", "REGISTRY", "ROWS", "SIGLIP", "Backend", "get",

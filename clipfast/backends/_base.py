@@ -65,6 +65,8 @@ class Backend:
     # picked it or a distributed mode needs block primitives (if that backend
     # can run the inputs; chunked otherwise).
     stand_in: str = "chunked"
+    # Whether its operators honour memory_budget (keep logits for the backward).
+    keeps_logits: bool = False
 
     # ------------------------------ capability ----------------------------- #
 
@@ -108,9 +110,11 @@ class Backend:
         """{positives: op} with the CLIP operator's signature."""
         raise NotImplementedError(f"backend={self.name!r} has no SigLIP operator")
 
-    def row_loss(self, normalize: bool, allow_tf32: bool, block: int) -> Callable:
+    def row_loss(self, normalize: bool, allow_tf32: bool, block: int,
+                 memory_budget: float = 0.0) -> Callable:
         """``row(queries, keys, scale, bias, label_offset, extra_logits) ->
-        mean_i CE(row i, label i + label_offset)`` (see ``ROWS``)."""
+        mean_i CE(row i, label i + label_offset)`` (see ``ROWS``);
+        ``memory_budget`` as the operators' (ignored where they ignore it)."""
         raise NotImplementedError(f"backend={self.name!r} has no row loss")
 
     def block_ops(self):

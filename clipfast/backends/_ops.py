@@ -54,12 +54,16 @@ class KernelOptions:
     """The per-call options an operator carries (its non-tensor arguments).
 
     ``block`` is the backend's size knob: chunk_elements for chunked, the
-    backward panel side for triton, 0 for the default (ignored by cpu/cuda).
+    backward panel side for triton, rows per panel for hybrid, 0 for the
+    default (ignored by cpu/cuda). ``memory_budget``: the bytes the forward may
+    keep for the backward beyond its statistics (0: none; inf: everything),
+    honoured by the backends whose operators keep logits (``kept_rows``).
     """
 
     normalize: bool
     allow_tf32: bool
     block: int
+    memory_budget: float = 0.0
 
 
 def compute_dtype(x: torch.Tensor, y: torch.Tensor) -> torch.dtype:
@@ -166,25 +170,41 @@ SIGLIP_NEGATIVES = LossSpec(
 _OPS: Dict[Tuple[str, str], Callable] = {}
 
 
-def define_clip_loss_op(backend: str, forward: Callable, backward: Callable) -> Callable:
+def define_clip_loss_op(backend: str, forward: Callable, backward: Callable,
+                        kept_rows: Optional[Callable] = None) -> Callable:
     """Register ``clipfast::<backend>_clip_loss`` (+ ``_backward``) and return
-    ``op(x, y, scale, bias, normalize, allow_tf32, block) -> loss``."""
-    return define_loss_op(CLIP, backend, forward, backward)
+    ``op(x, y, scale, bias, normalize, allow_tf32, block, memory_budget) -> loss``."""
+    return define_loss_op(CLIP, backend, forward, backward, kept_rows)
 
 
-def define_siglip_ops(backend: str, forward: Callable, backward: Callable) -> Dict[bool, Callable]:
+def define_siglip_ops(backend: str, forward: Callable, backward: Callable,
+                      kept_rows: Optional[Callable] = None) -> Dict[bool, Callable]:
     """Register a backend's SigLIP operators from ``forward(..., positives)``
     and ``backward(..., positives)``; returns {positives: op}."""
     return {
         positives: define_loss_op(spec, backend, functools.partial(forward, positives=positives),
-                                  functools.partial(backward, positives=positives))
+                                  functools.partial(backward, positives=positives), kept_rows)
         for positives, spec in ((True, SIGLIP), (False, SIGLIP_NEGATIVES))
     }
 
 
-def define_loss_op(spec: LossSpec, backend: str, forward: Callable, backward: Callable) -> Callable:
+def _kept_shape(kept_rows: Optional[Callable], x, y, block: int, memory_budget: float):
+    if kept_rows is None:
+        return (0,)
+    return (kept_rows(x.shape[0], y.shape[0], block, memory_budget), y.shape[0])
+
+
+def define_loss_op(spec: LossSpec, backend: str, forward: Callable, backward: Callable,
+                   kept_rows: Optional[Callable] = None) -> Callable:
     """Register ``clipfast::<backend>_<spec.name>_loss`` (+ ``_backward``) and
-    return ``op(x, y, scale, bias, normalize, allow_tf32, block) -> loss``."""
+    return ``op(x, y, scale, bias, normalize, allow_tf32, block, memory_budget)
+    -> loss``.
+
+    ``kept_rows(M, K, block, memory_budget) -> R``: the backend keeps logits
+    for the backward under a memory budget: its forward returns (loss, stats,
+    kept) with kept an (R, K) tensor of the compute dtype, and its backward
+    takes ``kept=``. Without it the operator accepts the budget and ignores it.
+    """
     key = (spec.name, backend)
     if key in _OPS:
         return _OPS[key]
@@ -193,71 +213,81 @@ def define_loss_op(spec: LossSpec, backend: str, forward: Callable, backward: Ca
     @torch.library.custom_op(name, mutates_args=())
     def forward_op(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
                    bias: Optional[torch.Tensor], normalize: bool, allow_tf32: bool,
-                   block: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                   block: int, memory_budget: float
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        options = KernelOptions(normalize, allow_tf32, block, memory_budget)
         with autocast_off(x.device):
-            return forward(x, y, scale, bias, KernelOptions(normalize, allow_tf32, block))
+            out = forward(x, y, scale, bias, options)
+        if kept_rows is None:
+            return out + (x.new_empty((0,), dtype=compute_dtype(x, y)),)
+        return out
 
     @forward_op.register_fake
-    def _(x, y, scale, bias, normalize, allow_tf32, block):
+    def _(x, y, scale, bias, normalize, allow_tf32, block, memory_budget):
         dtype = compute_dtype(x, y)
         return (x.new_empty((), dtype=dtype),
-                x.new_empty((spec.stats_rows, x.shape[0]), dtype=dtype))
+                x.new_empty((spec.stats_rows, x.shape[0]), dtype=dtype),
+                x.new_empty(_kept_shape(kept_rows, x, y, block, memory_budget), dtype=dtype))
 
     @torch.library.custom_op(name + "_backward", mutates_args=())
     def backward_op(grad_loss: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                     scale: torch.Tensor, bias: Optional[torch.Tensor], stats: torch.Tensor,
-                    normalize: bool, allow_tf32: bool, block: int, need_x: bool, need_y: bool,
+                    kept: torch.Tensor, normalize: bool, allow_tf32: bool, block: int,
+                    memory_budget: float, need_x: bool, need_y: bool,
                     need_scale: bool, need_bias: bool
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        options = KernelOptions(normalize, allow_tf32, block)
+        options = KernelOptions(normalize, allow_tf32, block, memory_budget)
+        extra = {} if kept_rows is None else {"kept": kept}
         with autocast_off(x.device):
             if spec.kernel_bias_grad:
                 grads = backward(grad_loss, x, y, scale, bias, stats, options, need_x, need_y,
-                                 need_scale, need_bias)
+                                 need_scale, need_bias, **extra)
             else:
                 grads = backward(grad_loss, x, y, scale, bias, stats, options, need_x, need_y,
-                                 need_scale) + (None,)
+                                 need_scale, **extra) + (None,)
         # A custom operator returns tensors only: an empty one stands for None.
         return tuple(g if g is not None else like.new_empty((0,))
                      for g, like in zip(grads, (x, y, scale, scale if bias is None else bias)))
 
     @backward_op.register_fake
-    def _(grad_loss, x, y, scale, bias, stats, normalize, allow_tf32, block, need_x, need_y,
-          need_scale, need_bias):
+    def _(grad_loss, x, y, scale, bias, stats, kept, normalize, allow_tf32, block, memory_budget,
+          need_x, need_y, need_scale, need_bias):
         need_bias = need_bias and spec.kernel_bias_grad and bias is not None
         return tuple(torch.empty_like(like) if need else like.new_empty((0,))
                      for like, need in ((x, need_x), (y, need_y), (scale, need_scale),
                                         (scale if bias is None else bias, need_bias)))
 
     def setup_context(ctx, inputs, output):
-        x, y, scale, bias, normalize, allow_tf32, block = inputs
-        loss, stats = output
-        ctx.mark_non_differentiable(stats)
-        ctx.save_for_backward(x, y, scale, bias, stats)
-        ctx.options = (normalize, allow_tf32, block)
+        x, y, scale, bias, normalize, allow_tf32, block, memory_budget = inputs
+        loss, stats, kept = output
+        ctx.mark_non_differentiable(stats, kept)
+        ctx.save_for_backward(x, y, scale, bias, stats, kept)
+        ctx.options = (normalize, allow_tf32, block, memory_budget)
 
-    def backward_formula(ctx, grad_loss, _grad_stats):
-        x, y, scale, bias, stats = ctx.saved_tensors
+    def backward_formula(ctx, grad_loss, _grad_stats, _grad_kept):
+        x, y, scale, bias, stats, kept = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:4])
-        normalize, allow_tf32, block = ctx.options
+        normalize = ctx.options[0]
+        none = (None,) * 4  # the options
         if torch.is_grad_enabled() and any(needs):
             # create_graph=True: the kernels' gradients have no graph.
             return _differentiable_grads(spec.reference, grad_loss, x, y, scale, bias,
-                                         normalize, needs) + (None, None, None)
+                                         normalize, needs) + none
         kernel_needs = needs if spec.kernel_bias_grad else needs[:3] + (False,)
         grads = [None] * 4
         if any(kernel_needs):
-            grads = list(backward_op(grad_loss, x, y, scale, bias, stats, normalize, allow_tf32,
-                                     block, *kernel_needs))
+            grads = list(backward_op(grad_loss, x, y, scale, bias, stats, kept, *ctx.options,
+                                     *kernel_needs))
         if needs[3] and not spec.kernel_bias_grad:
             grads[3] = exact_zero_bias_grad(stats[3], stats[5], grad_loss.to(stats.dtype),
                                             bias.shape, bias.dtype)
-        return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None, None)
+        return tuple(g if need else None for g, need in zip(grads, needs)) + none
 
     forward_op.register_autograd(backward_formula, setup_context=setup_context)
 
-    def op(x, y, scale, bias=None, normalize=True, allow_tf32=True, block=0):
-        loss, _ = forward_op(x, y, scale, bias, bool(normalize), bool(allow_tf32), int(block))
+    def op(x, y, scale, bias=None, normalize=True, allow_tf32=True, block=0, memory_budget=0.0):
+        loss, _, _ = forward_op(x, y, scale, bias, bool(normalize), bool(allow_tf32), int(block),
+                                float(memory_budget))
         return loss
 
     op.forward_op = forward_op

@@ -401,7 +401,7 @@ class ChunkedBackend(Backend):
     def siglip_ops(self):
         return chunked_siglip_ops
 
-    def row_loss(self, normalize, allow_tf32, block):
+    def row_loss(self, normalize, allow_tf32, block, memory_budget=0.0):
         chunk = _chunk(block)
         return lambda q, k, s, b, label_offset, extra: ChunkedRowCrossEntropyFunction.apply(
             q, k, s, b, normalize, label_offset, chunk, extra)

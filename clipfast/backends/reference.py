@@ -164,7 +164,7 @@ class ReferenceBackend(Backend):
         return {positives: functools.partial(_siglip_as_op, positives=positives)
                 for positives in (True, False)}
 
-    def row_loss(self, normalize, allow_tf32, block):
+    def row_loss(self, normalize, allow_tf32, block, memory_budget=0.0):
         return lambda q, k, s, b, label_offset, extra: reference_row_loss(
             q, k, s, b, normalize, label_offset, extra)
 

@@ -59,7 +59,7 @@ class TritonBackend(Backend):
 
         return triton_siglip_ops
 
-    def row_loss(self, normalize, allow_tf32, block):
+    def row_loss(self, normalize, allow_tf32, block, memory_budget=0.0):
         from .clip_loss import TritonRowCrossEntropyFunction
 
         panel = block or None

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from .tile_math import (_fold_inv_norms, _fold_shifts, _load_accumulator, _panel_tile,
-                        _reciprocal_1_2, _tile_coords)
+                        _reciprocal_1_2, _rounded_for_store, _tile_coords)
 
 
 @triton.jit
@@ -241,7 +241,7 @@ def _finish_grad_kernel(
     out_ptr, stride_om, stride_od, factor_ptr,
     M, D,
     NORMALIZE: tl.constexpr, TIMES_INV_NORM: tl.constexpr, SPLIT_ACC: tl.constexpr,
-    EPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    EPS: tl.constexpr, RTNE_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """out = normalize_backward(factor * acc): (g - x^ <x^, g>) / max(|x|, eps).
 
@@ -278,6 +278,7 @@ def _finish_grad_kernel(
             g = g - unit * radial[:, None]
             if TIMES_INV_NORM:
                 g = g * inv_norm[:, None]
+        g = _rounded_for_store(g, RTNE_BF16)
         tl.store(out_ptr + offs_r[:, None] * stride_om + offs_d[None, :] * stride_od,
                  g.to(out_ptr.dtype.element_ty), mask=mask)
 

@@ -622,6 +622,7 @@ def finish_feature_grad(acc, features, inv_norm, factor, normalize, folded, out,
             m, d,
             NORMALIZE=normalize, TIMES_INV_NORM=normalize and not folded,
             SPLIT_ACC=acc_lo is not None, EPS=_NORM_EPS,
+            RTNE_BF16=interpreter_active() and out.dtype == torch.bfloat16,
             BLOCK_R=block_r, BLOCK_D=block_d,
         )
 

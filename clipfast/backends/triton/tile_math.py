@@ -306,3 +306,16 @@ def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
     first_m = (tile // group_size) * GROUP_M
     group_m = tl.minimum(num_m - first_m, GROUP_M)
     return first_m + (tile % group_size) % group_m, (tile % group_size) // group_m
+
+
+@triton.jit
+def _rounded_for_store(value, RTNE_BF16: tl.constexpr):
+    """fp32 ``value``, pre-rounded to the nearest bfloat16 (ties to even) with
+    RTNE_BF16: Triton's interpreter converts fp32 to bf16 by truncation (a
+    GPU rounds to nearest), so a bf16 store there truncates what this already
+    rounded, exactly. The carry into the exponent is the rounding up."""
+    if RTNE_BF16:
+        bits = value.to(tl.int32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        value = (bits & -65536).to(tl.float32, bitcast=True)
+    return value
