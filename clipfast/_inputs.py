@@ -74,6 +74,21 @@ def _as_scalar_tensor(name: str, value, device: torch.device, dtype: torch.dtype
     return torch.tensor(float(value), dtype=dtype, device=device)
 
 
+def check_memory_budget(memory_budget) -> float:
+    """``memory_budget`` (bytes the forward may keep for the backward; None:
+    none) as the operators take it: a float >= 0, inf for everything."""
+    if memory_budget is None:
+        return 0.0
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)):
+        raise TypeError(f"memory_budget must be a number of bytes (int or float, inf for "
+                        f"everything) or None, got {type(memory_budget).__name__}")
+    value = float(memory_budget)
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"memory_budget must be >= 0 bytes (or None, or float('inf')), got "
+                         f"{memory_budget!r}")
+    return value
+
+
 def check_inputs(
     image_features,
     text_features,

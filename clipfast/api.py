@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ._inputs import LossInputs, ScaleLike, check_inputs, poison_invalid_scalars
+from ._inputs import LossInputs, ScaleLike, check_inputs, check_memory_budget, poison_invalid_scalars
 from .backends import SIGLIP
 from .backends.triton import triton_available
 from .dispatch import BACKENDS, resolve, resolve_backend
@@ -36,6 +36,7 @@ def clip_loss(
     labels: Optional[torch.Tensor] = None,
     label_smoothing: float = 0.0,
     negative_features: Optional[torch.Tensor] = None,
+    memory_budget: Optional[float] = None,
 ) -> torch.Tensor:
     """Symmetric CLIP contrastive loss without materialising the N x N logits.
 
@@ -62,6 +63,7 @@ def clip_loss(
             CUDA tensors and chunked otherwise where nothing was measured),
             "reference" (plain PyTorch, N x N memory), "chunked" (PyTorch,
             O(chunk * N) memory, any device), "triton" (fused kernels),
+            "hybrid" (cuBLAS panel products with fp32 logits, Triton epilogues),
             "cpu" (the C++ backend, float32/float64 CPU tensors) or "cuda"
             (the CUDA C++ backend: tensor cores for float16/bfloat16 and, with
             ``allow_tf32``, float32). ``clipfast.backends`` lists them.
@@ -69,16 +71,24 @@ def clip_loss(
             cores (10-bit mantissa products, fp32 accumulation). False gives
             full fp32 (IEEE fp32 FMAs on the cuda backend, slower).
         chunk_elements: chunked backend only: logits held at once (default 2^22).
-        panel_size: triton backend only: side of the gradient panels of the
+        panel_size: triton backend: side of the gradient panels of the
             backward pass, rounded up to a multiple of the tile size (default
-            about sqrt(N d / 8), between 2048 and 8192, at most about N/2).
+            about sqrt(N d / 8), between 2048 and 8192, at most about N/2);
+            hybrid backend: rows per logits panel (default about 2^27 / N,
+            at least 256: one fp32 panel of at most ~512 MB).
         labels: optional (N,) integer group ids: pairs sharing a group are all
             positives (duplicate captions, several captions per image); the
             target spreads uniformly over them, in both directions. Any backend.
         label_smoothing: as ``F.cross_entropy``'s, in both directions. Any backend.
         negative_features: extra negative texts, (M, d) shared by every image
             or (N, k, d) per image; they join the image -> text softmax only.
-            reference, chunked and triton (see ``clipfast.infonce``).
+            reference, chunked, triton and hybrid (see ``clipfast.infonce``).
+        memory_budget: bytes the forward may keep alive for the backward
+            beyond its O(N) statistics (None: nothing, every logits panel is
+            recomputed; ``float("inf")``: everything). The hybrid and chunked
+            backends keep as many fp32 (chunked: compute-dtype) panels of
+            dot products as fit, and their backward skips those GEMMs; the
+            result is the same to the bit. Other backends ignore it.
 
     Returns:
         0-dim tensor: float32 for float16/bfloat16 features (as under autocast),
@@ -88,26 +98,30 @@ def clip_loss(
     return clip_loss_from_inputs(
         inputs, normalize=normalize, backend=backend, allow_tf32=allow_tf32,
         chunk_elements=chunk_elements, panel_size=panel_size, labels=labels,
-        label_smoothing=label_smoothing, negative_features=negative_features)
+        label_smoothing=label_smoothing, negative_features=negative_features,
+        memory_budget=memory_budget)
 
 
 def clip_loss_from_inputs(inputs: LossInputs, *, normalize: bool = True, backend: str = "auto",
                           allow_tf32: bool = True, chunk_elements: Optional[int] = None,
                           panel_size: Optional[int] = None, labels: Optional[torch.Tensor] = None,
                           label_smoothing: float = 0.0,
-                          negative_features: Optional[torch.Tensor] = None) -> torch.Tensor:
+                          negative_features: Optional[torch.Tensor] = None,
+                          memory_budget: Optional[float] = None) -> torch.Tensor:
     """``clip_loss`` on inputs already validated by ``check_inputs``."""
+    budget = check_memory_budget(memory_budget)
     if labels is not None or label_smoothing or negative_features is not None:
         from .infonce import info_nce_from_inputs
 
         return info_nce_from_inputs(
             inputs, backend, normalize=normalize, negative_features=negative_features,
             labels=labels, label_smoothing=label_smoothing, symmetric=True,
-            allow_tf32=allow_tf32, chunk_elements=chunk_elements, panel_size=panel_size)
+            allow_tf32=allow_tf32, chunk_elements=chunk_elements, panel_size=panel_size,
+            memory_budget=memory_budget)
     chosen = resolve(backend, inputs)
     loss = chosen.clip_op()(
         inputs.image_features, inputs.text_features, inputs.logit_scale, inputs.logit_bias,
-        bool(normalize), bool(allow_tf32), chosen.block(chunk_elements, panel_size))
+        bool(normalize), bool(allow_tf32), chosen.block(chunk_elements, panel_size), budget)
     return poison_invalid_scalars(loss.to(inputs.loss_dtype), inputs)
 
 
@@ -123,6 +137,7 @@ def siglip_loss(
     chunk_elements: Optional[int] = None,
     panel_size: Optional[int] = None,
     positives: bool = True,
+    memory_budget: Optional[float] = None,
 ) -> torch.Tensor:
     """SigLIP's sigmoid loss without materialising the N x N logits.
 
@@ -141,12 +156,14 @@ def siglip_loss(
         normalize: L2-normalise each row inside the op. False by default, as
             open_clip's loss (its models normalise their own features).
         backend: "auto" (auto's CLIP choice for these inputs), "reference",
-            "chunked", "triton", "cpu" or "cuda" (every backend has it).
+            "chunked", "triton", "hybrid", "cpu" or "cuda" (every backend has it).
         allow_tf32: fp32 features may use TF32 tensor cores (fused GPU backends).
         chunk_elements: chunked backend only: logits held at once.
-        panel_size: triton backend only: side of the backward's gradient panels.
+        panel_size: triton backend: side of the backward's gradient panels;
+            hybrid backend: rows per logits panel.
         positives: False scores every pair as a negative (the blocks of the
             distributed loss against other ranks' texts).
+        memory_budget: as ``clip_loss``'s (hybrid and chunked keep panels).
 
     Returns:
         0-dim tensor: float32 for float16/bfloat16 features, else the features'
@@ -155,16 +172,19 @@ def siglip_loss(
     inputs = check_inputs(image_features, text_features, logit_scale, logit_bias)
     return siglip_loss_from_inputs(
         inputs, normalize=normalize, backend=backend, allow_tf32=allow_tf32,
-        chunk_elements=chunk_elements, panel_size=panel_size, positives=positives)
+        chunk_elements=chunk_elements, panel_size=panel_size, positives=positives,
+        memory_budget=memory_budget)
 
 
 def siglip_loss_from_inputs(inputs: LossInputs, *, normalize: bool = False, backend: str = "auto",
                             allow_tf32: bool = True, chunk_elements: Optional[int] = None,
                             panel_size: Optional[int] = None,
-                            positives: bool = True) -> torch.Tensor:
+                            positives: bool = True,
+                            memory_budget: Optional[float] = None) -> torch.Tensor:
     """``siglip_loss`` on inputs already validated by ``check_inputs``."""
+    budget = check_memory_budget(memory_budget)
     chosen = resolve(backend, inputs, SIGLIP)
     loss = chosen.siglip_ops()[bool(positives)](
         inputs.image_features, inputs.text_features, inputs.logit_scale, inputs.logit_bias,
-        bool(normalize), bool(allow_tf32), chosen.block(chunk_elements, panel_size))
+        bool(normalize), bool(allow_tf32), chosen.block(chunk_elements, panel_size), budget)
     return poison_invalid_scalars(loss.to(inputs.loss_dtype), inputs)

@@ -265,7 +265,8 @@ class RingClipLossFunction(torch.autograd.Function):
 def distributed_clip_loss(inputs: LossInputs, *, local_loss: bool, gather_with_grad: bool,
                           ring: bool, rank: int, world_size: int, normalize: bool, backend: str,
                           group=None, chunk_elements: Optional[int] = None,
-                          allow_tf32: bool = True) -> torch.Tensor:
+                          allow_tf32: bool = True,
+                          memory_budget: Optional[float] = None) -> torch.Tensor:
     """The loss of ``ClipLoss`` when world_size > 1 (see the module docstring)."""
     check_process_group("ClipLoss", rank, world_size, group)
     check_equal_batches(inputs.image_features.shape[0], inputs.image_features.device, group)
@@ -284,8 +285,10 @@ def distributed_clip_loss(inputs: LossInputs, *, local_loss: bool, gather_with_g
         return local_clip_loss(inputs, all_image, all_text, rank, normalize, blocks.name,
                                blocks.block(chunk_elements, None), allow_tf32)
     gathered = dataclasses.replace(inputs, image_features=all_image, text_features=all_text)
+    # The gathered global loss honours the budget; the ring and local_loss
+    # block modes recompute (their blocks change hands between the passes).
     return clip_loss_from_inputs(gathered, normalize=normalize, backend=backend,
-                                 allow_tf32=allow_tf32)
+                                 allow_tf32=allow_tf32, memory_budget=memory_budget)
 
 
 # ------------------------------ SigLIP modes -------------------------------- #

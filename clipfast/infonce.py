@@ -32,7 +32,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._inputs import LossInputs, ScaleLike, check_inputs, poison_invalid_scalars
+from ._inputs import (LossInputs, ScaleLike, check_inputs, check_memory_budget,
+                      poison_invalid_scalars)
 from .backends import ROWS
 from .backends.reference import safe_normalize
 from .dispatch import CLIP, resolve
@@ -163,7 +164,8 @@ def _linear_terms(q, k, neg, scale, labels, label_smoothing, row_direction: bool
 
 def info_nce_from_inputs(inputs: LossInputs, backend: str, *, normalize: bool, negative_features,
                          labels, label_smoothing: float, symmetric: bool, allow_tf32: bool,
-                         chunk_elements: Optional[int], panel_size: Optional[int]):
+                         chunk_elements: Optional[int], panel_size: Optional[int],
+                         memory_budget: Optional[float] = None):
     """The loss on validated inputs, on ``backend`` (a name, or auto): the
     one-hot part on the backend's CLIP operator (symmetric, no extra
     negatives) or row loss, the linear part here."""
@@ -171,6 +173,7 @@ def info_nce_from_inputs(inputs: LossInputs, backend: str, *, normalize: bool, n
     needs_rows = negative_features is not None or not symmetric
     chosen = resolve(backend, inputs, ROWS if needs_rows else CLIP)
     block = chosen.block(chunk_elements, panel_size)
+    budget = check_memory_budget(memory_budget)
     q, k = inputs.image_features, inputs.text_features
     scale, bias = inputs.logit_scale, inputs.logit_bias
     per_query = negative_features is not None and negative_features.dim() == 3
@@ -186,9 +189,9 @@ def info_nce_from_inputs(inputs: LossInputs, backend: str, *, normalize: bool, n
     s = scale.reshape(()).to(dtype)
 
     if symmetric and negative_features is None:
-        one_hot = chosen.clip_op()(q, k, scale, bias, normalize, allow_tf32, block)
+        one_hot = chosen.clip_op()(q, k, scale, bias, normalize, allow_tf32, block, budget)
     else:
-        row = chosen.row_loss(normalize, allow_tf32, block)
+        row = chosen.row_loss(normalize, allow_tf32, block, budget)
         keys = k
         extra = None
         if negative_features is not None and not per_query:
@@ -223,6 +226,7 @@ def info_nce_loss(
     allow_tf32: bool = True,
     chunk_elements: Optional[int] = None,
     panel_size: Optional[int] = None,
+    memory_budget: Optional[float] = None,
 ) -> torch.Tensor:
     """InfoNCE of queries against keys (+ hard negatives), O(N) memory.
 
@@ -250,9 +254,9 @@ def info_nce_loss(
         symmetric: add the keys -> queries direction (over the N queries).
         normalize: L2-normalise queries, keys and negatives (cosine
             similarity, as text-embedding trainers use). Default True.
-        backend: "auto", "reference", "chunked", "triton"; "cpu"/"cuda" for
-            symmetric losses without negatives (the CLIP operator).
-        allow_tf32, chunk_elements, panel_size: as ``clip_loss``'s.
+        backend: "auto", "reference", "chunked", "triton", "hybrid"; "cpu"/"cuda"
+            for symmetric losses without negatives (the CLIP operator).
+        allow_tf32, chunk_elements, panel_size, memory_budget: as ``clip_loss``'s.
 
     Returns:
         0-dim tensor (float32 for half-precision inputs).
@@ -261,4 +265,4 @@ def info_nce_loss(
     return info_nce_from_inputs(
         inputs, backend, normalize=normalize, negative_features=negative_features, labels=labels,
         label_smoothing=label_smoothing, symmetric=symmetric, allow_tf32=allow_tf32,
-        chunk_elements=chunk_elements, panel_size=panel_size)
+        chunk_elements=chunk_elements, panel_size=panel_size, memory_budget=memory_budget)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ._inputs import LossInputs, check_inputs
+from ._inputs import LossInputs, check_inputs, check_memory_budget
 from .api import clip_loss_from_inputs, siglip_loss_from_inputs
 from .backends.chunked import DEFAULT_CHUNK_ELEMENTS
 from .backends.reference import siglip_labels
@@ -40,7 +40,8 @@ class ClipLoss(nn.Module):
     """Drop-in for ``open_clip.loss.ClipLoss`` backed by the fused kernels.
 
     The constructor takes open_clip's arguments plus clipfast's keywords
-    ``backend``, ``normalize``, ``allow_tf32``, ``ring`` and ``group``;
+    ``backend``, ``normalize``, ``allow_tf32``, ``ring``, ``group`` and
+    ``memory_budget`` (``clip_loss``'s);
     ``forward(image_features, text_features, logit_scale, logit_bias=None,
     output_dict=False)`` returns the loss, or ``{"contrastive_loss": loss}``
     with ``output_dict=True``, so ``loss_fn(**model_out, output_dict=True)``
@@ -76,12 +77,14 @@ class ClipLoss(nn.Module):
         allow_tf32: bool = True,
         ring: bool = False,
         group=None,
+        memory_budget: Optional[float] = None,
     ):
         super().__init__()
         if use_horovod:
             warnings.warn("ClipLoss(use_horovod=True): horovod is not supported and the flag is "
                           "ignored; the distributed modes run on torch.distributed", stacklevel=2)
         _check_module_options(rank, world_size, backend, normalize, allow_tf32)
+        check_memory_budget(memory_budget)
         if ring and local_loss:
             raise ValueError("ring=True computes the global loss; it cannot be combined with local_loss=True")
         self.local_loss = local_loss
@@ -95,6 +98,7 @@ class ClipLoss(nn.Module):
         self.allow_tf32 = allow_tf32
         self.ring = ring
         self.group = group
+        self.memory_budget = memory_budget
         # open_clip's label cache, read by get_ground_truth (forward does not
         # need labels: the fused kernels know the diagonal).
         self.prev_num_logits = 0
@@ -163,10 +167,10 @@ class ClipLoss(nn.Module):
                 inputs, local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
                 ring=self.ring, rank=self.rank, world_size=self.world_size,
                 normalize=self.normalize, backend=self.backend, group=self.group,
-                allow_tf32=self.allow_tf32)
+                allow_tf32=self.allow_tf32, memory_budget=self.memory_budget)
             return loss.to(inputs.loss_dtype)
         return clip_loss_from_inputs(inputs, normalize=self.normalize, backend=self.backend,
-                                     allow_tf32=self.allow_tf32)
+                                     allow_tf32=self.allow_tf32, memory_budget=self.memory_budget)
 
     def forward(
         self,
@@ -433,11 +437,13 @@ class SigLipLoss(nn.Module):
 
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
                  dist_impl: Optional[str] = None, *, backend: str = "auto",
-                 normalize: bool = False, allow_tf32: bool = True, group=None):
+                 normalize: bool = False, allow_tf32: bool = True, group=None,
+                 memory_budget: Optional[float] = None):
         super().__init__()
         from .distributed import SIGLIP_DIST_IMPLS
 
         _check_module_options(rank, world_size, backend, normalize, allow_tf32)
+        check_memory_budget(memory_budget)
         dist_impl = dist_impl or "bidir"
         if dist_impl not in SIGLIP_DIST_IMPLS:
             raise ValueError(f"dist_impl must be one of {SIGLIP_DIST_IMPLS}, got {dist_impl!r}")
@@ -445,6 +451,7 @@ class SigLipLoss(nn.Module):
         self.rank = rank
         self.world_size = world_size
         self.dist_impl = dist_impl
+        self.memory_budget = memory_budget
         self.backend = backend
         self.normalize = normalize
         self.allow_tf32 = allow_tf32
@@ -470,7 +477,8 @@ class SigLipLoss(nn.Module):
 
     def _loss(self, inputs: LossInputs, positives: bool = True):
         return siglip_loss_from_inputs(inputs, normalize=self.normalize, backend=self.backend,
-                                       allow_tf32=self.allow_tf32, positives=positives)
+                                       allow_tf32=self.allow_tf32, positives=positives,
+                                       memory_budget=self.memory_budget)
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None,
                 output_dict: bool = False):

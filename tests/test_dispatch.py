@@ -34,7 +34,7 @@ def test_named_backends_resolve_to_themselves():
 
 def test_unknown_backend_is_a_value_error_listing_them():
     with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'reference', "
-                                         r"'chunked', 'triton', 'cpu', 'cuda'\), got 'fast'"):
+                                         r"'chunked', 'triton', 'hybrid', 'cpu', 'cuda'\), got 'fast'"):
         dispatch.resolve_backend("fast", _inputs())
 
 
@@ -49,7 +49,7 @@ def test_a_named_backend_without_the_row_loss_says_which_have_it(name):
         return
     with pytest.raises(ValueError, match=r"backend='cpu' has no one-direction / hard-negative "
                                          r"loss yet; the backends with it are reference, "
-                                         r"chunked, triton \(and 'auto'\)"):
+                                         r"chunked, triton, hybrid \(and 'auto'\)"):
         dispatch.resolve_backend(name, inputs, ROWS)
 
 

@@ -32,6 +32,7 @@ behave alike under autocast and double backward:
 # schema from the annotations, and older torch (2.6) wants real types there.
 import contextlib
 import functools
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
@@ -188,10 +189,25 @@ def define_siglip_ops(backend: str, forward: Callable, backward: Callable,
     }
 
 
+def kept_rows_of(m: int, k: int, rows: int, memory_budget: float, itemsize: int) -> int:
+    """Rows of an M x K block whose logits (``itemsize`` bytes each) fit in
+    ``memory_budget`` bytes, in whole panels of ``rows`` from the top (all M
+    for inf): what a backend that honours the budget keeps."""
+    if memory_budget <= 0:
+        return 0
+    if math.isinf(memory_budget):
+        return m
+    fit = int(memory_budget // (itemsize * max(k, 1)))
+    if fit >= m:
+        return m
+    return (fit // rows) * rows
+
+
 def _kept_shape(kept_rows: Optional[Callable], x, y, block: int, memory_budget: float):
     if kept_rows is None:
         return (0,)
-    return (kept_rows(x.shape[0], y.shape[0], block, memory_budget), y.shape[0])
+    itemsize = torch.empty((), dtype=compute_dtype(x, y)).element_size()
+    return (kept_rows(x.shape[0], y.shape[0], block, memory_budget, itemsize), y.shape[0])
 
 
 def define_loss_op(spec: LossSpec, backend: str, forward: Callable, backward: Callable,
@@ -200,7 +216,7 @@ def define_loss_op(spec: LossSpec, backend: str, forward: Callable, backward: Ca
     return ``op(x, y, scale, bias, normalize, allow_tf32, block, memory_budget)
     -> loss``.
 
-    ``kept_rows(M, K, block, memory_budget) -> R``: the backend keeps logits
+    ``kept_rows(M, K, block, memory_budget, itemsize) -> R``: the backend keeps logits
     for the backward under a memory budget: its forward returns (loss, stats,
     kept) with kept an (R, K) tensor of the compute dtype, and its backward
     takes ``kept=``. Without it the operator accepts the budget and ignores it.

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from ._base import BLOCKS, HALF_AND_SINGLE, ROWS, SIGLIP, Backend
 from ._ops import (KernelOptions, RowCrossEntropyFunction, clip_forward_result, compute_dtype,
-                   define_clip_loss_op, define_siglip_ops, row_forward, without_autocast)
+                   define_clip_loss_op, define_siglip_ops, kept_rows_of, row_forward,
+                   without_autocast)
 from ._stats import merge_logsumexp
 from .reference import siglip_labels
 
@@ -92,13 +93,15 @@ def unit_rows(features: torch.Tensor, inv_norm: torch.Tensor) -> torch.Tensor:
 
 
 def block_forward(x_unit, y_unit, scale, bias, diag_offset: Optional[int], chunk_elements: int,
-                  with_cols: bool = True):
+                  with_cols: bool = True, kept: Optional[torch.Tensor] = None):
     """Statistics of one block of logits L = s * X^ Y^T (+ b), M x K, in row chunks.
 
     Returns (row_max, row_sum, col_max, col_sum, diag): per row and per column
     the max and sum(exp(L - max)) over this block (col_* are None without
     ``with_cols``), and ``diag[i] = L[i, i + diag_offset]`` (None when
-    ``diag_offset`` is None, i.e. the block holds no labels).
+    ``diag_offset`` is None, i.e. the block holds no labels). ``kept``: an
+    (R, K) buffer that receives the cosines of the first R rows (whole
+    chunks) for ``block_backward``.
     """
     m, k = x_unit.shape[0], y_unit.shape[0]
     rows = _block_rows(m, k, chunk_elements)
@@ -110,7 +113,11 @@ def block_forward(x_unit, y_unit, scale, bias, diag_offset: Optional[int], chunk
     diag = torch.empty(m, dtype=dtype, device=device) if diag_offset is not None else None
     for start in range(0, m, rows):
         stop = min(m, start + rows)
-        logits = scale * (x_unit[start:stop] @ y_unit.t())
+        if kept is not None and stop <= kept.shape[0]:
+            cos = torch.mm(x_unit[start:stop], y_unit.t(), out=kept[start:stop])
+        else:
+            cos = x_unit[start:stop] @ y_unit.t()
+        logits = scale * cos
         if bias is not None:
             logits = logits + bias
         chunk_row_max = logits.max(dim=1).values
@@ -126,13 +133,15 @@ def block_forward(x_unit, y_unit, scale, bias, diag_offset: Optional[int], chunk
 
 
 def block_backward(x_unit, y_unit, scale, bias, row_stats, col_stats, diag_offset: Optional[int],
-                   row_coef, col_coef, chunk_elements: int, need_x=True, need_y=True):
+                   row_coef, col_coef, chunk_elements: int, need_x=True, need_y=True,
+                   kept: Optional[torch.Tensor] = None):
     """Gradients of one M x K block with G = row_coef (P - I) + col_coef (Q - I).
 
     P = exp(L - row lse), Q = exp(L - col lse), from complete (max, log-sum)
     statistics; I marks L[i, i + diag_offset] (absent when diag_offset is None).
     A term whose coef is None is left out. Returns (dL/dX^ (M x d) or None,
     dL/dY^ (K x d) or None, dL/ds): dX^ = s G Y^, dY^ = s G^T X^, ds = sum G cos.
+    ``kept``: the forward's cosines of the first rows (read, not recomputed).
     """
     m, k = x_unit.shape[0], y_unit.shape[0]
     rows = _block_rows(m, k, chunk_elements)
@@ -141,7 +150,10 @@ def block_backward(x_unit, y_unit, scale, bias, row_stats, col_stats, diag_offse
     grad_s = torch.zeros((), dtype=x_unit.dtype, device=x_unit.device)
     for start in range(0, m, rows):
         stop = min(m, start + rows)
-        cos = x_unit[start:stop] @ y_unit.t()
+        if kept is not None and stop <= kept.shape[0]:
+            cos = kept[start:stop]
+        else:
+            cos = x_unit[start:stop] @ y_unit.t()
         logits = scale * cos
         if bias is not None:
             logits = logits + bias
@@ -179,29 +191,43 @@ def _prepare(x, y, scale, bias, normalize):
             scalar_in(scale, dtype), scalar_in(bias, dtype))
 
 
+def kept_rows(m: int, k: int, block: int, memory_budget: float, itemsize: int) -> int:
+    """Rows of cosines the forward keeps under ``memory_budget`` (whole chunks)."""
+    return kept_rows_of(m, k, _block_rows(m, k, _chunk(block)), memory_budget, itemsize)
+
+
+def _kept_buffer(x, y, dtype, options: KernelOptions):
+    rows = kept_rows(x.shape[0], y.shape[0], options.block, options.memory_budget,
+                     torch.empty((), dtype=dtype).element_size())
+    return torch.empty(rows, y.shape[0], dtype=dtype, device=x.device)
+
+
 def chunked_forward(x, y, scale, bias, options: KernelOptions):
-    """(loss, stats) of the whole N x N problem (see ``clipfast.backends._ops``)."""
-    _, inv_x, inv_y, s, b = _prepare(x, y, scale, bias, options.normalize)
+    """(loss, stats, kept) of the whole N x N problem (see ``clipfast.backends._ops``)."""
+    dtype, inv_x, inv_y, s, b = _prepare(x, y, scale, bias, options.normalize)
+    kept = _kept_buffer(x, y, dtype, options)
     return clip_forward_result(inv_x, inv_y, *block_forward(
-        unit_rows(x, inv_x), unit_rows(y, inv_y), s, b, 0, _chunk(options.block)))
+        unit_rows(x, inv_x), unit_rows(y, inv_y), s, b, 0, _chunk(options.block),
+        kept=kept)) + (kept,)
 
 
 def chunked_backward(grad_loss, x, y, scale, bias, stats, options: KernelOptions,
-                     need_x: bool, need_y: bool, need_scale: bool):
+                     need_x: bool, need_y: bool, need_scale: bool, kept=None):
     inv_x, inv_y, row_max, row_logsum, col_max, col_logsum = stats
     dtype = stats.dtype
     s, b = scalar_in(scale, dtype), scalar_in(bias, dtype)
     coef = grad_loss.to(dtype) / (2 * x.shape[0])
     grad_x_unit, grad_y_unit, grad_s = block_backward(
         unit_rows(x, inv_x), unit_rows(y, inv_y), s, b, (row_max, row_logsum),
-        (col_max, col_logsum), 0, coef, coef, _chunk(options.block), need_x, need_y)
+        (col_max, col_logsum), 0, coef, coef, _chunk(options.block), need_x, need_y, kept)
     grad_x = features_grad(grad_x_unit, x, inv_x, options.normalize) if need_x else None
     grad_y = features_grad(grad_y_unit, y, inv_y, options.normalize) if need_y else None
     grad_scale = grad_s.reshape(scale.shape).to(scale.dtype) if need_scale else None
     return grad_x, grad_y, grad_scale
 
 
-chunked_clip_loss_op = define_clip_loss_op("chunked", chunked_forward, chunked_backward)
+chunked_clip_loss_op = define_clip_loss_op("chunked", chunked_forward, chunked_backward,
+                                           kept_rows=kept_rows)
 
 
 def features_grad(grad_unit, features, inv_norm, normalize: bool) -> torch.Tensor:
@@ -262,8 +288,18 @@ def _chunk(block: int) -> int:
 # --------------------------------------------------------------------------- #
 
 
-def _chunk_logits(x_unit, y_unit, scale, bias, start, stop, positives):
-    cos = x_unit[start:stop] @ y_unit.t()
+def _chunk_cos(x_unit, y_unit, start, stop, kept, fill: bool):
+    """The chunk's cosines: into / from ``kept`` where it holds the rows
+    (``fill``: the forward writes them), else computed."""
+    if kept is None or stop > kept.shape[0]:
+        return x_unit[start:stop] @ y_unit.t()
+    if fill:
+        return torch.mm(x_unit[start:stop], y_unit.t(), out=kept[start:stop])
+    return kept[start:stop]
+
+
+def _chunk_logits(x_unit, y_unit, scale, bias, start, stop, positives, kept=None, fill=False):
+    cos = _chunk_cos(x_unit, y_unit, start, stop, kept, fill)
     logits = scale * cos
     if bias is not None:
         logits = logits + bias
@@ -273,19 +309,23 @@ def _chunk_logits(x_unit, y_unit, scale, bias, start, stop, positives):
     return cos, logits, labels
 
 
-def siglip_block_sum(x_unit, y_unit, scale, bias, positives: bool, chunk_elements: int):
-    """sum_ij -logsigmoid(z_ij L_ij) over one block, in row chunks."""
+def siglip_block_sum(x_unit, y_unit, scale, bias, positives: bool, chunk_elements: int,
+                     kept: Optional[torch.Tensor] = None):
+    """sum_ij -logsigmoid(z_ij L_ij) over one block, in row chunks (the
+    cosines of the first rows kept in ``kept``)."""
     total = torch.zeros((), dtype=x_unit.dtype, device=x_unit.device)
     rows = _block_rows(x_unit.shape[0], y_unit.shape[0], chunk_elements)
     for start in range(0, x_unit.shape[0], rows):
         stop = min(x_unit.shape[0], start + rows)
-        _, logits, labels = _chunk_logits(x_unit, y_unit, scale, bias, start, stop, positives)
+        _, logits, labels = _chunk_logits(x_unit, y_unit, scale, bias, start, stop, positives,
+                                          kept, fill=True)
         total = total - F.logsigmoid(labels * logits).sum()
     return total
 
 
 def siglip_block_backward(x_unit, y_unit, scale, bias, positives: bool, coef, chunk_elements: int,
-                          need_x: bool = True, need_y: bool = True):
+                          need_x: bool = True, need_y: bool = True,
+                          kept: Optional[torch.Tensor] = None):
     """(dX^, dY^, sum G cos, sum G) of ``coef`` x the block's loss sum."""
     rows = _block_rows(x_unit.shape[0], y_unit.shape[0], chunk_elements)
     grad_x = torch.empty_like(x_unit) if need_x else None
@@ -294,7 +334,8 @@ def siglip_block_backward(x_unit, y_unit, scale, bias, positives: bool, coef, ch
     grad_b = torch.zeros((), dtype=x_unit.dtype, device=x_unit.device)
     for start in range(0, x_unit.shape[0], rows):
         stop = min(x_unit.shape[0], start + rows)
-        cos, logits, labels = _chunk_logits(x_unit, y_unit, scale, bias, start, stop, positives)
+        cos, logits, labels = _chunk_logits(x_unit, y_unit, scale, bias, start, stop, positives,
+                                            kept)
         # d/dL of -logsigmoid(z L) = -z sigmoid(-z L); sigmoid is stable both ways.
         grad_logits = -labels * torch.sigmoid(-labels * logits) * coef
         grad_s += (grad_logits * cos).sum()
@@ -312,26 +353,28 @@ def _prepared(x, y, scale, bias, options: KernelOptions):
 
 
 def chunked_siglip_forward(x, y, scale, bias, options: KernelOptions, positives: bool = True):
-    """(loss, stats = [inv_x, inv_y]) (see ``clipfast.backends._ops``)."""
+    """(loss, stats = [inv_x, inv_y], kept) (see ``clipfast.backends._ops``)."""
     x_unit, y_unit, inv_x, inv_y, s, b = _prepared(x, y, scale, bias, options)
-    total = siglip_block_sum(x_unit, y_unit, s, b, positives, _chunk(options.block))
-    return total / x.shape[0], torch.stack([inv_x, inv_y])
+    kept = _kept_buffer(x, y, x_unit.dtype, options)
+    total = siglip_block_sum(x_unit, y_unit, s, b, positives, _chunk(options.block), kept)
+    return total / x.shape[0], torch.stack([inv_x, inv_y]), kept
 
 
 def chunked_siglip_backward(grad_loss, x, y, scale, bias, stats, options: KernelOptions,
                             need_x: bool, need_y: bool, need_scale: bool, need_bias: bool,
-                            positives: bool = True):
+                            positives: bool = True, kept=None):
     x_unit, y_unit, inv_x, inv_y, s, b = _prepared(x, y, scale, bias, options)
     coef = grad_loss.to(x_unit.dtype) / x.shape[0]
     grad_x_unit, grad_y_unit, grad_s, grad_b = siglip_block_backward(
-        x_unit, y_unit, s, b, positives, coef, _chunk(options.block), need_x, need_y)
+        x_unit, y_unit, s, b, positives, coef, _chunk(options.block), need_x, need_y, kept)
     return (features_grad(grad_x_unit, x, inv_x, options.normalize) if need_x else None,
             features_grad(grad_y_unit, y, inv_y, options.normalize) if need_y else None,
             grad_s.reshape(scale.shape).to(scale.dtype) if need_scale else None,
             grad_b.reshape(bias.shape).to(bias.dtype) if need_bias and bias is not None else None)
 
 
-chunked_siglip_ops = define_siglip_ops("chunked", chunked_siglip_forward, chunked_siglip_backward)
+chunked_siglip_ops = define_siglip_ops("chunked", chunked_siglip_forward, chunked_siglip_backward,
+                                       kept_rows=kept_rows)
 
 
 # --------------------------------------------------------------------------- #
@@ -391,6 +434,7 @@ class ChunkedBackend(Backend):
     dtypes = HALF_AND_SINGLE + (torch.float64,)
     losses = frozenset({SIGLIP, ROWS, BLOCKS})
     block_option = "chunk_elements"
+    keeps_logits = True
 
     def native(self, device, dtypes):
         return True

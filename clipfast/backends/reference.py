@@ -154,11 +154,12 @@ class ReferenceBackend(Backend):
     losses = frozenset({SIGLIP, ROWS})
 
     # Its entry points take the fused operators' arguments and ignore the
-    # kernel options (allow_tf32, block).
+    # kernel options (allow_tf32, block, memory_budget: it keeps the N x N
+    # logits whatever the budget).
 
     def clip_op(self):
-        return lambda x, y, scale, bias, normalize, allow_tf32, block: reference_clip_loss(
-            x, y, scale, bias, normalize)
+        return (lambda x, y, scale, bias, normalize, allow_tf32=True, block=0, memory_budget=0.0:
+                reference_clip_loss(x, y, scale, bias, normalize))
 
     def siglip_ops(self):
         return {positives: functools.partial(_siglip_as_op, positives=positives)
@@ -169,7 +170,8 @@ class ReferenceBackend(Backend):
             q, k, s, b, normalize, label_offset, extra)
 
 
-def _siglip_as_op(x, y, scale, bias, normalize, allow_tf32, block, *, positives):
+def _siglip_as_op(x, y, scale, bias, normalize, allow_tf32=True, block=0, memory_budget=0.0, *,
+                  positives):
     return reference_siglip_loss(x, y, scale, bias, normalize, positives=positives)
 
 

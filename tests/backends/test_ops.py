@@ -13,7 +13,7 @@ from clipfast.backends.reference import reference_clip_loss
 
 from ..parity import assert_parity, make_features, requires_cuda
 
-FUSED = ["chunked", "triton", "cpu", "cuda"]
+FUSED = ["chunked", "triton", "hybrid", "cpu", "cuda"]
 
 
 def _usable(backend: str) -> bool:
@@ -51,6 +51,10 @@ AUTOCAST_CASES = [
     ("cpu", torch.float32, torch.bfloat16),
     ("triton", torch.float32, torch.float16),
     ("triton", torch.float16, torch.float16),
+    # hybrid's epilogues have no tl.dot: bf16 runs under the interpreter too.
+    ("hybrid", torch.float32, torch.bfloat16),
+    ("hybrid", torch.bfloat16, torch.bfloat16),
+    ("hybrid", torch.float16, torch.float16),
     ("cuda", torch.float32, torch.bfloat16),
     ("cuda", torch.bfloat16, torch.bfloat16),
     ("auto", torch.float32, torch.bfloat16),
@@ -68,7 +72,7 @@ def test_autocast_parity(backend, dtype, autocast, n, d, scale, normalize):
 
 
 @requires_cuda
-@pytest.mark.parametrize("backend", ["triton", "cuda", "chunked", "auto"])
+@pytest.mark.parametrize("backend", ["triton", "hybrid", "cuda", "chunked", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("autocast", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,d", [(1025, 128), (123, 97)])
@@ -164,7 +168,8 @@ def test_double_backward_without_graph_request_uses_the_kernels(monkeypatch):
 # --------------------------------------------------------------------------- #
 
 
-def _op_args(backend, n=11, d=6, dtype=torch.float32, bias=True, requires_grad=True):
+def _op_args(backend, n=11, d=6, dtype=torch.float32, bias=True, requires_grad=True,
+             memory_budget=0.0):
     x, y = make_features(n, d, dtype, "cpu", seed=2)
     s = torch.tensor(7.5)
     b = torch.tensor(0.25) if bias else None
@@ -172,28 +177,33 @@ def _op_args(backend, n=11, d=6, dtype=torch.float32, bias=True, requires_grad=T
         x.requires_grad_()
         y.requires_grad_()
         s.requires_grad_()
-    block = 16 if backend in ("chunked", "triton") else 0
-    return (x, y, s, b, True, True, block)
+    block = {"chunked": 16, "triton": 16, "hybrid": 4}.get(backend, 0)
+    return (x, y, s, b, True, True, block, memory_budget)
 
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("bias", [True, False])
-def test_opcheck(backend, bias):
+@pytest.mark.parametrize("memory_budget", [0.0, 11 * 4 * 8, float("inf")])
+def test_opcheck(backend, bias, memory_budget):
     _require(backend)
+    if memory_budget and not get(backend).keeps_logits:
+        pytest.skip(f"{backend} ignores memory_budget (its operators keep no logits)")
     op = get(backend).clip_op()
-    args = _op_args(backend, bias=bias)
+    args = _op_args(backend, bias=bias, memory_budget=memory_budget)
     # test_aot_dispatch_dynamic compares the compiled op with eager: the kernels
     # are deterministic, so bitwise equality is expected and checked.
     torch.library.opcheck(op.forward_op, args)
     x, y, s, b = args[:4]
-    loss, stats = op.forward_op(*args)
+    loss, stats, kept = op.forward_op(*args)
+    if memory_budget:
+        assert kept.shape[0] > 0 and kept.shape[1] == y.shape[0]
     grad = torch.tensor(1.0)
     torch.library.opcheck(
-        op.backward_op, (grad, x.detach(), y.detach(), s.detach(), b, stats, True, True,
-                         args[6], True, False, True, False))
+        op.backward_op, (grad, x.detach(), y.detach(), s.detach(), b, stats, kept, True, True,
+                         args[6], memory_budget, True, False, True, False))
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton", "cpu", "cuda", "auto"])
+@pytest.mark.parametrize("backend", ["chunked", "triton", "hybrid", "cpu", "cuda", "auto"])
 def test_meta_tensors(backend):
     # Shape propagation (meta tensors, as FSDP's deferred init and
     # torch.export use) needs no host read of the scale.
@@ -206,7 +216,7 @@ def test_meta_tensors(backend):
     assert gx.shape == (10, 8) and gx.device.type == "meta" and gs.shape == ()
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton", "cpu", "cuda", "auto"])
+@pytest.mark.parametrize("backend", ["chunked", "triton", "hybrid", "cpu", "cuda", "auto"])
 def test_fake_tensor_mode(backend):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -226,7 +236,8 @@ def _compiled_step(backend, normalize, bias):
     return step
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked", "triton", "cpu", "cuda", "auto"])
+@pytest.mark.parametrize("backend", ["reference", "chunked", "triton", "hybrid", "cpu", "cuda",
+                                     "auto"])
 @pytest.mark.parametrize("normalize,bias", [(True, True), (False, False)])
 def test_compile_fullgraph_matches_eager(backend, normalize, bias):
     # aot_eager: Dynamo and AOTAutograd as inductor sees them (fullgraph

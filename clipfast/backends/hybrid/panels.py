@@ -24,7 +24,6 @@ the dots or W out of range get scaled by a power of two first (exact; see
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
@@ -32,6 +31,7 @@ from typing import Callable, Optional, Tuple
 import torch
 import triton
 
+from .._ops import kept_rows_of
 from ..triton._runtime import interpreter_requested as interpreter_active
 from ..triton.launchers import _one_launch_at_a_time, finish_feature_grad, inverse_norms
 from .epilogue_kernels import (SIGMOID, SOFTMAX, _grad_panel_kernel, _merge_stats_kernel,
@@ -55,18 +55,11 @@ def panel_rows(m: int, k: int, block: int) -> int:
     return max(1, min(m, max(MIN_PANEL_ROWS, DEFAULT_PANEL_ELEMENTS // max(k, 1))))
 
 
-def kept_rows(m: int, k: int, block: int, memory_budget: float) -> int:
-    """Rows of dots the forward keeps for the backward under ``memory_budget``
-    bytes: whole panels from the top, as many as fit (all M for inf)."""
-    if memory_budget <= 0:
-        return 0
-    if math.isinf(memory_budget):
-        return m
-    rows = panel_rows(m, k, block)
-    fit = int(memory_budget // (KEPT_ITEMSIZE * max(k, 1)))
-    if fit >= m:
-        return m
-    return (fit // rows) * rows
+def kept_rows(m: int, k: int, block: int, memory_budget: float,
+              itemsize: int = KEPT_ITEMSIZE) -> int:
+    """Rows of fp32 dots the forward keeps for the backward under
+    ``memory_budget`` bytes (whole panels)."""
+    return kept_rows_of(m, k, panel_rows(m, k, block), memory_budget, KEPT_ITEMSIZE)
 
 
 # --------------------------------------------------------------------------- #
