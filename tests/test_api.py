@@ -6,7 +6,7 @@ import torch
 import clipfast
 from clipfast import clip_loss
 
-BACKENDS = ["reference", "chunked", "triton", "cpu"]
+BACKENDS = ["reference", "chunked", "triton", "hybrid", "cpu"]
 
 
 def _features(n=5, d=4, dtype=torch.float32, seed=0):

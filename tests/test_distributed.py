@@ -31,6 +31,13 @@ SCENARIOS = [
     ("gather_with_grad_local_triton",
      dict(gather_with_grad=True, local_loss=True, backend="triton", normalize=True), torch.float32),
     ("ring_triton", dict(ring=True, backend="triton", normalize=True), torch.float32),
+    ("gather_with_grad_hybrid", dict(gather_with_grad=True, backend="hybrid", normalize=True),
+     torch.float32),
+    ("gather_with_grad_local_hybrid",
+     dict(gather_with_grad=True, local_loss=True, backend="hybrid", normalize=True), torch.float32),
+    ("ring_hybrid", dict(ring=True, backend="hybrid", normalize=True), torch.float32),
+    ("siglip_bidir_hybrid", dict(loss="siglip", dist_impl="bidir", normalize=True,
+                                 backend="hybrid"), torch.float32),
     # SigLIP: open_clip's four ways of bringing the other ranks' texts over.
     ("siglip_bidir", dict(loss="siglip", dist_impl="bidir", normalize=True), torch.float64),
     ("siglip_shift", dict(loss="siglip", dist_impl="shift", normalize=True), torch.float64),

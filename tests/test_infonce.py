@@ -73,7 +73,7 @@ def _run(backend, n, d, dtype, negatives, groups, smoothing, symmetric, scale=20
         return info_nce_loss(x, y, s, logit_bias=b, negative_features=neg, labels=labels,
                              label_smoothing=smoothing, symmetric=symmetric, normalize=normalize,
                              backend=backend, allow_tf32=False, chunk_elements=3 * n,
-                             panel_size=16 if backend == "triton" else None)
+                             panel_size=16 if backend in ("triton", "hybrid") else None)
 
     return _loss_and_grads(fn, (x, y, s, b, neg))
 
@@ -89,7 +89,7 @@ def _assert_rule(got, same, truth, dtype, what):
 
 @pytest.mark.parametrize("negatives,groups,smoothing,symmetric", VARIANTS)
 @pytest.mark.parametrize("n,d", [(1, 3), (7, 65), (97, 16)])
-@pytest.mark.parametrize("backend", ["reference", "chunked", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "chunked", "triton", "hybrid"])
 def test_parity_fp32(backend, n, d, negatives, groups, smoothing, symmetric):
     args = (n, d, torch.float32, negatives, groups, smoothing, symmetric)
     got = _run(backend, *args, bias=-3.0)
@@ -121,7 +121,7 @@ def test_chunked_fp64_exact_and_gradcheck(negatives, groups, smoothing, symmetri
     assert torch.autograd.gradcheck(fused, leaves)
 
 
-@pytest.mark.parametrize("backend", ["chunked", "cpu", "cuda", "triton"])
+@pytest.mark.parametrize("backend", ["chunked", "cpu", "cuda", "triton", "hybrid"])
 @pytest.mark.parametrize("groups,smoothing", [(True, 0.0), (False, 0.15), (True, 0.1)])
 def test_clip_loss_with_labels_and_smoothing_on_every_backend(backend, groups, smoothing):
     if backend == "cpu" and not cpu_backend.available():
@@ -170,7 +170,7 @@ def mnrl(anchors, positives, negatives, scale=20.0):
     return F.cross_entropy(scores, torch.arange(anchors.shape[0]))
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton", "reference"])
+@pytest.mark.parametrize("backend", ["chunked", "triton", "hybrid", "reference"])
 def test_multiple_negatives_ranking_loss_drop_in(backend):
     anchors, positives = make_features(19, 12, torch.float32, "cpu", seed=5)
     negatives = torch.randn(19, 12, generator=torch.Generator().manual_seed(6))
@@ -236,7 +236,7 @@ def test_inputs_not_modified_and_nan_propagates():
 
 
 @requires_cuda
-@pytest.mark.parametrize("backend", ["triton", "chunked"])
+@pytest.mark.parametrize("backend", ["triton", "hybrid", "chunked"])
 @pytest.mark.parametrize("negatives,groups,smoothing,symmetric", VARIANTS)
 def test_gpu_parity_bf16(backend, negatives, groups, smoothing, symmetric):
     n, d = 1025, 128

@@ -13,7 +13,7 @@ def _open_clip_loss(image_features, text_features, logit_scale):
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
-@pytest.mark.parametrize("backend", ["auto", "reference", "chunked", "triton"])
+@pytest.mark.parametrize("backend", ["auto", "reference", "chunked", "triton", "hybrid"])
 def test_module_matches_open_clip_on_normalised_features(backend):
     torch.manual_seed(0)
     # open_clip's model normalises its outputs; gradients are compared at the

@@ -146,7 +146,8 @@ def _cpu_backend_params():
     return [pytest.param("cpu", marks=pytest.mark.skipif(not available(), reason="no _cpu extension"))]
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked", "auto", "triton"] + _cpu_backend_params())
+@pytest.mark.parametrize("backend", ["reference", "chunked", "auto", "triton", "hybrid"]
+                         + _cpu_backend_params())
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("bias", BIASES)
 def test_clip_loss_matches_open_clip_fp32(backend, normalize, bias):
@@ -154,7 +155,7 @@ def test_clip_loss_matches_open_clip_fp32(backend, normalize, bias):
     x, y = _features(n, 5, seed=2)
     s = torch.tensor(scale, dtype=torch.float64)
     tensors = [x, y, s] + ([torch.tensor(bias, dtype=torch.float64)] if bias is not None else [])
-    kwargs = dict(allow_tf32=False) if backend == "triton" else {}
+    kwargs = dict(allow_tf32=False) if backend in ("triton", "hybrid") else {}
     loss_fn = ClipLoss(backend=backend, normalize=normalize, **kwargs)
 
     def theirs(x_, y_, s_, *b):
@@ -285,12 +286,12 @@ def test_distill_matches_open_clip_fp64(backend, normalize, teacher_grad):
         torch.testing.assert_close(g, w, **FP64_TOL)
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.parametrize("backend", ["chunked", "triton", "hybrid"])
 @pytest.mark.parametrize("normalize", [False, True])
 def test_distill_matches_open_clip_fp32(backend, normalize):
     n = 11
     x, y, s, tx, ty, ts = _distill_problem(n=n, d=5, d_teacher=7, seed=5)
-    kwargs = dict(allow_tf32=False) if backend == "triton" else {}
+    kwargs = dict(allow_tf32=False) if backend in ("triton", "hybrid") else {}
     loss_fn = DistillClipLoss(backend=backend, normalize=normalize, distill_chunk_rows=3, **kwargs)
 
     def unit(a):

@@ -22,7 +22,8 @@ THREADS = 2
 
 def _backend_params():
     out = [pytest.param("chunked", torch.float32, {}, id="chunked"),
-           pytest.param("triton", torch.float32, dict(allow_tf32=False), id="triton")]
+           pytest.param("triton", torch.float32, dict(allow_tf32=False), id="triton"),
+           pytest.param("hybrid", torch.bfloat16, {}, id="hybrid")]
     out.append(pytest.param(
         "cpu", torch.float32, {}, id="cpu",
         marks=pytest.mark.skipif(not cpu_backend.available(), reason="clipfast._cpu is not built")))

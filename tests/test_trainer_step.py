@@ -76,7 +76,8 @@ def _batch(n=48, image_dim=20, vocab=50, length=7, seed=0):
 # backend takes fp32/fp64 features only: no autocast (see the test below).
 CASES = [("reference", torch.bfloat16), ("chunked", torch.bfloat16), ("auto", torch.bfloat16),
          ("cuda", torch.bfloat16), ("triton", torch.float16), ("chunked", torch.float16),
-         ("cpu", None), ("chunked", None), ("triton", None)]
+         ("cpu", None), ("chunked", None), ("triton", None), ("hybrid", torch.bfloat16),
+         ("hybrid", None)]
 
 
 @pytest.mark.parametrize("backend,autocast", CASES)

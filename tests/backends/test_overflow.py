@@ -42,6 +42,8 @@ def _backends():
         pytest.param("cpu", torch.float32, {}, id="cpu", marks=cpu),
         # The interpreter: fp32 (its bf16 dot is refused), IEEE products.
         pytest.param("triton", torch.float32, dict(allow_tf32=False), id="triton"),
+        pytest.param("hybrid", torch.float32, dict(allow_tf32=False), id="hybrid-fp32"),
+        pytest.param("hybrid", torch.bfloat16, {}, id="hybrid-bf16"),
         pytest.param("cuda", torch.float32, dict(allow_tf32=False), id="cuda-emulated-fp32",
                      marks=emulated),
         pytest.param("cuda", torch.bfloat16, {}, id="cuda-emulated-bf16", marks=emulated),

@@ -162,12 +162,11 @@ class Operands:
 
     Backward products (``backward()``): fp32 features multiply W in fp32 (TF32
     if allowed) over the forward operands. fp16/bf16 features multiply an fp16
-    W over fp16 copies of the rows times a power of two that puts each row's
-    largest entry in [0.5, 1): fp16 keeps 11 bits of W where bf16 keeps 8 (the
+    W over fp16 copies of the rows times a power of two near their inverse
+    norm (``_fp16_rows``): fp16 keeps 11 bits of W where bf16 keeps 8 (the
     rounding of a bf16 W alone gave 2-5x the error of rounding the exact
     gradient), bf16 rows convert exactly (barring entries 2^24 below the
-    row's largest), and W's folds stay in fp16's range whatever the rows'
-    norms.
+    row's norm), and W's folds stay in fp16's range whatever the norms.
     """
 
     x: torch.Tensor
@@ -197,7 +196,8 @@ class Operands:
             return ProductOperands(self.x, self.y, self.inv_x, self.inv_y, self.pow2_x,
                                    self.pow2_y, torch.float32, self.allow_tf32, False)
         inv_x, inv_y = self.feature_inverse_norms()
-        sides = [_fp16_rows(f, inv, self.promoted) for f, inv in ((x, inv_x), (y, inv_y))]
+        sides = [_fp16_rows(f, inv, self.normalize, self.promoted)
+                 for f, inv in ((x, inv_x), (y, inv_y))]
         (x16, fold_x, q_x), (y16, fold_y, q_y) = sides
         return ProductOperands(x16, y16, fold_x, fold_y, q_x, q_y, torch.float16,
                                self.allow_tf32, self.promoted)
@@ -220,12 +220,19 @@ class ProductOperands:
     promoted: bool
 
 
-def _fp16_rows(features, inv, promote: bool):
-    """(fp16 rows times q, inv / q, q) with q the power of two that puts each
-    row's largest |entry| in [0.5, 1)."""
-    top = features.detach().abs().amax(dim=1).float()
-    q = _pow2_near(top, 0).reciprocal()
-    rows = (features * q[:, None].to(features.dtype)).to(torch.float16)
+def _fp16_rows(features, inv, normalize: bool, promote: bool):
+    """(fp16 rows times q, fold = inv / q, q) with q a power of two per row.
+
+    Normalised: q near the row's inverse norm, so every fold is in [1, 2):
+    W's entries then span only what G spans, whatever the rows' norms (rows
+    below eps, clamped as x / eps, become tiny rows whose share of dY is as
+    tiny). Unnormalised: q puts the row's largest |entry| in [0.5, 1).
+    """
+    if normalize:
+        q = _pow2_near(inv, -1)
+    else:
+        q = _pow2_near(features.detach().abs().amax(dim=1).float(), 0).reciprocal()
+    rows = (features.float() * q[:, None]).to(torch.float16)
     if promote:
         rows = rows.float()
     return rows, (inv / q).contiguous(), q
@@ -442,7 +449,11 @@ def _w_scale(prod: ProductOperands, scale, spec: GradSpec) -> torch.Tensor:
         return one
     coef = spec.row_coef.abs() + (0 if spec.col_coef is None else spec.col_coef.abs())
     bound = coef * scale * prod.fold_x.max() * prod.fold_y.max()
-    return _pow2_near(bound, -14).reciprocal().reshape(1)
+    _, exponent = torch.frexp(bound)
+    # Clamped so that w_scale and 1 / w_scale stay normal fp32 numbers (rows
+    # below 1e-12 on both sides give bounds near 1e-36).
+    shift = torch.ldexp(one, (14 - exponent).clamp(-126, 126))
+    return torch.where(torch.isfinite(bound) & (bound > 0), shift, one).reshape(1)
 
 
 def backward_panels(ops: Operands, prod: ProductOperands, scale, bias, spec: GradSpec,
