@@ -24,6 +24,7 @@ the dots or W out of range get scaled by a power of two first (exact; see
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
@@ -67,32 +68,40 @@ def kept_rows(m: int, k: int, block: int, memory_budget: float,
 # --------------------------------------------------------------------------- #
 
 _PROBE_LOCK = threading.Lock()
-_HALF_TO_FP32: dict = {}  # device type -> torch.mm(half, half, out_dtype=float32) works
+_PROBES: dict = {}  # (device type, what) -> works
 _TF32_LOCK = threading.Lock()
 
 
-def half_gemm_has_fp32_out(device: torch.device) -> bool:
-    """Whether torch.mm on ``device`` takes fp16/bf16 operands to an fp32
-    result (``out_dtype``, torch >= 2.8 on CUDA), probed once per device type.
-    Without it the operands are promoted to fp32 first: the same products
-    (half values are exact in fp32) at the fp32 rate."""
-    key = device.type
-    if key not in _HALF_TO_FP32:
+def _probe(device: torch.device, what: str) -> bool:
+    """Whether torch on ``device`` takes fp16/bf16 operands to an fp32 result
+    (``out_dtype``, torch >= 2.8 on CUDA): ``what`` is "mm" (into a given
+    out) or "addmm" (accumulating into its fp32 input), probed once per
+    device type on a 16 x 16 product whose answer is known."""
+    key = (device.type, what)
+    if key not in _PROBES:
         with _PROBE_LOCK:
-            if key not in _HALF_TO_FP32:
+            if key not in _PROBES:
                 ok = False
                 if device.type == "cuda":
                     try:
                         a = torch.ones(16, 16, dtype=torch.bfloat16, device=device)
-                        out = torch.empty(16, 16, dtype=torch.float32, device=device)
-                        torch.mm(a, a, out_dtype=torch.float32, out=out)
-                        acc = torch.zeros(16, 16, dtype=torch.float32, device=device)
-                        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
-                        ok = bool(out[0, 0].item() == 16.0 and acc[0, 0].item() == 16.0)
+                        out = torch.zeros(16, 16, dtype=torch.float32, device=device)
+                        if what == "mm":
+                            torch.mm(a, a, out_dtype=torch.float32, out=out)
+                        else:
+                            torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
+                        ok = bool(out[0, 0].item() == 16.0)
                     except (TypeError, RuntimeError, NotImplementedError):
                         ok = False
-                _HALF_TO_FP32[key] = ok
-    return _HALF_TO_FP32[key]
+                _PROBES[key] = ok
+    return _PROBES[key]
+
+
+def half_gemm_has_fp32_out(device: torch.device) -> bool:
+    """Whether half operands multiply straight to fp32 here. Without it the
+    operands are promoted to fp32 first: the same products (half values are
+    exact in fp32 and in TF32) at the fp32 / TF32 rate."""
+    return _probe(device, "mm")
 
 
 @contextlib.contextmanager
@@ -125,8 +134,10 @@ def _addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, allow_tf32: boo
     if a.dtype == torch.float32:
         with _fp32_precision(a.device, allow_tf32):
             acc.addmm_(a, b)
-    else:
+    elif _probe(acc.device, "addmm"):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc += torch.mm(a, b, out_dtype=torch.float32)
 
 
 def operand_dtype(x: torch.Tensor, y: torch.Tensor) -> torch.dtype:
@@ -279,7 +290,12 @@ def _programs_target(device: torch.device) -> int:
     if interpreter_active() or device.type != "cuda":
         # Enough programs that the column splits run at the sizes CI affords.
         return 32
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _stats_config() -> dict:
