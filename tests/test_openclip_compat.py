@@ -93,6 +93,13 @@ def assert_rule(names, got, truth, same, n, scale, max_logit):
         if scalar:
             # One ulp of the largest logit: no summation order beats it.
             floor += EPS32 * max_logit
+        else:
+            # The same ulp of the largest logit moves every softmax weight by
+            # that much relative, so the gradients by as much of their size:
+            # on unnormalised 11 x 5 features (logits up to ~60) which of two
+            # fp32 roundings of the logits lands nearer is luck, and the ratio
+            # of the two errors spread over 0.2-4x across seeds and CPUs.
+            floor += EPS32 * max_logit * magnitude
         assert err <= 2 * ref_err + floor, (
             f"{name}: error {err:.3e} > 2 x PyTorch's {ref_err:.3e} + floor {floor:.3e}")
 

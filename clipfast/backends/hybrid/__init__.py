@@ -20,41 +20,24 @@ This file only declares the backend; importing it does not import triton:
 
 from __future__ import annotations
 
-from .._base import ROWS, SIGLIP, Backend
-from ..triton._runtime import triton_available, usable_on
+from .._base import ROWS, SIGLIP
+from ..triton import TritonBackend
 
 __all__ = ["BACKEND", "HybridBackend"]
 
 
-class HybridBackend(Backend):
+class HybridBackend(TritonBackend):
+    """Runs where the Triton backend runs (its device and package checks),
+    with its own entry points."""
+
     name = "hybrid"
     summary = ("cuBLAS panel products with fp32 logits + Triton epilogues: CUDA tensors (CPU "
                "tensors through the interpreter with TRITON_INTERPRET=1); honours memory_budget")
-    dtype_hint = "; use backend='chunked' or 'reference' for float64"
     losses = frozenset({SIGLIP, ROWS})
     block_option = "panel_size"
     # The ring mode's block primitives: the fused Triton kernels'.
     stand_in = "triton"
     keeps_logits = True
-
-    def device_problem(self, device):
-        if not usable_on(device):
-            return ValueError(
-                f"backend='hybrid' needs CUDA tensors, got features on {device} "
-                "(set TRITON_INTERPRET=1 before importing triton to run its epilogue kernels "
-                "on the CPU through Triton's interpreter)")
-        return None
-
-    def problem(self, inputs):
-        if not triton_available():
-            return RuntimeError(
-                "backend='hybrid' needs the triton package (pip install triton); "
-                "use backend='chunked' on machines without it")
-        return super().problem(inputs)
-
-    def native(self, device, dtypes):
-        return (device.type == "cuda" and all(dt in self.dtypes for dt in dtypes)
-                and triton_available())
 
     def clip_op(self):
         from .losses import hybrid_clip_loss_op
@@ -71,6 +54,10 @@ class HybridBackend(Backend):
 
         return lambda q, k, s, b, label_offset, extra: HybridRowCrossEntropyFunction.apply(
             q, k, s, b, normalize, label_offset, allow_tf32, block, memory_budget, extra)
+
+    def block_ops(self):
+        raise NotImplementedError("backend='hybrid' has no block primitives (its stand-in "
+                                  "'triton' serves the ring mode)")
 
 
 BACKEND = HybridBackend()

@@ -28,19 +28,11 @@ import triton.language as tl
 
 # SigLIP's softplus tail and sigmoid pieces are the Triton backend's: the
 # same polynomials, checked by the same tests.
+from ..triton.tile_math import _inverse_norms_of as _load_inv
 from ..triton.tile_math import _log1p_exp_neg_abs, _reciprocal_1_2
 
 SOFTMAX = 0  # _grad_panel_kernel's LOSS: CLIP / InfoNCE rows and columns
 SIGMOID = 1  # SigLIP
-
-
-@triton.jit
-def _load_inv(inv_ptr, offs, mask, NORMALIZE: tl.constexpr, BLOCK: tl.constexpr):
-    if NORMALIZE:
-        inv = tl.load(inv_ptr + offs, mask=mask, other=0.0)
-    else:
-        inv = tl.full((BLOCK,), 1.0, tl.float32)
-    return inv
 
 
 @triton.jit
@@ -54,6 +46,26 @@ def _panel_logits(dots_ptr, stride_dm, offs_m, offs_n, mask, inv_x, inv_y, scale
     if HAS_BIAS:
         logits = logits + bias
     return cosine, logits
+
+
+@triton.jit
+def _forward_program(M, K, inv_x_ptr, scale_ptr, bias_ptr, diag_offset, cols_per_split,
+                     HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """What a forward program (row block, column split) starts from: its
+    rows, their mask and inverse norms, the scalars, its column range and the
+    rows' label columns."""
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    inv_x = _load_inv(inv_x_ptr, offs_m, mask_m, NORMALIZE, BLOCK_M)
+    scale = tl.load(scale_ptr)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr)
+    col_lo = pid_c * cols_per_split
+    col_hi = tl.minimum(K, col_lo + cols_per_split)
+    return pid_m, pid_c, offs_m, mask_m, inv_x, scale, bias, col_lo, col_hi, offs_m + diag_offset
 
 
 @triton.jit
@@ -73,18 +85,9 @@ def _softmax_stats_kernel(
     where its tile holds it (HAS_DIAG). The max is an online running max, never
     a fixed shift: rows far below the scale would underflow to log(0).
     """
-    pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
-    inv_x = _load_inv(inv_x_ptr, offs_m, mask_m, NORMALIZE, BLOCK_M)
-    scale = tl.load(scale_ptr)
-    bias = 0.0
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr)
-    col_lo = pid_c * cols_per_split
-    col_hi = tl.minimum(K, col_lo + cols_per_split)
-    label = offs_m + diag_offset
+    pid_m, pid_c, offs_m, mask_m, inv_x, scale, bias, col_lo, col_hi, label = _forward_program(
+        M, K, inv_x_ptr, scale_ptr, bias_ptr, diag_offset, cols_per_split,
+        HAS_BIAS, NORMALIZE, BLOCK_M)
     row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     row_sum = tl.zeros((BLOCK_M,), tl.float32)
     for n0 in range(col_lo, col_hi, BLOCK_N):
@@ -167,18 +170,9 @@ def _sigmoid_sum_kernel(
     """part[m * splits + c] = sum of -logsigmoid(z_ij L_ij) over the program's
     rows and columns (z = +1 on L[i, i + diag_offset] with POSITIVES, -1
     elsewhere), compensated per row."""
-    pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
-    inv_x = _load_inv(inv_x_ptr, offs_m, mask_m, NORMALIZE, BLOCK_M)
-    scale = tl.load(scale_ptr)
-    bias = 0.0
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr)
-    col_lo = pid_c * cols_per_split
-    col_hi = tl.minimum(K, col_lo + cols_per_split)
-    label = offs_m + diag_offset
+    pid_m, pid_c, offs_m, mask_m, inv_x, scale, bias, col_lo, col_hi, label = _forward_program(
+        M, K, inv_x_ptr, scale_ptr, bias_ptr, diag_offset, cols_per_split,
+        HAS_BIAS, NORMALIZE, BLOCK_M)
     total = tl.zeros((BLOCK_M,), tl.float32)
     compensation = tl.zeros((BLOCK_M,), tl.float32)
     for n0 in range(col_lo, col_hi, BLOCK_N):

@@ -33,7 +33,7 @@ class TritonBackend(Backend):
     def device_problem(self, device):
         if not usable_on(device):
             return ValueError(
-                f"backend='triton' needs CUDA tensors, got features on {device} "
+                f"backend={self.name!r} needs CUDA tensors, got features on {device} "
                 "(set TRITON_INTERPRET=1 before importing triton to run the kernels "
                 "on the CPU through Triton's interpreter)")
         return None
@@ -41,7 +41,7 @@ class TritonBackend(Backend):
     def problem(self, inputs):
         if not triton_available():
             return RuntimeError(
-                "backend='triton' needs the triton package (pip install triton); "
+                f"backend={self.name!r} needs the triton package (pip install triton); "
                 "use backend='chunked' on machines without it")
         return super().problem(inputs)
 
