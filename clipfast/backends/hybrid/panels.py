@@ -381,8 +381,7 @@ def softmax_stats(ops: Operands, scale, bias, diag_offset: Optional[int], with_c
     if with_cols:
         col_max = torch.full((k,), float("-inf"), dtype=torch.float32, device=device)
         col_sum = torch.zeros(k, dtype=torch.float32, device=device)
-    splits, cols_per_split = _column_splits(panels.rows, k, cfg, device)
-    row_part = torch.empty(2, splits * panels.rows, dtype=torch.float32, device=device)
+    row_part = torch.empty(2, 0, dtype=torch.float32, device=device)
     row_blocks = triton.cdiv(panels.rows, cfg["BLOCK_M"])
     col_part = (torch.empty(2, row_blocks * k, dtype=torch.float32, device=device)
                 if with_cols else row_part)
@@ -392,6 +391,9 @@ def softmax_stats(ops: Operands, scale, bias, diag_offset: Optional[int], with_c
         dots = panels.dots(start, stop)
         splits, cols_per_split = _column_splits(rows, k, cfg, device)
         blocks = triton.cdiv(rows, cfg["BLOCK_M"])
+        if row_part.shape[1] < splits * rows:
+            # A ragged last panel has fewer row blocks, hence more splits.
+            row_part = torch.empty(2, splits * rows, dtype=torch.float32, device=device)
         with _one_launch_at_a_time():
             _softmax_stats_kernel[(blocks, splits)](
                 dots, dots.stride(0), rows, k, ops.inv_x[start:stop], ops.inv_y,

@@ -148,6 +148,19 @@ def test_info_nce_rows_by_the_rule(dtype, case):
                        scale=20.0, extra_shape=extra_shape)
 
 
+def test_a_ragged_last_panel_with_more_column_splits():
+    # 33 queries in panels of 17 against 2000 columns: the first panel has two
+    # row blocks, the last one: more column splits there (the partials'
+    # buffer must grow for it).
+    q, k = make_features(33, 8, torch.float32, DEVICE, seed=7)
+    negatives = torch.randn(1967, 8, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    got = clipfast.info_nce_loss(q, k, 10.0, negative_features=negatives, backend="hybrid",
+                                 panel_size=17, allow_tf32=False)
+    want = clipfast.info_nce_loss(q.double(), k.double(), 10.0,
+                                  negative_features=negatives.double(), backend="reference")
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+
+
 def test_fp64_is_refused_naming_what_to_use():
     # The hybrid backend computes in fp32 at most: fp64 features get a clear
     # TypeError naming what to use instead.
