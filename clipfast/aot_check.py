@@ -1,14 +1,17 @@
 """Compile every GPU kernel for sm_80 and sm_90 on a machine without a GPU.
 
     python -m clipfast.aot_check [--targets sm_80,sm_90] [--no-cuda] [--extra FILE]
+                                 [--scenarios REGEX]
 
 Triton kernels are compiled through the launchers (``clipfast/backends/triton/aot.py``)
-with every configuration they can choose; CUDA sources with nvcc and ptxas'
-resource report. One table: kernel, config, target, registers, spill bytes,
+with every configuration they can choose, the hybrid backend's epilogues
+through its panel loops (``clipfast/backends/hybrid/aot.py``); CUDA sources
+with nvcc and ptxas' resource report. One table: kernel, config, target, registers, spill bytes,
 shared memory, MMA family. Exit status 1 on any compile error, any spill in a
-main-loop kernel, shared memory above the target's per-block limit, or a
-tile kernel whose logits could round differently in forward and backward
-(FP contraction left on, or an f32 FMA in a tensor-core tile kernel's PTX).
+main-loop kernel or a hybrid epilogue kernel, shared memory above the
+target's per-block limit, or a tile kernel whose logits could round
+differently in forward and backward (FP contraction left on, or an f32 FMA in
+a tensor-core tile kernel's PTX).
 
 ``--extra FILE`` adds a module's ``aot_scenarios()`` (a list of
 ``aot.Scenario``); its kernels count as main-loop kernels. The tests use it
@@ -33,8 +36,14 @@ from typing import Dict, List, Optional
 # The tile kernels hold the matmul main loops; a spill there costs every tile.
 MAIN_LOOP_KERNELS = {"_forward_tiles_kernel", "_grad_logits_kernel", "_panel_grads_kernel",
                      "_siglip_forward_kernel", "_siglip_grad_kernel"}
+# The hybrid backend's epilogues (hybrid/aot.py EPILOGUE_KERNELS): no matmul
+# loop, but they stream every panel element, and must not spill either.
+NO_SPILL_KERNELS = {"_softmax_stats_kernel", "_merge_stats_kernel", "_sigmoid_sum_kernel",
+                    "_grad_panel_kernel"}
 # Tile kernels whose logits must round identically forward and backward.
-LOGIT_KERNELS = {"_forward_tiles_kernel", "_grad_logits_kernel"}
+LOGIT_KERNELS = {"_forward_tiles_kernel", "_grad_logits_kernel",
+                 # hybrid: the forward epilogues and the gradient panel's.
+                 "_softmax_stats_kernel", "_sigmoid_sum_kernel", "_grad_panel_kernel"}
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -61,7 +70,18 @@ def _load_extra(path: str):
     return module
 
 
-def triton_rows(targets: List[str], extra=None, only_extra: bool = False) -> List[Row]:
+def gate_scenarios():
+    """The gate's own scenarios: the Triton launchers' (small shapes, then the
+    production shapes) and the hybrid panel loops'."""
+    from .backends.hybrid import aot as hybrid_aot
+    from .backends.triton import aot
+
+    return (aot.scenarios() + aot.production_scenarios() + hybrid_aot.scenarios()
+            + hybrid_aot.production_scenarios())
+
+
+def triton_rows(targets: List[str], extra=None, only_extra: bool = False,
+                label_filter: Optional[str] = None) -> List[Row]:
     from .backends.triton import aot
 
     rows: List[Row] = []
@@ -69,8 +89,10 @@ def triton_rows(targets: List[str], extra=None, only_extra: bool = False) -> Lis
         arch, sm_count = aot.TARGETS[target]
         extra_scenarios = extra.aot_scenarios() if extra is not None else []
         extra_labels = {s.label for s in extra_scenarios}
-        chosen = [] if only_extra else aot.scenarios() + aot.production_scenarios()
+        chosen = [] if only_extra else gate_scenarios()
         chosen += extra_scenarios
+        if label_filter:
+            chosen = [s for s in chosen if re.search(label_filter, s.label)]
         by_config: Dict[tuple, Row] = {}
         problems: Dict[tuple, List[str]] = {}
         seen = set()
@@ -90,7 +112,8 @@ def triton_rows(targets: List[str], extra=None, only_extra: bool = False) -> Lis
                 seen.add((key, binary))
                 row.variants += 1
                 main_loop = launch.kernel in MAIN_LOOP_KERNELS or scenario.label in extra_labels
-                found = _triton_problems(aot, launch, row, arch, main_loop)
+                found = _triton_problems(aot, launch, row, arch, main_loop,
+                                         launch.kernel in NO_SPILL_KERNELS)
                 if found and found not in problems.setdefault(key, []):
                     problems[key].append(found)
         for key, row in by_config.items():
@@ -103,7 +126,8 @@ def _worst(old: Optional[int], new: int) -> int:
     return new if old is None else max(old, new)
 
 
-def _triton_problems(aot, launch, row: Row, arch: int, main_loop: bool) -> str:
+def _triton_problems(aot, launch, row: Row, arch: int, main_loop: bool,
+                     no_spill: bool = False) -> str:
     """Problems of one compiled binary; the row keeps the worst registers,
     spills and shared memory over its binaries."""
     if launch.error is not None:
@@ -116,6 +140,8 @@ def _triton_problems(aot, launch, row: Row, arch: int, main_loop: bool) -> str:
     problems = []
     if info.spill_bytes and main_loop:
         problems.append(f"spills {info.spill_bytes} bytes in a main-loop kernel")
+    elif info.spill_bytes and no_spill:
+        problems.append(f"spills {info.spill_bytes} bytes in a hybrid epilogue kernel")
     if info.shared_bytes > aot.SHARED_LIMIT[arch]:
         problems.append(f"shared memory {info.shared_bytes} > {aot.SHARED_LIMIT[arch]}")
     if launch.kernel in LOGIT_KERNELS:
@@ -252,6 +278,9 @@ def main(argv=None) -> int:
     parser.add_argument("--extra", help="a Python file with aot_scenarios() to compile as well")
     parser.add_argument("--only-extra", action="store_true",
                         help="compile only --extra's scenarios (implies --no-cuda)")
+    parser.add_argument("--scenarios", metavar="REGEX",
+                        help="compile only the scenarios whose label matches (re.search), "
+                             "e.g. '^hybrid' (implies --no-cuda)")
     parser.add_argument("--json", help="also write the rows as JSON lines here")
     args = parser.parse_args(argv)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -270,8 +299,8 @@ def main(argv=None) -> int:
         parser.error("--only-extra needs --extra")
     if not args.no_triton:
         rows += triton_rows(targets, _load_extra(args.extra) if args.extra else None,
-                            args.only_extra)
-    if not (args.no_cuda or args.only_extra):
+                            args.only_extra, args.scenarios)
+    if not (args.no_cuda or args.only_extra or args.scenarios):
         rows += cuda_rows(targets)
     print(f"triton {triton.__version__}, targets {', '.join(targets)}")
     print(format_table(rows))

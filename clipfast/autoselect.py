@@ -11,14 +11,32 @@ among them those of the same device name and dtype when there are any (fp16
 and bf16 stand in for each other, since both run the same half-precision
 code), takes the point nearest in (log N, log d), and returns the fastest
 backend measured there among those that can run these inputs on this
-machine. Without a usable measurement it falls back to the static rule:
-``triton`` for CUDA tensors (fp16/bf16/fp32), ``chunked`` otherwise.
+machine.
 
-The table is built from ``python -m clipfast.bench`` results by
-``python -m clipfast.autoselect RESULTS.jsonl ... --out TABLE.json``. Setting
-``CLIPFAST_AUTO_TABLE`` to such a file makes its points take precedence over
-the shipped ones (calibrate on your own GPU). ``python -m clipfast.autoselect
---show`` prints the current choices.
+The sources, in order, the first with a usable point deciding:
+
+1. ``CLIPFAST_AUTO_TABLE``: a table file named by the user (any device's
+   points count, as above);
+2. the user's cache written by ``python -m clipfast.check``
+   (``cache_path()``: ``$CLIPFAST_CACHE_DIR/auto_table.json``, else
+   ``$XDG_CACHE_HOME/clipfast/auto_table.json``, else
+   ``~/.cache/clipfast/auto_table.json``); only its points measured on this
+   very device count (a home folder shared by several machines may hold
+   others'), and a cache that cannot be read is skipped with a warning;
+3. the shipped table (``clipfast/auto_table.json``);
+4. on CUDA only, ``clipfast.model_table.model_ms``, the static H100 model: the
+   fastest modelled backend among those that can run the inputs (skipped
+   where the model does not exist or models none of them);
+5. the static rule: ``triton`` for CUDA tensors (fp16/bf16/fp32), ``chunked``
+   otherwise.
+
+The candidates are the registry's backends (``clipfast.backends.REGISTRY``)
+except ``reference``, which holds the N x N logits.
+
+A table is built from ``python -m clipfast.bench`` results by
+``python -m clipfast.autoselect RESULTS.jsonl ... --out TABLE.json``, or
+measured and cached in one go by ``python -m clipfast.check``.
+``python -m clipfast.autoselect --show`` prints the current choices.
 
 Every distinct choice (device and backend) is logged once per process at INFO
 on the ``clipfast`` logger, with the measurement behind it.
@@ -45,9 +63,10 @@ from .devices import device_name
 STATIC_ORDER = ("triton", "chunked")
 
 SHIPPED_TABLE = Path(__file__).with_name("auto_table.json")
-# Backends auto may pick: every linear-memory backend (the reference holds
-# N x N matrices, torch.compile is not a clipfast backend).
-CANDIDATES = ("triton", "cuda", "chunked", "cpu")
+TABLE_NAME = "auto_table.json"  # the file name of the user's cache, too
+# Backends auto may pick: every registered backend but the reference (it holds
+# N x N matrices; torch.compile is not a clipfast backend).
+CANDIDATES = tuple(name for name in REGISTRY if name != "reference")
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
                 torch.float64: "fp64"}
 _HALF = ("fp16", "bf16")
@@ -79,6 +98,44 @@ def _tables(override: Optional[str]) -> tuple:
     """(override points, shipped points)."""
     shipped = _load(SHIPPED_TABLE) if SHIPPED_TABLE.exists() else []
     return (_load(Path(override)) if override else [], shipped)
+
+
+def cache_path() -> Path:
+    """Where ``python -m clipfast.check`` writes its measured table, and where
+    ``auto`` looks for it: ``$CLIPFAST_CACHE_DIR/auto_table.json``, else
+    ``$XDG_CACHE_HOME/clipfast/auto_table.json``, else
+    ``~/.cache/clipfast/auto_table.json``."""
+    folder = os.environ.get("CLIPFAST_CACHE_DIR")
+    if folder:
+        return Path(folder).expanduser() / TABLE_NAME
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "clipfast" / TABLE_NAME
+
+
+def _cache_key() -> Optional[tuple]:
+    """(path, mtime, size) of the user's cache, None when there is none: a
+    cache rewritten in this process (by clipfast.check) is read again."""
+    try:
+        path = cache_path()
+        stat = path.stat()
+    except (OSError, RuntimeError):  # RuntimeError: no home folder to expand
+        return None
+    return (str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _cache_points(key: Optional[tuple]) -> tuple:
+    """The points of the user's cache (empty when absent or unreadable: the
+    cache is implicit, so a bad one warns once and is ignored)."""
+    if key is None:
+        return ()
+    try:
+        return tuple(_load(Path(key[0])))
+    except (OSError, ValueError) as err:
+        _LOG.warning("ignoring the measured table %s (%s); run python -m clipfast.check "
+                     "to write it again", key[0], err)
+        return ()
 
 
 def _same_kind(a: str, b: str) -> bool:
@@ -125,21 +182,61 @@ def _static_choice(device: torch.device, dtypes: Sequence[torch.dtype]) -> str:
     return next(name for name in STATIC_ORDER if name in usable)
 
 
+def _modelled_times(usable: Sequence[str], n: int, d: int, dtype: str) -> Dict[str, float]:
+    """{backend: ms} from ``clipfast.model_table.model_ms`` (the static
+    model's shipped table) for the usable candidates it models (empty where
+    it models none)."""
+    from .model_table import model_ms
+
+    times = {}
+    for backend in usable:
+        if backend not in CANDIDATES:
+            continue
+        try:
+            t = model_ms(backend, n, d, dtype, loss="clip", memory_budget=None)
+        except Exception as err:  # noqa: BLE001 - a model failure must not fail a loss call
+            _LOG.debug("model_table.model_ms(%r, %d, %d, %r) failed: %s", backend, n, d, dtype, err)
+            continue
+        if t is not None and math.isfinite(t) and t > 0:
+            times[backend] = float(t)
+    return times
+
+
+def _measured_choice(point: dict, choice: str, source: str) -> Choice:
+    times = {b: t for b, t in point["times_ms"].items() if t is not None}
+    measured = ", ".join(f"{b} {t:.1f} ms" for b, t in sorted(times.items(), key=lambda kv: kv[1]))
+    return Choice(choice, f"fastest usable backend at the nearest measured point "
+                          f"({point['device']}, {point['dtype']}, N={point['n']}, "
+                          f"d={point['d']}: {measured}) in {source}")
+
+
 @functools.lru_cache(maxsize=4096)
 def _choose_cached(device: torch.device, dtypes: tuple, n: int, d: int,
-                   override: Optional[str]) -> Choice:
+                   override: Optional[str], cache: Optional[tuple] = None) -> Choice:
     usable = usable_backends(device, dtypes)
     dtype = _DTYPE_NAMES[dtypes[0] if dtypes[0] == dtypes[1] else torch.float32]
     name = device_name(device)
-    sources = (f"CLIPFAST_AUTO_TABLE ({override})", "the shipped table")
-    for source, points in zip(sources, _tables(override)):
+    override_points, shipped_points = _tables(override)
+    # The cache's points of other machines (a shared home folder) do not count.
+    cached = [p for p in _cache_points(cache) if p["device"] == name]
+    sources = (
+        (f"CLIPFAST_AUTO_TABLE ({override})", override_points),
+        (f"the measured table of python -m clipfast.check ({cache[0] if cache else ''})", cached),
+        ("the shipped table", shipped_points),
+    )
+    for source, points in sources:
         choice, point = _pick_point(points, device.type, name, dtype, n, d, usable)
         if choice is not None:
-            times = {b: t for b, t in point["times_ms"].items() if t is not None}
-            measured = ", ".join(f"{b} {t:.1f} ms" for b, t in sorted(times.items(), key=lambda kv: kv[1]))
-            return Choice(choice, f"fastest usable backend at the nearest measured point "
-                                  f"({point['device']}, {point['dtype']}, N={point['n']}, "
-                                  f"d={point['d']}: {measured}) in {source}")
+            return _measured_choice(point, choice, source)
+    if device.type == "cuda":
+        modelled = _modelled_times(usable, n, d, dtype)
+        if modelled:
+            fastest = min(modelled, key=modelled.get)
+            listed = ", ".join(f"{b} {t:.1f} ms" for b, t in
+                               sorted(modelled.items(), key=lambda kv: kv[1]))
+            return Choice(fastest, f"nothing measured that fits {device.type} {dtype}; fastest "
+                                   f"usable backend by the static H100 model (clipfast.model_table) "
+                                   f"(N={n}, d={d}: {listed}; modelled, not measured)")
     return Choice(_static_choice(device, dtypes),
                   f"nothing measured that fits {device.type} {dtype}; the static rule "
                   "(triton for CUDA tensors, chunked otherwise)")
@@ -156,7 +253,7 @@ def explain(device, dtypes: Sequence[torch.dtype], n: int, d: int) -> Choice:
     if len(dtypes) == 1:
         dtypes = dtypes * 2
     return _choose_cached(device, dtypes, int(n), int(d),
-                          os.environ.get("CLIPFAST_AUTO_TABLE") or None)
+                          os.environ.get("CLIPFAST_AUTO_TABLE") or None, _cache_key())
 
 
 def choose(image_features: torch.Tensor, text_features: torch.Tensor) -> str:
@@ -250,7 +347,8 @@ def main(argv=None) -> None:
             print(json.dumps(points, indent=1))
     else:
         override = os.environ.get("CLIPFAST_AUTO_TABLE") or None
-        points = [p for table in _tables(override) for p in table]
+        override_points, shipped_points = _tables(override)
+        points = list(override_points) + list(_cache_points(_cache_key())) + list(shipped_points)
     if args.show:
         print(show(points))
 

@@ -2,7 +2,13 @@
 # Everything that needs a GPU, in stages that each fit one device call
 # (10 minutes a command, 30 minutes a session):
 #   bash scripts/gpu_check.sh OUT_DIR [STAGE ...]
-# Stages (default: build tests):
+# Stages (default: check build tests):
+#   check  python -m clipfast.check (the full one): environment, every backend's
+#          accuracy by the rule on CUDA, the speed/memory table at N = 32768 and
+#          65536 (d = 1024, bf16); report and measured table in OUT_DIR/check,
+#          log in OUT_DIR/check.log. Run first, it sees only the extensions
+#          already built (carried): the cuda and cpu backends are SKIPped with
+#          the reason when they are not; `build check` checks them too
 #   build  the C++/CUDA extensions in place (no downloads there: the machine's
 #          own pybind11), versions and nvidia-smi
 #   tests  the whole suite on CUDA (GPU-only tests run instead of skipping);
@@ -17,12 +23,20 @@ cd "$(dirname "$0")/.."
 OUT="${1:-gpu_check}"
 shift || true
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(check build tests)
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 rc=0
 for stage in "${STAGES[@]}"; do
     case "$stage" in
+    check)
+        # Its measured table goes to OUT_DIR, not the per-user cache that
+        # backend="auto" reads, so the tests stage below sees the usual choices.
+        CLIPFAST_CACHE_DIR="$OUT/check/cache" python3 -m clipfast.check --out "$OUT/check" \
+            2>&1 | tee "$OUT/check.log" | grep -v '^PASS\|^accuracy\|^speed' | tail -n 80
+        status=${PIPESTATUS[0]}
+        [ "$status" -ne 0 ] && { echo "check: exit status $status, see $OUT/check.log"; rc=$status; }
+        ;;
     build)
         nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
         python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \

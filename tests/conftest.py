@@ -6,3 +6,11 @@ import torch
 # be switched on before triton is first imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# backend="auto" reads the per-user cache that `python -m clipfast.check`
+# writes (clipfast.autoselect.cache_path): the tests read an empty one of
+# their own, so a developer's measurements never change their choices.
+if "CLIPFAST_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["CLIPFAST_CACHE_DIR"] = tempfile.mkdtemp(prefix="clipfast-test-cache-")

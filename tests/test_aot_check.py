@@ -88,3 +88,34 @@ ptxas info    : Used 30 registers, 384 bytes cmem[0]
 def test_ptxas_report_is_read():
     assert aot_check._parse_ptxas(PTXAS_LOG) == [
         ("_Z6kernelPf", 255, 160, 35840), ("_Z5cleanPf", 30, 0, 0)]
+
+
+def test_hybrid_kernels_are_in_the_gate(tmp_path):
+    # The gate's own scenario list holds the hybrid panel loops, small and at
+    # the production shapes, and holds their epilogues to "no spill".
+    from clipfast.backends.hybrid import aot as hybrid_aot
+
+    labels = [s.label for s in aot_check.gate_scenarios()]
+    assert any(label.startswith("hybrid clip bf16 normalize") for label in labels)
+    assert "hybrid clip bf16 N=131072 d=1024 all panels kept" in labels
+    assert "hybrid siglip fp32 N=32768 d=512" in labels
+    assert aot_check.NO_SPILL_KERNELS == set(hybrid_aot.EPILOGUE_KERNELS)
+    # Compiled through the panel loops (bf16: CLIP, SigLIP, the rows-only
+    # loss, kept panels) for both targets; every epilogue in the table, clean.
+    out_json = tmp_path / "rows.jsonl"
+    proc = _run_check("--targets", "sm_80,sm_90", "--scenarios",
+                      r"^hybrid (clip|siglip|rows) bf16 (normalize=True|N=384|rectangular)",
+                      "--json", str(out_json))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    import json
+
+    rows = [json.loads(line) for line in out_json.read_text().splitlines()]
+    assert {(r["kernel"], r["target"]) for r in rows if r["kernel"] in aot_check.NO_SPILL_KERNELS} \
+        == {(k, t) for k in hybrid_aot.EPILOGUE_KERNELS for t in ("sm_80", "sm_90")}
+    for r in rows:
+        assert r["spill_bytes"] == 0 and not r["problems"], r
+    configs = {r["config"] for r in rows if r["kernel"] == "_grad_panel_kernel"}
+    for flag in ("IN_PLACE=True", "IN_PLACE=False", "LOSS=0", "LOSS=1",
+                 "HAS_COL=False,HAS_DIAG=True,HAS_ROW=True"):  # the last: the rows-only loss
+        assert any(flag in c for c in configs), (flag, configs)

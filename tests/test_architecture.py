@@ -22,7 +22,7 @@ from clipfast.dispatch import BACKENDS
 PACKAGE = Path(clipfast.__file__).parent
 # Modules nothing in the library may import: they sit above it.
 TOOLS = {"clipfast.bench", "clipfast.train", "clipfast.aot_check", "clipfast.perfmodel",
-         "clipfast._cli"}
+         "clipfast._cli", "clipfast.check"}
 
 
 def _module_name(path: Path) -> str:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import clipfast
+import clipfast.model_table
 from clipfast import autoselect
 from clipfast.autoselect import choose, pick, show, table_from_results
 
@@ -24,6 +25,16 @@ POINTS = [
     _point("cpu", "CPU (x86_64, 2 cores)", "fp32", 1024, 512, chunked=80.0, cpu=170.0),
 ]
 ALL = ("triton", "cuda", "chunked", "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _no_user_cache(tmp_path, monkeypatch):
+    """No test here reads the real per-user cache of python -m clipfast.check
+    (tests/test_check.py tests it)."""
+    monkeypatch.setenv("CLIPFAST_CACHE_DIR", str(tmp_path / "no-user-cache"))
+    autoselect._choose_cached.cache_clear()
+    yield
+    autoselect._choose_cached.cache_clear()
 
 
 @pytest.mark.parametrize("n,d,expected", [(4096, 512, "cuda"), (8192, 768, "cuda"),
@@ -167,3 +178,69 @@ def test_table_from_results_skips_a_truncated_line(tmp_path):
     results.write_text(json.dumps({"meta": {"device": "c"}}) + "\n" + json.dumps(row) + "\n"
                        + json.dumps(row)[:20])
     assert [p["times_ms"] for p in table_from_results([results])] == [{"chunked": 1.0}]
+
+
+def test_candidates_come_from_the_registry():
+    assert set(autoselect.CANDIDATES) == set(clipfast.backends.REGISTRY) - {"reference"}
+    assert "hybrid" in autoselect.CANDIDATES
+
+
+GPU = torch.device("cuda", 0)
+BF16 = (torch.bfloat16, torch.bfloat16)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A CUDA device without a GPU: a name, native backends, no measurements."""
+    monkeypatch.setattr(autoselect, "device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(autoselect, "usable_backends",
+                        lambda device, dtypes: ["chunked", "triton", "hybrid", "cuda"])
+    monkeypatch.setattr(autoselect, "_tables", lambda override: ([], []))
+    calls = []
+
+    def install(model):
+        def model_ms(backend, n, d, dtype, loss="clip", memory_budget=None):
+            calls.append((backend, n, d, dtype, loss, memory_budget))
+            return model(backend)
+        monkeypatch.setattr(clipfast.model_table, "model_ms", model_ms, raising=False)
+        return calls
+
+    return install
+
+
+def test_cuda_without_measurements_takes_the_fastest_modelled_backend(fake_gpu):
+    calls = fake_gpu({"triton": 20.0, "hybrid": 12.5, "cuda": 30.0}.get)
+    choice = autoselect._choose_cached(GPU, BF16, 65536, 1024, None, None)
+    assert choice.backend == "hybrid"
+    assert "static H100 model" in choice.reason and "hybrid 12.5 ms" in choice.reason
+    assert ("hybrid", 65536, 1024, "bf16", "clip", None) in calls
+    assert {c[0] for c in calls} == {"chunked", "triton", "hybrid", "cuda"}
+
+
+def test_a_measured_table_beats_the_model(fake_gpu, monkeypatch):
+    fake_gpu(lambda backend: 1.0 if backend == "hybrid" else 50.0)
+    measured = [_point("cuda", H100, "bf16", 65536, 1024, triton=10.0, hybrid=20.0)]
+    monkeypatch.setattr(autoselect, "_tables", lambda override: ([], measured))
+    choice = autoselect._choose_cached(GPU, BF16, 65536, 1024, None, None)
+    assert choice.backend == "triton" and "the shipped table" in choice.reason
+
+
+@pytest.mark.parametrize("model", [lambda backend: None, "raises"])
+def test_without_a_model_answer_cuda_keeps_the_static_rule(fake_gpu, monkeypatch, model):
+    if model == "raises":
+        def boom(backend):
+            raise RuntimeError("no SASS for this backend")
+        fake_gpu(boom)
+    else:
+        fake_gpu(model)
+    choice = autoselect._choose_cached(GPU, BF16, 65536, 1024, None, None)
+    assert choice.backend == "triton" and "static rule" in choice.reason
+
+
+def test_cpu_never_consults_the_model(monkeypatch):
+    def model_ms(*args, **kwargs):
+        raise AssertionError("the model is for CUDA only")
+    monkeypatch.setattr(clipfast.model_table, "model_ms", model_ms, raising=False)
+    monkeypatch.setattr(autoselect, "_tables", lambda override: ([], []))
+    choice = autoselect.explain("cpu", (torch.float32,), 4096, 512)
+    assert choice.backend == "chunked" and "static rule" in choice.reason

@@ -49,6 +49,7 @@ class Launch:
     config: Dict[str, object]          # constexpr arguments and compile options
     grid: Tuple[int, ...]
     scalars: Dict[str, int] = field(default_factory=dict)  # integer arguments by name
+    dtypes: Dict[str, str] = field(default_factory=dict)   # tensor arguments' dtypes by name
     compiled: Optional[object] = None  # triton CompiledKernel
     error: Optional[str] = None
 
@@ -96,8 +97,14 @@ class _TargetDriver:
 
 
 def _jit_functions() -> List[JITFunction]:
-    # By identity: the kernel modules import tile_math's helpers.
-    found = {id(v): v for module in (tile_math, forward_kernels, backward_kernels)
+    # By identity: the kernel modules import tile_math's helpers. The hybrid
+    # backend's epilogues compile through the same launches (its panel loops):
+    # their per-device caches must be cleared between targets too, or a second
+    # target would get the first one's binaries.
+    from ..hybrid import epilogue_kernels
+
+    found = {id(v): v for module in (tile_math, forward_kernels, backward_kernels,
+                                     epilogue_kernels)
              for v in vars(module).values() if isinstance(v, JITFunction)}
     return list(found.values())
 
@@ -130,7 +137,9 @@ def compiling_for(arch: int, sm_count: int, sink: List[Launch]) -> Iterator[None
                   ("num_warps", "num_stages", "enable_fp_fusion", "maxnreg")}
         scalars = {p.name: a for p, a in zip(self.params, args)
                    if isinstance(a, int) and not isinstance(a, bool)}
-        launch = Launch(self.fn.__name__, config, tuple(int(g) for g in grid), scalars)
+        dtypes = {p.name: str(a.dtype).replace("torch.", "") for p, a in zip(self.params, args)
+                  if isinstance(a, torch.Tensor)}
+        launch = Launch(self.fn.__name__, config, tuple(int(g) for g in grid), scalars, dtypes)
         try:
             launch.compiled = original_run(self, *args, grid=grid, warmup=True, **kwargs)
         except Exception as exc:  # every failure lands in the table, not just the first
@@ -354,23 +363,37 @@ class CompiledInfo:
     spill_bytes: int      # local memory per thread: Triton kernels only use it to spill
     shared_bytes: int     # Triton's dynamic shared memory plus any static
     mma: str              # wgmma / mma.sync / none (tensor-core instruction family)
-    sass: str
     ptx: str
+    cubin: bytes = field(default=b"", repr=False)
+    _sass: Optional[str] = field(default=None, repr=False)
+
+    @property
+    def sass(self) -> str:
+        """The SASS listing (nvdisasm), on first use: disassembling takes about
+        half a second a kernel, and the AOT check reads only the resources."""
+        if self._sass is None:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "kernel.cubin")
+                with open(path, "wb") as f:
+                    f.write(self.cubin)
+                self._sass = subprocess.run([_nvidia_tool("nvdisasm"), "-c", path],
+                                            capture_output=True, text=True, check=True).stdout
+        return self._sass
 
 
 _RES_RE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
 
 def inspect(compiled) -> CompiledInfo:
-    """Registers, spills, shared memory and MMA family of a compiled kernel."""
+    """Registers, spills, shared memory and MMA family of a compiled kernel
+    (its SASS on demand: ``CompiledInfo.sass``)."""
+    cubin = compiled.asm["cubin"]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
-            f.write(compiled.asm["cubin"])
+            f.write(cubin)
         usage = subprocess.run([_nvidia_tool("cuobjdump"), "-res-usage", path],
                                capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([_nvidia_tool("nvdisasm"), "-c", path],
-                              capture_output=True, text=True, check=True).stdout
     match = _RES_RE.search(usage)
     if match is None:
         raise RuntimeError(f"cannot read cuobjdump's resource usage:\n{usage}")
@@ -383,4 +406,4 @@ def inspect(compiled) -> CompiledInfo:
     else:
         mma = "none"
     return CompiledInfo(regs, max(stack, local), compiled.metadata.shared + static_shared, mma,
-                        sass, ptx)
+                        ptx, cubin)
