@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-benchmarks/results/gpu}"
 python3 -m clipfast.bench --device cuda \
-    --providers reference,compile,chunked,triton,cuda,gemm4_bound \
+    --providers reference,compile,chunked,triton,hybrid,cuda,gemm4_bound \
     --dims 512,768,1024 --dtypes "${DTYPES:-bf16,fp32}" --min-n 4096 --max-n 1048576 \
     --reps 5 --max-seconds 10 --out "$OUT"
 # The measured points, merged into a copy of backend="auto"'s table: copy

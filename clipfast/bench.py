@@ -47,7 +47,7 @@ from .api import clip_loss, siglip_loss
 from .backends.reference import reference_clip_loss, reference_siglip_loss
 from .devices import device_name
 
-PROVIDERS = ("reference", "compile", "chunked", "triton", "cuda", "cpu", "gemm4_bound")
+PROVIDERS = ("reference", "compile", "chunked", "triton", "hybrid", "cuda", "cpu", "gemm4_bound")
 LOSSES = ("clip", "siglip")
 # SigLIP's learnable bias at open_clip's initial value.
 _SIGLIP_BIAS = -10.0
@@ -178,7 +178,7 @@ def make_step(provider: str, loss: str = "clip") -> Callable:
             plain = _COMPILED[loss]
         fn = plain if loss == "clip" else _siglip(plain)
         return _loss_step(lambda x, y, s: fn(x, y, s))
-    if provider in ("chunked", "triton", "cuda", "cpu"):
+    if provider in ("chunked", "triton", "hybrid", "cuda", "cpu"):
         if loss == "clip":
             return _loss_step(lambda x, y, s: clip_loss(x, y, s, backend=provider))
         fused = _siglip(lambda x, y, s, b: siglip_loss(x, y, s, b, backend=provider))
@@ -366,7 +366,8 @@ def plot(points: List[Point], path: Path, title: str) -> None:
 
 def _defaults(device: torch.device) -> dict:
     if device.type == "cuda":
-        return dict(providers="reference,compile,chunked,triton,cuda,gemm4_bound", dims="512,768,1024",
+        return dict(providers="reference,compile,chunked,triton,hybrid,cuda,gemm4_bound",
+                    dims="512,768,1024",
                     dtypes="bf16,fp32", min_n=4096, max_n=1 << 20, reps=5)
     return dict(providers="reference,compile,chunked,cpu,gemm4_bound", dims="512", dtypes="fp32",
                 min_n=256, max_n=8192, reps=3)
