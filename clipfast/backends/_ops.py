@@ -210,6 +210,13 @@ def _kept_shape(kept_rows: Optional[Callable], x, y, block: int, memory_budget: 
     return (kept_rows(x.shape[0], y.shape[0], block, memory_budget, itemsize), y.shape[0])
 
 
+def kept_buffer(kept_rows: Callable, x, y, options: KernelOptions) -> torch.Tensor:
+    """The (R, K) compute-dtype buffer a forward keeps under ``options.memory_budget``:
+    the shape the operator's fake implementation gives it (``_kept_shape``)."""
+    return x.new_empty(_kept_shape(kept_rows, x, y, options.block, options.memory_budget),
+                       dtype=compute_dtype(x, y))
+
+
 def define_loss_op(spec: LossSpec, backend: str, forward: Callable, backward: Callable,
                    kept_rows: Optional[Callable] = None) -> Callable:
     """Register ``clipfast::<backend>_<spec.name>_loss`` (+ ``_backward``) and

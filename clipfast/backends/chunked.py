@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ._base import BLOCKS, HALF_AND_SINGLE, ROWS, SIGLIP, Backend
 from ._ops import (KernelOptions, RowCrossEntropyFunction, clip_forward_result, compute_dtype,
-                   define_clip_loss_op, define_siglip_ops, kept_rows_of, row_forward,
+                   define_clip_loss_op, define_siglip_ops, kept_buffer, kept_rows_of, row_forward,
                    without_autocast)
 from ._stats import merge_logsumexp
 from .reference import siglip_labels
@@ -196,16 +196,10 @@ def kept_rows(m: int, k: int, block: int, memory_budget: float, itemsize: int) -
     return kept_rows_of(m, k, _block_rows(m, k, _chunk(block)), memory_budget, itemsize)
 
 
-def _kept_buffer(x, y, dtype, options: KernelOptions):
-    rows = kept_rows(x.shape[0], y.shape[0], options.block, options.memory_budget,
-                     torch.empty((), dtype=dtype).element_size())
-    return torch.empty(rows, y.shape[0], dtype=dtype, device=x.device)
-
-
 def chunked_forward(x, y, scale, bias, options: KernelOptions):
     """(loss, stats, kept) of the whole N x N problem (see ``clipfast.backends._ops``)."""
-    dtype, inv_x, inv_y, s, b = _prepare(x, y, scale, bias, options.normalize)
-    kept = _kept_buffer(x, y, dtype, options)
+    _, inv_x, inv_y, s, b = _prepare(x, y, scale, bias, options.normalize)
+    kept = kept_buffer(kept_rows, x, y, options)
     return clip_forward_result(inv_x, inv_y, *block_forward(
         unit_rows(x, inv_x), unit_rows(y, inv_y), s, b, 0, _chunk(options.block),
         kept=kept)) + (kept,)
@@ -355,7 +349,7 @@ def _prepared(x, y, scale, bias, options: KernelOptions):
 def chunked_siglip_forward(x, y, scale, bias, options: KernelOptions, positives: bool = True):
     """(loss, stats = [inv_x, inv_y], kept) (see ``clipfast.backends._ops``)."""
     x_unit, y_unit, inv_x, inv_y, s, b = _prepared(x, y, scale, bias, options)
-    kept = _kept_buffer(x, y, x_unit.dtype, options)
+    kept = kept_buffer(kept_rows, x, y, options)
     total = siglip_block_sum(x_unit, y_unit, s, b, positives, _chunk(options.block), kept)
     return total / x.shape[0], torch.stack([inv_x, inv_y]), kept
 

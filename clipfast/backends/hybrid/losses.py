@@ -12,15 +12,15 @@ from __future__ import annotations
 import torch
 
 from .._ops import (KernelOptions, RowCrossEntropyFunction, clip_forward_result,
-                    define_clip_loss_op, define_siglip_ops, row_forward, without_autocast)
+                    define_clip_loss_op, define_siglip_ops, kept_buffer, row_forward,
+                    without_autocast)
 from ..triton.launchers import fp32_scalars
 from . import panels
 from .panels import SIGMOID, SOFTMAX, GradSpec
 
 
 def _kept_buffer(x, y, options: KernelOptions):
-    rows = panels.kept_rows(x.shape[0], y.shape[0], options.block, options.memory_budget)
-    return torch.empty(rows, y.shape[0], dtype=torch.float32, device=x.device)
+    return kept_buffer(panels.kept_rows, x, y, options)
 
 
 def _scale_grad(total: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
