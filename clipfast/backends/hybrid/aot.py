@@ -92,6 +92,7 @@ class TorchOp:
 
 # Ops that launch nothing and move no data.
 _NO_WORK = {_aten.empty.memory_format, _aten.empty_strided.default, _aten.empty_like.default,
+            _aten.new_empty.default, _aten.new_empty_strided.default,
             _aten._local_scalar_dense.default}
 _WRITE_ONLY = {_aten.zero_.default, _aten.fill_.Scalar, _aten.fill_.Tensor}
 
