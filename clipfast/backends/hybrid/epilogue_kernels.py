@@ -7,7 +7,7 @@ A panel holds ``dots[i, j] = <x'_i, y'_j>`` for P rows against K columns,
 fp32, row-major with row stride ``stride_dm`` (x', y' are the GEMM operands:
 the feature rows, or rows times a power of two, see ``panels.Operands``).
 Every kernel turns a tile into cosines and logits the same way
-(``_panel_logits``), so the forward and the backward see bit-identical logits
+(``_panel_tile``), so the forward and the backward see bit-identical logits
 for the same dots.
 
   _softmax_stats_kernel   forward, softmax losses: row (max, sum exp) partials
@@ -36,16 +36,21 @@ SIGMOID = 1  # SigLIP
 
 
 @triton.jit
-def _panel_logits(dots_ptr, stride_dm, offs_m, offs_n, mask, inv_x, inv_y, scale, bias,
-                  HAS_BIAS: tl.constexpr):
-    """(cosines, logits) of one tile: the only place dots become logits."""
+def _panel_tile(dots_ptr, stride_dm, offs_m, mask_m, n0, col_hi, inv_x, inv_y_ptr, scale, bias,
+                HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(offs_n, mask_n, mask, cosines, logits) of the tile of columns
+    [n0, n0 + BLOCK_N) below col_hi: the only place dots become logits."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < col_hi
+    mask = mask_m[:, None] & mask_n[None, :]
+    inv_y = _load_inv(inv_y_ptr, offs_n, mask_n, NORMALIZE, BLOCK_N)
     dots = tl.load(dots_ptr + offs_m[:, None].to(tl.int64) * stride_dm + offs_n[None, :],
                    mask=mask, other=0.0)
     cosine = dots * inv_x[:, None] * inv_y[None, :]
     logits = cosine * scale
     if HAS_BIAS:
         logits = logits + bias
-    return cosine, logits
+    return offs_n, mask_n, mask, cosine, logits
 
 
 @triton.jit
@@ -91,12 +96,9 @@ def _softmax_stats_kernel(
     row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     row_sum = tl.zeros((BLOCK_M,), tl.float32)
     for n0 in range(col_lo, col_hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < col_hi
-        mask = mask_m[:, None] & mask_n[None, :]
-        inv_y = _load_inv(inv_y_ptr, offs_n, mask_n, NORMALIZE, BLOCK_N)
-        _, logits = _panel_logits(dots_ptr, stride_dm, offs_m, offs_n, mask, inv_x, inv_y,
-                                  scale, bias, HAS_BIAS)
+        offs_n, mask_n, mask, _, logits = _panel_tile(
+            dots_ptr, stride_dm, offs_m, mask_m, n0, col_hi, inv_x, inv_y_ptr, scale, bias,
+            HAS_BIAS, NORMALIZE, BLOCK_N)
         logits = tl.where(mask, logits, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(logits, axis=1))
         # All -inf so far (masked rows): shift by 0, not by -inf (NaN).
@@ -176,12 +178,9 @@ def _sigmoid_sum_kernel(
     total = tl.zeros((BLOCK_M,), tl.float32)
     compensation = tl.zeros((BLOCK_M,), tl.float32)
     for n0 in range(col_lo, col_hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < col_hi
-        mask = mask_m[:, None] & mask_n[None, :]
-        inv_y = _load_inv(inv_y_ptr, offs_n, mask_n, NORMALIZE, BLOCK_N)
-        _, logits = _panel_logits(dots_ptr, stride_dm, offs_m, offs_n, mask, inv_x, inv_y,
-                                  scale, bias, HAS_BIAS)
+        offs_n, mask_n, mask, _, logits = _panel_tile(
+            dots_ptr, stride_dm, offs_m, mask_m, n0, col_hi, inv_x, inv_y_ptr, scale, bias,
+            HAS_BIAS, NORMALIZE, BLOCK_N)
         if POSITIVES:
             signed = tl.where(label[:, None] == offs_n[None, :], logits, -logits)
         else:
@@ -245,12 +244,9 @@ def _grad_panel_kernel(
     bias_comp = tl.zeros((BLOCK_M,), tl.float32)
     w_rows = w_ptr + offs_m[:, None].to(tl.int64) * stride_wm
     for n0 in range(0, K, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < K
-        mask = mask_m[:, None] & mask_n[None, :]
-        inv_y = _load_inv(inv_y_ptr, offs_n, mask_n, NORMALIZE, BLOCK_N)
-        cosine, logits = _panel_logits(dots_ptr, stride_dm, offs_m, offs_n, mask, inv_x, inv_y,
-                                       scale, bias, HAS_BIAS)
+        offs_n, mask_n, mask, cosine, logits = _panel_tile(
+            dots_ptr, stride_dm, offs_m, mask_m, n0, K, inv_x, inv_y_ptr, scale, bias,
+            HAS_BIAS, NORMALIZE, BLOCK_N)
         if HAS_DIAG:
             hit = label[:, None] == offs_n[None, :]
         else:
