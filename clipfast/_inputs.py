@@ -8,12 +8,16 @@ always tensors on that device (a Python float becomes a constant tensor).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 
-ScaleLike = Union[float, int, torch.Tensor]
+# A Python or numpy number, or a one-element tensor of any shape (0-dim,
+# [1], [1, 1]: open_clip keeps logit_scale as a 0-dim parameter, others as
+# [1] or [1, 1]).
+ScaleLike = Union[float, int, numbers.Real, torch.Tensor]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -54,16 +58,13 @@ def _check_features(name: str, t) -> None:
 
 
 def _as_scalar_tensor(name: str, value, device: torch.device, dtype: torch.dtype):
-    """Turn a float / 0-dim / shape-[1] tensor into a tensor on ``device``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
-        raise TypeError(
-            f"{name} must be a float or a 0-dim/shape-[1] tensor, got {type(value).__name__}"
-        )
+    """A number or a one-element tensor as a tensor on ``device`` (a tensor is
+    returned as it is, so its gradient reaches it in its own shape)."""
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.dim() > 1:
+        if value.numel() != 1:
             raise ValueError(
-                f"{name} must be a scalar (0-dim or shape [1]) tensor, got shape {tuple(value.shape)}"
-            )
+                f"{name} must be a scalar: a number or a one-element tensor (0-dim, [1], "
+                f"[1, 1]), got a tensor of shape {tuple(value.shape)}")
         if value.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
         if value.device != device:
@@ -71,7 +72,29 @@ def _as_scalar_tensor(name: str, value, device: torch.device, dtype: torch.dtype
                 f"{name} is on {value.device} but the features are on {device}"
             )
         return value
+    # numbers.Real: Python int/float and numpy's scalars (numpy.float32 is not
+    # a float subclass); 0-dim numpy arrays go through .item().
+    if type(value).__name__ == "ndarray" and getattr(value, "size", 0) == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{name} must be a number or a one-element tensor, got {type(value).__name__}"
+        )
     return torch.tensor(float(value), dtype=dtype, device=device)
+
+
+def resolve_tf32(allow_tf32: Optional[bool]) -> bool:
+    """Whether fp32 products may round their inputs to TF32: ``allow_tf32``
+    when given, else torch's own setting (``torch.backends.cuda.matmul.allow_tf32``,
+    which ``torch.set_float32_matmul_precision("high")`` turns on; off by
+    default, as in torch). Read at each call, so a module built before the
+    setting changes follows it."""
+    if allow_tf32 is None:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    if not isinstance(allow_tf32, bool):
+        raise TypeError(f"allow_tf32 must be True, False or None (follow torch's setting), "
+                        f"got {type(allow_tf32).__name__}")
+    return allow_tf32
 
 
 def check_memory_budget(memory_budget) -> float:

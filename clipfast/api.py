@@ -13,7 +13,8 @@ from typing import Optional
 
 import torch
 
-from ._inputs import LossInputs, ScaleLike, check_inputs, check_memory_budget, poison_invalid_scalars
+from ._inputs import (LossInputs, ScaleLike, check_inputs, check_memory_budget, poison_invalid_scalars,
+                      resolve_tf32)
 from .backends import SIGLIP
 from .backends.triton import triton_available
 from .dispatch import BACKENDS, resolve, resolve_backend
@@ -30,7 +31,7 @@ def clip_loss(
     logit_bias: Optional[ScaleLike] = None,
     normalize: bool = True,
     backend: str = "auto",
-    allow_tf32: bool = True,
+    allow_tf32: Optional[bool] = None,
     chunk_elements: Optional[int] = None,
     panel_size: Optional[int] = None,
     labels: Optional[torch.Tensor] = None,
@@ -50,8 +51,9 @@ def clip_loss(
         text_features: (N, d) tensor on the same device; its dtype may differ
             from ``image_features``'.
         logit_scale: the already-exponentiated scale s > 0 (open_clip passes
-            ``logit_scale.exp()``): a Python float, a 0-dim or a shape-[1]
-            tensor. Gradients flow to it when it requires grad.
+            ``logit_scale.exp()``): a number (Python or numpy) or a
+            one-element tensor (0-dim, [1], [1, 1]). Gradients flow to it when
+            it requires grad, in its own shape.
         logit_bias: optional constant added to every logit (float or scalar
             tensor). The loss does not depend on it, so its gradient is an exact
             zero (NaN if the loss is NaN).
@@ -67,9 +69,13 @@ def clip_loss(
             "cpu" (the C++ backend, float32/float64 CPU tensors) or "cuda"
             (the CUDA C++ backend: tensor cores for float16/bfloat16 and, with
             ``allow_tf32``, float32). ``clipfast.backends`` lists them.
-        allow_tf32: triton and cuda backends: fp32 features use TF32 tensor
-            cores (10-bit mantissa products, fp32 accumulation). False gives
-            full fp32 (IEEE fp32 FMAs on the cuda backend, slower).
+        allow_tf32: whether fp32 features may use TF32 tensor cores (10-bit
+            mantissa products, fp32 accumulation) on the GPU backends (triton,
+            hybrid, cuda). None (default): follow torch's setting,
+            ``torch.backends.cuda.matmul.allow_tf32`` (on after
+            ``torch.set_float32_matmul_precision("high")``; off by default),
+            read at each call. False gives full fp32 (IEEE fp32 FMAs on the
+            cuda backend, slower).
         chunk_elements: chunked backend only: logits held at once (default 2^22).
         panel_size: triton backend: side of the gradient panels of the
             backward pass, rounded up to a multiple of the tile size (default
@@ -103,13 +109,14 @@ def clip_loss(
 
 
 def clip_loss_from_inputs(inputs: LossInputs, *, normalize: bool = True, backend: str = "auto",
-                          allow_tf32: bool = True, chunk_elements: Optional[int] = None,
+                          allow_tf32: Optional[bool] = None, chunk_elements: Optional[int] = None,
                           panel_size: Optional[int] = None, labels: Optional[torch.Tensor] = None,
                           label_smoothing: float = 0.0,
                           negative_features: Optional[torch.Tensor] = None,
                           memory_budget: Optional[float] = None) -> torch.Tensor:
     """``clip_loss`` on inputs already validated by ``check_inputs``."""
     budget = check_memory_budget(memory_budget)
+    allow_tf32 = resolve_tf32(allow_tf32)
     if labels is not None or label_smoothing or negative_features is not None:
         from .infonce import info_nce_from_inputs
 
@@ -121,7 +128,7 @@ def clip_loss_from_inputs(inputs: LossInputs, *, normalize: bool = True, backend
     chosen = resolve(backend, inputs)
     loss = chosen.clip_op()(
         inputs.image_features, inputs.text_features, inputs.logit_scale, inputs.logit_bias,
-        bool(normalize), bool(allow_tf32), chosen.block(chunk_elements, panel_size), budget)
+        bool(normalize), allow_tf32, chosen.block(chunk_elements, panel_size), budget)
     return poison_invalid_scalars(loss.to(inputs.loss_dtype), inputs)
 
 
@@ -133,7 +140,7 @@ def siglip_loss(
     *,
     normalize: bool = False,
     backend: str = "auto",
-    allow_tf32: bool = True,
+    allow_tf32: Optional[bool] = None,
     chunk_elements: Optional[int] = None,
     panel_size: Optional[int] = None,
     positives: bool = True,
@@ -149,15 +156,15 @@ def siglip_loss(
         image_features: (N, d) tensor, float16 / bfloat16 / float32 (float64 on
             the reference and chunked backends).
         text_features: (N, d) tensor on the same device.
-        logit_scale: the already-exponentiated scale s > 0 (a float, a 0-dim or
-            a shape-[1] tensor); gradients flow to it.
+        logit_scale: the already-exponentiated scale s > 0 (a number or a
+            one-element tensor); gradients flow to it.
         logit_bias: the bias b (SigLIP learns it; open_clip starts it at -10),
             or None for no bias. Its gradient is sum_ij dL/dL_ij (not zero).
         normalize: L2-normalise each row inside the op. False by default, as
             open_clip's loss (its models normalise their own features).
         backend: "auto" (auto's CLIP choice for these inputs), "reference",
             "chunked", "triton", "hybrid", "cpu" or "cuda" (every backend has it).
-        allow_tf32: fp32 features may use TF32 tensor cores (fused GPU backends).
+        allow_tf32: as ``clip_loss``'s (None: follow torch's TF32 setting).
         chunk_elements: chunked backend only: logits held at once.
         panel_size: triton backend: side of the backward's gradient panels;
             hybrid backend: rows per logits panel.
@@ -177,7 +184,7 @@ def siglip_loss(
 
 
 def siglip_loss_from_inputs(inputs: LossInputs, *, normalize: bool = False, backend: str = "auto",
-                            allow_tf32: bool = True, chunk_elements: Optional[int] = None,
+                            allow_tf32: Optional[bool] = None, chunk_elements: Optional[int] = None,
                             panel_size: Optional[int] = None,
                             positives: bool = True,
                             memory_budget: Optional[float] = None) -> torch.Tensor:
@@ -186,5 +193,5 @@ def siglip_loss_from_inputs(inputs: LossInputs, *, normalize: bool = False, back
     chosen = resolve(backend, inputs, SIGLIP)
     loss = chosen.siglip_ops()[bool(positives)](
         inputs.image_features, inputs.text_features, inputs.logit_scale, inputs.logit_bias,
-        bool(normalize), bool(allow_tf32), chosen.block(chunk_elements, panel_size), budget)
+        bool(normalize), resolve_tf32(allow_tf32), chosen.block(chunk_elements, panel_size), budget)
     return poison_invalid_scalars(loss.to(inputs.loss_dtype), inputs)

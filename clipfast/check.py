@@ -396,25 +396,6 @@ def loss_and_grads(fn: Callable, x, y, s, b) -> dict:
     return out
 
 
-@contextlib.contextmanager
-def _tf32_matmuls(enabled: bool):
-    import torch
-
-    if not enabled:
-        yield
-        return
-    matmul = torch.backends.cuda.matmul
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # newer torch prefers fp32_precision; same effect
-        old = matmul.allow_tf32
-        matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            matmul.allow_tf32 = old
-
 
 def _known_refusal(backend: str, dtype: str, device) -> Optional[str]:
     """Why a backend refuses a combination here on purpose (beyond what its
@@ -459,8 +440,8 @@ def run_accuracy(report: Report, device, backends: Sequence[str]) -> None:
                 f"({len(cases)} cases per backend)")
     report.text("rule: error <= 2 x the error of plain PyTorch in the same dtype + a floor of "
                 "a few ulps; 'used' is the largest fraction of that allowance taken"
-                + ("; fp32 on CUDA runs with allow_tf32=True (the default), against the "
-                   "reference with TF32 matmuls" if device.type == "cuda" else ""))
+                + ("; fp32 on CUDA follows torch's TF32 setting (allow_tf32=None), as the "
+                   "reference does" if device.type == "cuda" else ""))
     on_cpu = [name for name in backends if where[name] != device]
     if on_cpu:
         report.text(f"{', '.join(on_cpu)}: CPU tensors (it takes no {device.type} tensors)")
@@ -485,8 +466,8 @@ def run_accuracy(report: Report, device, backends: Sequence[str]) -> None:
                     reference = _loss_fn(loss, "reference")
                     truth = loss_and_grads(reference, x.double(), y.double(), s.double(),
                                            None if b is None else b.double())
-                    with _tf32_matmuls(dev.type == "cuda" and dt == "fp32"):
-                        same = loss_and_grads(reference, x, y, s, b)
+                    # torch's TF32 setting, as the backends (allow_tf32=None).
+                    same = loss_and_grads(reference, x, y, s, b)
                     prepared[str(dev)] = (x, y, s, b, truth, same)
                 x, y, s, b, truth, same = prepared[str(dev)]
                 if bar is not None:

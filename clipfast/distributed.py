@@ -32,7 +32,9 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from ._inputs import LossInputs
+from ._collectives import check_equal_batches
+from ._collectives import gather_with_grad as gather_with_grad_
+from ._inputs import LossInputs, resolve_tf32
 from .api import clip_loss_from_inputs
 from .backends import get
 from .backends._ops import (DISTRIBUTED_DOUBLE_BACKWARD, exact_zero_bias_grad, refuse_double_backward,
@@ -85,24 +87,6 @@ def check_process_group(module: str, rank: int, world_size: int, group=None) -> 
         )
 
 
-def check_equal_batches(local_n: int, device: torch.device, group=None) -> None:
-    """Raise the same ValueError on every rank when local batch sizes differ.
-
-    Every rank takes part in the same all_gather and sees the same sizes, so
-    they all raise together instead of hanging in a later collective.
-    """
-    world_size = dist.get_world_size(group)
-    size = torch.tensor([local_n], dtype=torch.int64, device=device)
-    sizes = [torch.empty_like(size) for _ in range(world_size)]
-    dist.all_gather(sizes, size, group=group)
-    sizes = [int(s.item()) for s in sizes]
-    if len(set(sizes)) != 1:
-        raise ValueError(
-            f"distributed ClipLoss needs the same local batch size on every rank, got "
-            f"{sizes} (rank: batch size); pad or drop the last partial batch"
-        )
-
-
 def gather_features(image_features, text_features, local_loss=False, gather_with_grad=False,
                     rank=0, world_size=1, group=None):
     """All-gather both feature matrices, as open_clip's ``gather_features``.
@@ -113,14 +97,7 @@ def gather_features(image_features, text_features, local_loss=False, gather_with
     and with ``local_loss`` not even that (the loss uses the local tensors).
     """
     if gather_with_grad:
-        from torch.distributed.nn.functional import all_gather
-
-        with warnings.catch_warnings():
-            # Deprecated in favour of a private API; still the public autograd gather.
-            warnings.simplefilter("ignore", FutureWarning)
-            all_image = torch.cat(all_gather(image_features.contiguous(), group=group or dist.group.WORLD))
-            all_text = torch.cat(all_gather(text_features.contiguous(), group=group or dist.group.WORLD))
-        return all_image, all_text
+        return gather_with_grad_(image_features, group), gather_with_grad_(text_features, group)
     gathered = []
     for features in (image_features, text_features):
         parts = [torch.empty_like(features) for _ in range(world_size)]
@@ -132,10 +109,10 @@ def gather_features(image_features, text_features, local_loss=False, gather_with
 
 
 def local_clip_loss(inputs: LossInputs, all_image, all_text, rank: int, normalize: bool,
-                    block_backend: str, block: int = 0, allow_tf32: bool = True) -> torch.Tensor:
+                    block_backend: str, block: int = 0, allow_tf32: Optional[bool] = None) -> torch.Tensor:
     """open_clip's ``local_loss``: this rank's rows against every column."""
     n = inputs.image_features.shape[0]
-    row = get(block_backend).row_loss(normalize, allow_tf32, block)
+    row = get(block_backend).row_loss(normalize, resolve_tf32(allow_tf32), block)
     terms = [row(queries, keys, inputs.logit_scale, inputs.logit_bias, rank * n, None)
              for queries, keys in ((inputs.image_features, all_text),
                                    (inputs.text_features, all_image))]
@@ -254,7 +231,15 @@ class RingClipLossFunction(torch.autograd.Function):
 
         grad_x = ops.finish(grad_x_acc, x, inv_x, s, coef) if need_x else None
         grad_y = ops.finish(block_grad, y, inv_y, s, coef) if need_y else None
-        grad_scale = (grad_s * coef).reshape(scale.shape).to(scale.dtype) if need_scale else None
+        grad_scale = None
+        if need_scale:
+            # Each rank's share of the scale gradient differs; open_clip's
+            # gather mode gives every rank the whole gradient of the global
+            # loss. One scalar all-reduce makes them equal, rank by rank
+            # (scale is a replicated parameter, so every rank asks for it).
+            grad_s = grad_s * coef
+            dist.all_reduce(grad_s, group=group)
+            grad_scale = (grad_s / world_size).reshape(scale.shape).to(scale.dtype)
         grad_bias = None
         if need_bias:
             grad_bias = exact_zero_bias_grad(row_logsum, col_logsum, grad_loss.to(row_max.dtype),
@@ -265,7 +250,7 @@ class RingClipLossFunction(torch.autograd.Function):
 def distributed_clip_loss(inputs: LossInputs, *, local_loss: bool, gather_with_grad: bool,
                           ring: bool, rank: int, world_size: int, normalize: bool, backend: str,
                           group=None, chunk_elements: Optional[int] = None,
-                          allow_tf32: bool = True,
+                          allow_tf32: Optional[bool] = None,
                           memory_budget: Optional[float] = None) -> torch.Tensor:
     """The loss of ``ClipLoss`` when world_size > 1 (see the module docstring)."""
     check_process_group("ClipLoss", rank, world_size, group)
@@ -277,7 +262,8 @@ def distributed_clip_loss(inputs: LossInputs, *, local_loss: bool, gather_with_g
     if ring:
         return RingClipLossFunction.apply(
             inputs.image_features, inputs.text_features, inputs.logit_scale, inputs.logit_bias,
-            normalize, blocks.name, blocks.block(chunk_elements, None), bool(allow_tf32), group)
+            normalize, blocks.name, blocks.block(chunk_elements, None), resolve_tf32(allow_tf32),
+            group)
     all_image, all_text = gather_features(
         inputs.image_features, inputs.text_features, local_loss, gather_with_grad,
         rank, world_size, group)

@@ -32,8 +32,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ._collectives import check_equal_batches, gather_no_grad, gather_with_grad, world
 from ._inputs import (LossInputs, ScaleLike, check_inputs, check_memory_budget,
-                      poison_invalid_scalars)
+                      poison_invalid_scalars, resolve_tf32)
 from .backends import ROWS
 from .backends.reference import safe_normalize
 from .dispatch import CLIP, resolve
@@ -123,28 +124,35 @@ def reference_info_nce_loss(queries, keys, logit_scale, logit_bias=None, *, norm
 # --------------------------------------------------------------------------- #
 
 
-def _group_mean(rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """For each i: the mean of the rows j with labels[j] == labels[i].
+def _group_mean(rows: torch.Tensor, row_labels: torch.Tensor,
+                query_labels: torch.Tensor) -> torch.Tensor:
+    """For each query i: the mean of the rows j with row_labels[j] == query_labels[i]
+    (every query label occurs among the row labels: its own positive's).
 
     A group's id is the position of its label's first occurrence in the
-    sorted labels: in [0, N) whatever the label values, so every shape here is
-    static (torch.compile traces it; torch.unique's group count would not be).
+    sorted row labels: in [0, R) whatever the label values, so every shape
+    here is static (torch.compile traces it; torch.unique's group count would
+    not be).
     """
-    sorted_labels, _ = torch.sort(labels)
-    group = torch.searchsorted(sorted_labels, labels)
-    n = labels.shape[0]
-    sums = rows.new_zeros(n, rows.shape[1]).index_add(0, group, rows)
-    counts = rows.new_zeros(n).index_add(0, group, rows.new_ones(n))
-    return sums[group] / counts[group][:, None]
+    sorted_labels, _ = torch.sort(row_labels)
+    group = torch.searchsorted(sorted_labels, row_labels)
+    query_group = torch.searchsorted(sorted_labels, query_labels)
+    r = row_labels.shape[0]
+    sums = rows.new_zeros(r, rows.shape[1]).index_add(0, group, rows)
+    counts = rows.new_zeros(r).index_add(0, group, rows.new_ones(r))
+    return sums[query_group] / counts[query_group][:, None]
 
 
-def _linear_terms(q, k, neg, scale, labels, label_smoothing, row_direction: bool):
-    """mean_i [L_ii - (1 - eps) sum_c T_ic L_ic - eps mean_c L_ic] without the
-    bias (it cancels): what turns the one-hot loss lse_i - L_ii into the loss
-    with these targets. O(N d)."""
+def _linear_terms(q, k, neg, scale, q_labels, k_labels, label_smoothing, offset: int,
+                  row_direction: bool):
+    """mean_i [L_i,i+offset - (1 - eps) sum_c T_ic L_ic - eps mean_c L_ic]
+    without the bias (it cancels): what turns the one-hot loss
+    lse_i - L_i,i+offset into the loss with these targets. ``k`` holds every
+    key column (all ranks' under gather_across_devices), query i's positive
+    at i + offset. O(N d)."""
     eps = float(label_smoothing)
-    diag = (q * k).sum(dim=1)
-    target = diag if labels is None else (q * _group_mean(k, labels)).sum(dim=1)
+    diag = (q * k[offset:offset + q.shape[0]]).sum(dim=1)
+    target = diag if q_labels is None else (q * _group_mean(k, k_labels, q_labels)).sum(dim=1)
     term = diag - (1 - eps) * target
     if eps:
         if row_direction and neg is not None and neg.dim() == 3:
@@ -162,19 +170,49 @@ def _linear_terms(q, k, neg, scale, labels, label_smoothing, row_direction: bool
     return scale * term.mean()
 
 
+def _gathered(q, k, negative_features, labels, symmetric: bool, group):
+    """(rank, all queries, all keys, all shared negatives, all labels) across
+    the ranks of ``group``, gathered with gradients in rank order: this
+    rank's queries score against every rank's keys (and shared negatives),
+    its keys against every rank's queries (``symmetric``). Per-query
+    negatives stay local. One process: the inputs themselves."""
+    rank, world_size = world(group)
+    if world_size == 1:
+        return 0, q, k, negative_features, labels
+    shared = negative_features is not None and negative_features.dim() == 2
+    check_equal_batches(q.shape[0], q.device, group, what="info_nce_loss(gather_across_devices=True)",
+                        extra=[negative_features.shape[0] if shared else -1])
+    all_q = gather_with_grad(q, group) if symmetric else q
+    all_k = gather_with_grad(k, group)
+    all_neg = gather_with_grad(negative_features, group) if shared else negative_features
+    all_labels = None if labels is None else gather_no_grad(labels, group)
+    return rank, all_q, all_k, all_neg, all_labels
+
+
 def info_nce_from_inputs(inputs: LossInputs, backend: str, *, normalize: bool, negative_features,
-                         labels, label_smoothing: float, symmetric: bool, allow_tf32: bool,
-                         chunk_elements: Optional[int], panel_size: Optional[int],
-                         memory_budget: Optional[float] = None):
+                         labels, label_smoothing: float, symmetric: bool,
+                         allow_tf32: Optional[bool], chunk_elements: Optional[int],
+                         panel_size: Optional[int], memory_budget: Optional[float] = None,
+                         gather_across_devices: bool = False, group=None):
     """The loss on validated inputs, on ``backend`` (a name, or auto): the
     one-hot part on the backend's CLIP operator (symmetric, no extra
-    negatives) or row loss, the linear part here."""
+    negatives, one process) or row loss, the linear part here."""
     _check_options(inputs, negative_features, labels, label_smoothing)
-    needs_rows = negative_features is not None or not symmetric
+    if not isinstance(gather_across_devices, bool):
+        raise TypeError(f"gather_across_devices must be a bool, got "
+                        f"{type(gather_across_devices).__name__}")
+    q, k = inputs.image_features, inputs.text_features
+    rank, all_q, all_k, all_neg, all_labels = 0, q, k, negative_features, labels
+    if gather_across_devices:
+        rank, all_q, all_k, all_neg, all_labels = _gathered(q, k, negative_features, labels,
+                                                            symmetric, group)
+    gathered = all_k is not k
+    offset = rank * q.shape[0]
+    needs_rows = negative_features is not None or not symmetric or gathered
     chosen = resolve(backend, inputs, ROWS if needs_rows else CLIP)
     block = chosen.block(chunk_elements, panel_size)
     budget = check_memory_budget(memory_budget)
-    q, k = inputs.image_features, inputs.text_features
+    allow_tf32 = resolve_tf32(allow_tf32)
     scale, bias = inputs.logit_scale, inputs.logit_bias
     per_query = negative_features is not None and negative_features.dim() == 3
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), torch.float32)
@@ -182,32 +220,35 @@ def info_nce_from_inputs(inputs: LossInputs, backend: str, *, normalize: bool, n
     # Unit rows in the compute dtype, only where the O(N d) terms need them.
     linear = labels is not None or bool(label_smoothing)
     q_unit = unit(q.to(dtype)) if linear or per_query else None
-    k_unit = unit(k.to(dtype)) if linear else None
     neg_unit = None
     if negative_features is not None and (per_query or linear):
-        neg_unit = unit(negative_features.to(dtype))
+        neg_unit = unit(all_neg.to(dtype))
     s = scale.reshape(()).to(dtype)
 
-    if symmetric and negative_features is None:
+    if symmetric and negative_features is None and not gathered:
         one_hot = chosen.clip_op()(q, k, scale, bias, normalize, allow_tf32, block, budget)
     else:
         row = chosen.row_loss(normalize, allow_tf32, block, budget)
-        keys = k
+        keys = all_k
         extra = None
         if negative_features is not None and not per_query:
-            keys = torch.cat([k, negative_features.to(k.dtype)])
+            keys = torch.cat([all_k, all_neg.to(k.dtype)])
         elif per_query:
             # Each query's own k logits, without the bias (added inside).
             extra = s * torch.einsum("nd,nkd->nk", q_unit, neg_unit)
-        one_hot = row(q, keys, scale, bias, 0, extra)
+        one_hot = row(q, keys, scale, bias, offset, extra)
         if symmetric:
-            one_hot = (one_hot + row(k, q, scale, bias, 0, None)) / 2
+            one_hot = (one_hot + row(k, all_q, scale, bias, offset, None)) / 2
     if not linear:
         return poison_invalid_scalars(one_hot.to(inputs.loss_dtype), inputs)
-    terms = _linear_terms(q_unit, k_unit, neg_unit, s, labels, label_smoothing, True)
+    all_k_unit = unit(all_k.to(dtype))
+    terms = _linear_terms(q_unit, all_k_unit, neg_unit, s, labels, all_labels, label_smoothing,
+                          offset, True)
     if symmetric:
-        terms = (terms + _linear_terms(k_unit, q_unit, None, s, labels, label_smoothing,
-                                       False)) / 2
+        k_unit = unit(k.to(dtype))
+        all_q_unit = q_unit if all_q is q else unit(all_q.to(dtype))
+        terms = (terms + _linear_terms(k_unit, all_q_unit, None, s, labels, all_labels,
+                                       label_smoothing, offset, False)) / 2
     return poison_invalid_scalars((one_hot + terms).to(inputs.loss_dtype), inputs)
 
 
@@ -223,10 +264,12 @@ def info_nce_loss(
     symmetric: bool = False,
     normalize: bool = True,
     backend: str = "auto",
-    allow_tf32: bool = True,
+    allow_tf32: Optional[bool] = None,
     chunk_elements: Optional[int] = None,
     panel_size: Optional[int] = None,
     memory_budget: Optional[float] = None,
+    gather_across_devices: bool = False,
+    group=None,
 ) -> torch.Tensor:
     """InfoNCE of queries against keys (+ hard negatives), O(N) memory.
 
@@ -257,6 +300,19 @@ def info_nce_loss(
         backend: "auto", "reference", "chunked", "triton", "hybrid"; "cpu"/"cuda"
             for symmetric losses without negatives (the CLIP operator).
         allow_tf32, chunk_elements, panel_size, memory_budget: as ``clip_loss``'s.
+        gather_across_devices: under torch.distributed, score this rank's
+            queries against every rank's keys and shared negatives (and, when
+            ``symmetric``, its keys against every rank's queries), all-gathered
+            with gradients, as sentence-transformers'
+            ``gather_across_devices=True``: query i's positive is key
+            ``rank * N + i``; ``labels`` are gathered too, so groups span
+            ranks. The loss is this rank's mean; under DDP's gradient
+            averaging that gives the gradient of the loss over the global
+            batch. Every rank needs the same N (and M): a mismatch is the same
+            ValueError on every rank. Without an initialised process group it
+            changes nothing.
+        group: the process group of ``gather_across_devices`` (default: the
+            world).
 
     Returns:
         0-dim tensor (float32 for half-precision inputs).
@@ -265,4 +321,5 @@ def info_nce_loss(
     return info_nce_from_inputs(
         inputs, backend, normalize=normalize, negative_features=negative_features, labels=labels,
         label_smoothing=label_smoothing, symmetric=symmetric, allow_tf32=allow_tf32,
-        chunk_elements=chunk_elements, panel_size=panel_size, memory_budget=memory_budget)
+        chunk_elements=chunk_elements, panel_size=panel_size, memory_budget=memory_budget,
+        gather_across_devices=gather_across_devices, group=group)

@@ -3,17 +3,19 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import warnings
-from typing import Optional
+from typing import List, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ._inputs import LossInputs, check_inputs, check_memory_budget
+from ._inputs import LossInputs, check_inputs, check_memory_budget, resolve_tf32
 from .api import clip_loss_from_inputs, siglip_loss_from_inputs
 from .backends.chunked import DEFAULT_CHUNK_ELEMENTS
 from .backends.reference import siglip_labels
@@ -33,10 +35,67 @@ def _check_module_options(rank, world_size, backend, normalize, allow_tf32) -> N
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     _check_flag("normalize", normalize)
-    _check_flag("allow_tf32", allow_tf32)
+    resolve_tf32(allow_tf32)  # the type check; the value is read at each call
 
 
-class ClipLoss(nn.Module):
+class _DroppedGroup:
+    """What a pickled loss keeps of its process group: the global ranks in
+    it. A process group is a live communicator, not data; the unpickled loss
+    re-resolves it (the world when those ranks are the world) or refuses
+    clearly when it cannot."""
+
+    def __init__(self, ranks: Optional[List[int]]):
+        self.ranks = ranks
+
+    def __repr__(self) -> str:
+        return f"<process group of ranks {self.ranks}, dropped when the loss was pickled>"
+
+
+def _group_ranks(group) -> Optional[List[int]]:
+    try:
+        return list(dist.get_process_group_ranks(group))
+    except (RuntimeError, ValueError, AttributeError, KeyError):
+        return None
+
+
+class _ProcessGroupOwner:
+    """Copying and pickling for a loss that may hold a process group:
+    ``copy.deepcopy`` shares the group (a communicator cannot be copied);
+    ``pickle`` / ``torch.save`` drop it for ``_DroppedGroup``."""
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        group = state.get("group")
+        if group is not None and not isinstance(group, _DroppedGroup):
+            state["group"] = _DroppedGroup(_group_ranks(group))
+        return state
+
+    def __deepcopy__(self, memo):
+        group = self.__dict__.get("group")
+        if group is not None:
+            memo[id(group)] = group
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
+    def _process_group(self):
+        """The group to communicate in: the one given, or for an unpickled
+        loss the world when its ranks were the world's."""
+        group = self.group
+        if not isinstance(group, _DroppedGroup):
+            return group
+        if dist.is_available() and dist.is_initialized() and \
+                group.ranks == list(range(dist.get_world_size())):
+            return None
+        raise RuntimeError(
+            f"{type(self).__name__} was unpickled without its process group "
+            f"({group.ranks if group.ranks is not None else 'ranks unknown'}): a process group "
+            "cannot be pickled. Set loss.group to the torch.distributed group to use "
+            "(None for the default world group) before calling it")
+
+
+class ClipLoss(_ProcessGroupOwner, nn.Module):
     """Drop-in for ``open_clip.loss.ClipLoss`` backed by the fused kernels.
 
     The constructor takes open_clip's arguments plus clipfast's keywords
@@ -51,8 +110,10 @@ class ClipLoss(nn.Module):
     it is given. ``normalize=True`` L2-normalises the rows inside the fused op
     (forward and backward) instead of in the model: drop the model's
     ``F.normalize`` and pass ``normalize=True`` to save the N x d normalised
-    copies and their backward. Normalising features that are already
-    normalised changes nothing, gradients included.
+    copies and their backward. On features the model already normalised,
+    ``normalize=True`` gives the same loss and the same parameter gradients
+    (the projection ``g - x^ <x^, g>`` is applied twice, which is once). On
+    unit-norm *leaf* features the feature gradient loses its radial part.
 
     With ``world_size > 1`` it runs on torch.distributed: open_clip's gather
     modes, or ``ring=True``, which never holds all ranks' features (see
@@ -74,7 +135,7 @@ class ClipLoss(nn.Module):
         *,
         backend: str = "auto",
         normalize: bool = False,
-        allow_tf32: bool = True,
+        allow_tf32: Optional[bool] = None,
         ring: bool = False,
         group=None,
         memory_budget: Optional[float] = None,
@@ -146,7 +207,7 @@ class ClipLoss(nn.Module):
             gather_with_grad = self.gather_with_grad or self.ring
             all_image, all_text = gather_features(
                 image, text, self.local_loss, gather_with_grad, self.rank, self.world_size,
-                self.group)
+                self._process_group())
             if self.local_loss:
                 logits_per_image = logit_scale * image @ all_text.T
                 logits_per_text = logit_scale * text @ all_image.T
@@ -166,7 +227,7 @@ class ClipLoss(nn.Module):
             loss = distributed_clip_loss(
                 inputs, local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
                 ring=self.ring, rank=self.rank, world_size=self.world_size,
-                normalize=self.normalize, backend=self.backend, group=self.group,
+                normalize=self.normalize, backend=self.backend, group=self._process_group(),
                 allow_tf32=self.allow_tf32, memory_budget=self.memory_budget)
             return loss.to(inputs.loss_dtype)
         return clip_loss_from_inputs(inputs, normalize=self.normalize, backend=self.backend,
@@ -299,10 +360,10 @@ class DistillClipLoss(ClipLoss):
         if self.world_size > 1:
             all_image, all_text = gather_features(
                 image, text, self.local_loss, self.gather_with_grad, self.rank, self.world_size,
-                self.group)
+                self._process_group())
             all_t_image, all_t_text = gather_features(
                 t_image, t_text, self.local_loss, self.gather_with_grad, self.rank, self.world_size,
-                self.group)
+                self._process_group())
             if self.local_loss:
                 directions = ((image, all_text, t_image, all_t_text),
                               (text, all_image, t_text, all_t_image))
@@ -416,7 +477,7 @@ class CoCaLoss(ClipLoss):
                 f"clip_loss_weight={self.clip_loss_weight}, pad_id={self.pad_id}")
 
 
-class SigLipLoss(nn.Module):
+class SigLipLoss(_ProcessGroupOwner, nn.Module):
     """Drop-in for ``open_clip.loss.SigLipLoss`` backed by the fused kernels.
 
     The constructor takes open_clip's ``cache_labels, rank, world_size,
@@ -437,7 +498,7 @@ class SigLipLoss(nn.Module):
 
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
                  dist_impl: Optional[str] = None, *, backend: str = "auto",
-                 normalize: bool = False, allow_tf32: bool = True, group=None,
+                 normalize: bool = False, allow_tf32: Optional[bool] = None, group=None,
                  memory_budget: Optional[float] = None):
         super().__init__()
         from .distributed import SIGLIP_DIST_IMPLS
@@ -486,13 +547,13 @@ class SigLipLoss(nn.Module):
         if self.world_size > 1:
             from .distributed import check_process_group, siglip_distributed_loss
 
-            check_process_group("SigLipLoss", self.rank, self.world_size, self.group)
+            check_process_group("SigLipLoss", self.rank, self.world_size, self._process_group())
             # Blocks against other ranks' texts: the same validated scalars,
             # texts of the shape and dtype every rank checked for its own.
             loss = siglip_distributed_loss(
                 inputs, lambda x, y, positives: self._loss(
                     dataclasses.replace(inputs, image_features=x, text_features=y), positives),
-                dist_impl=self.dist_impl, group=self.group)
+                dist_impl=self.dist_impl, group=self._process_group())
         else:
             loss = self._loss(inputs)
         return {"contrastive_loss": loss} if output_dict else loss

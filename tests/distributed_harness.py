@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from clipfast import ClipLoss, SigLipLoss
+from clipfast import ClipLoss, SigLipLoss, info_nce_loss
 
 TIMEOUT = datetime.timedelta(seconds=90)
 
@@ -58,6 +58,26 @@ def loss_and_grads(problem: Problem, rows: slice, loss_fn, dtype=torch.float64):
     return loss.detach(), [p.grad.detach() for p in params]
 
 
+def info_nce_fn(rows: slice, negatives=None, labels=False, **kwargs):
+    """``info_nce_loss`` on the rows ``rows`` of the global batch, with hard
+    negatives made row by row from the texts (so the global batch's negatives
+    are the ranks' concatenated) and group labels that span ranks."""
+    def loss_fn(image_features, text_features, logit_scale, logit_bias=None):
+        extra = None
+        if negatives == "shared":
+            extra = 0.6 * text_features.roll(1, dims=1) - 0.3 * image_features
+        elif negatives == "per_query":
+            extra = torch.stack([text_features.roll(1, dims=1), 0.5 * image_features.flip(1)], 1)
+        ids = None
+        if labels:  # pairs (0, 1), (2, 3), ... of the global batch: some span two ranks
+            start = rows.start or 0
+            ids = torch.arange(start, start + image_features.shape[0]) // 2
+        return info_nce_loss(image_features, text_features, logit_scale, logit_bias=logit_bias,
+                             negative_features=extra, labels=ids, **kwargs)
+
+    return loss_fn
+
+
 def worker(rank: int, world_size: int, store_path: str, out_path: str, scenarios, local_n: int):
     results, error = {}, None
     try:
@@ -67,9 +87,14 @@ def worker(rank: int, world_size: int, store_path: str, out_path: str, scenarios
         rows = slice(rank * local_n, (rank + 1) * local_n)
         for name, kwargs, dtype in scenarios:
             kwargs = dict(kwargs)
-            module = SigLipLoss if kwargs.pop("loss", "clip") == "siglip" else ClipLoss
-            loss_fn = module(rank=rank, world_size=world_size, **kwargs)
+            kind = kwargs.pop("loss", "clip")
+            if kind == "info_nce":
+                loss_fn = info_nce_fn(rows, gather_across_devices=True, **kwargs)
+            else:
+                module = SigLipLoss if kind == "siglip" else ClipLoss
+                loss_fn = module(rank=rank, world_size=world_size, **kwargs)
             loss, grads = loss_and_grads(problem, rows, loss_fn, dtype)
+            raw_grads = [grad.clone() for grad in grads]
             # What DistributedDataParallel does to replicated parameters.
             for grad in grads:
                 dist.all_reduce(grad)
@@ -77,7 +102,7 @@ def worker(rank: int, world_size: int, store_path: str, out_path: str, scenarios
             mean_loss = loss.clone()
             dist.all_reduce(mean_loss)
             mean_loss /= world_size
-            results[name] = dict(loss=loss, mean_loss=mean_loss, grads=grads)
+            results[name] = dict(loss=loss, mean_loss=mean_loss, grads=grads, raw_grads=raw_grads)
 
         # Unequal local batches: every rank must raise, none may hang.
         uneven = slice(0, local_n + rank)

@@ -45,6 +45,21 @@ SCENARIOS = [
     ("siglip_gather", dict(loss="siglip", dist_impl="gather", normalize=False), torch.float64),
     ("siglip_bidir_chunked_fp32", dict(loss="siglip", dist_impl="bidir", normalize=True,
                                        backend="chunked"), torch.float32),
+    # info_nce_loss(gather_across_devices=True): sentence-transformers' gather.
+    ("info_nce_rows", dict(loss="info_nce", backend="chunked"), torch.float64),
+    ("info_nce_symmetric", dict(loss="info_nce", symmetric=True, backend="reference"),
+     torch.float64),
+    ("info_nce_shared_negatives", dict(loss="info_nce", negatives="shared", backend="chunked"),
+     torch.float64),
+    ("info_nce_per_query_negatives_symmetric",
+     dict(loss="info_nce", negatives="per_query", symmetric=True, backend="chunked"),
+     torch.float64),
+    ("info_nce_labels_smoothing",
+     dict(loss="info_nce", labels=True, label_smoothing=0.1, symmetric=True,
+          negatives="shared", backend="chunked"), torch.float64),
+    ("info_nce_unnormalized_triton", dict(loss="info_nce", normalize=False, backend="triton",
+                                          negatives="shared"), torch.float32),
+    ("info_nce_hybrid", dict(loss="info_nce", symmetric=True, backend="hybrid"), torch.float32),
     ("gather_with_grad_local_ieee",
      dict(gather_with_grad=True, local_loss=True, backend="triton", normalize=True,
           allow_tf32=False), torch.float32),
@@ -91,7 +106,9 @@ def _tol(dtype):
     return dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-6)
 
 
-EXACT = [s for s in SCENARIOS if not s[0].startswith(("gather_no_grad", "siglip"))]
+EXACT = [s for s in SCENARIOS
+         if not s[0].startswith(("gather_no_grad", "siglip", "info_nce"))]
+INFO_NCE = [s for s in SCENARIOS if s[0].startswith("info_nce")]
 SIGLIP = [s for s in SCENARIOS if s[0].startswith("siglip")]
 
 
@@ -167,6 +184,42 @@ def test_siglip_modes_match_the_concatenated_batch(world_size, name, kwargs, dty
     want_loss, want_grads = loss_and_grads(
         problem, slice(None), functools.partial(reference_siglip_loss,
                                                 normalize=kwargs["normalize"]), dtype)
+    for rank, per_rank in enumerate(results):
+        got = per_rank[name]
+        torch.testing.assert_close(got["mean_loss"], want_loss, **_tol(dtype))
+        for label, g, w in zip(["image_weight", "text_weight", "log_scale", "bias"],
+                               got["grads"], want_grads):
+            torch.testing.assert_close(g, w, **_tol(dtype), msg=lambda m: f"rank {rank} {label}: {m}")
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ring_gives_every_rank_the_scale_gradient_of_open_clips_gather_mode(world_size, tmp_root):
+    # open_clip's gather mode computes the global loss on every rank, so each
+    # rank's logit_scale gradient is the whole gradient; the ring's must be
+    # the same rank by rank, not only after DDP's averaging.
+    results = _run(world_size, tmp_root)
+    _, want_grads = _single_process(world_size, torch.float64)
+    for rank, per_rank in enumerate(results):
+        ring = per_rank["ring"]["raw_grads"][2]
+        torch.testing.assert_close(ring, per_rank["gather_with_grad"]["raw_grads"][2],
+                                   **_tol(torch.float64), msg=lambda m: f"rank {rank}: {m}")
+        torch.testing.assert_close(ring, want_grads[2], **_tol(torch.float64))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("name,kwargs,dtype", INFO_NCE, ids=[s[0] for s in INFO_NCE])
+def test_info_nce_gather_across_devices_matches_the_concatenated_batch(world_size, name, kwargs,
+                                                                       dtype, tmp_root):
+    # Each rank's loss is its queries' mean against every rank's keys: their
+    # mean is the single-process loss of the whole batch, and DDP's averaged
+    # gradients are its gradients (labels grouping pairs across ranks too).
+    from .distributed_harness import info_nce_fn
+
+    results = _run(world_size, tmp_root)
+    options = {k: v for k, v in kwargs.items() if k not in ("loss", "backend")}
+    problem = make_problem(LOCAL_N * world_size)
+    want_loss, want_grads = loss_and_grads(
+        problem, slice(None), info_nce_fn(slice(None), backend="reference", **options), dtype)
     for rank, per_rank in enumerate(results):
         got = per_rank[name]
         torch.testing.assert_close(got["mean_loss"], want_loss, **_tol(dtype))
