@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -32,6 +32,8 @@ class LossInputs:
     # torch.compile, or meta tensors): the caller then poisons the loss on the
     # device instead (see ``poison_invalid_scalars``).
     values_checked: bool = True
+    # The caller's names for the two feature arguments, for error messages.
+    names: Tuple[str, str] = ("image_features", "text_features")
 
     @property
     def feature_dtype(self) -> torch.dtype:
@@ -117,34 +119,39 @@ def check_inputs(
     text_features,
     logit_scale: ScaleLike,
     logit_bias: Optional[ScaleLike] = None,
+    *,
+    names: Tuple[str, str] = ("image_features", "text_features"),
 ) -> LossInputs:
-    """Validate the loss inputs; raise ValueError/TypeError naming the bad argument."""
-    _check_features("image_features", image_features)
-    _check_features("text_features", text_features)
+    """Validate the loss inputs; raise ValueError/TypeError naming the bad
+    argument (``names``: the caller's names for the two feature arguments,
+    e.g. info_nce_loss's queries and keys)."""
+    a, b = names
+    _check_features(a, image_features)
+    _check_features(b, text_features)
     if image_features.device != text_features.device:
         raise ValueError(
-            f"image_features is on {image_features.device} but text_features is on "
+            f"{a} is on {image_features.device} but {b} is on "
             f"{text_features.device}; both must be on the same device"
         )
     if image_features.shape[0] != text_features.shape[0]:
         raise ValueError(
-            f"batch size mismatch: image_features has shape {tuple(image_features.shape)} "
-            f"and text_features has shape {tuple(text_features.shape)}; the loss pairs "
+            f"batch size mismatch: {a} has shape {tuple(image_features.shape)} "
+            f"and {b} has shape {tuple(text_features.shape)}; the loss pairs "
             "row i of one with row i of the other"
         )
     if image_features.shape[1] != text_features.shape[1]:
         raise ValueError(
-            f"embedding dim mismatch: image_features has shape {tuple(image_features.shape)} "
-            f"and text_features has shape {tuple(text_features.shape)}"
+            f"embedding dim mismatch: {a} has shape {tuple(image_features.shape)} "
+            f"and {b} has shape {tuple(text_features.shape)}"
         )
     if image_features.shape[0] == 0:
         raise ValueError(
-            f"empty batch: image_features has shape {tuple(image_features.shape)}; "
+            f"empty batch: {a} has shape {tuple(image_features.shape)}; "
             "the contrastive loss needs at least one pair"
         )
     if image_features.shape[1] == 0:
         raise ValueError(
-            f"zero-dimensional embeddings: image_features has shape {tuple(image_features.shape)}"
+            f"zero-dimensional embeddings: {a} has shape {tuple(image_features.shape)}"
         )
     device = image_features.device
     param_dtype = torch.promote_types(
@@ -155,7 +162,8 @@ def check_inputs(
     if logit_bias is not None:
         bias = _as_scalar_tensor("logit_bias", logit_bias, device, param_dtype)
     if not _values_readable(scale):
-        return LossInputs(image_features, text_features, scale, bias, values_checked=False)
+        return LossInputs(image_features, text_features, scale, bias, values_checked=False,
+                          names=names)
     # One host sync per call in eager mode: a non-positive or non-finite scale
     # silently gives a meaningless loss, which is worse than the microseconds
     # the check costs.
@@ -169,7 +177,7 @@ def check_inputs(
         bias_value = float(bias.detach().reshape(()).item())
         if not math.isfinite(bias_value):
             raise ValueError(f"logit_bias must be finite, got {bias_value}")
-    return LossInputs(image_features, text_features, scale, bias)
+    return LossInputs(image_features, text_features, scale, bias, names=names)
 
 
 def _values_readable(t: torch.Tensor) -> bool:

@@ -317,7 +317,7 @@ def info_nce_loss(
     Returns:
         0-dim tensor (float32 for half-precision inputs).
     """
-    inputs = check_inputs(queries, keys, logit_scale, logit_bias)
+    inputs = check_inputs(queries, keys, logit_scale, logit_bias, names=("queries", "keys"))
     return info_nce_from_inputs(
         inputs, backend, normalize=normalize, negative_features=negative_features, labels=labels,
         label_smoothing=label_smoothing, symmetric=symmetric, allow_tf32=allow_tf32,

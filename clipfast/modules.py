@@ -462,6 +462,7 @@ class CoCaLoss(ClipLoss):
                 f"{tuple(logits.shape[:2])} (the logits' first two dims), got "
                 f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}"
                 f"{' ' + str(labels.dtype) if isinstance(labels, torch.Tensor) else ''}")
+        self._check_caption_labels(labels, logits.shape[2])
         if self.clip_loss_weight:
             clip = self.clip_loss_weight * self._contrastive(
                 check_inputs(image_features, text_features, logit_scale))
@@ -471,6 +472,21 @@ class CoCaLoss(ClipLoss):
         if output_dict:
             return {"contrastive_loss": clip, "caption_loss": caption}
         return clip, caption
+
+    def _check_caption_labels(self, labels: torch.Tensor, vocab: int) -> None:
+        """A token id outside the vocabulary (other than pad_id, which the
+        caption loss ignores) is a ValueError here, not an IndexError from
+        inside cross_entropy. One host sync; skipped while torch.compile
+        traces."""
+        if torch.compiler.is_compiling() or labels.numel() == 0 or labels.device.type == "meta":
+            return
+        outside = (labels != self.pad_id) & ((labels < 0) | (labels >= vocab))
+        if bool(outside.any()):
+            where = outside.nonzero()[0].tolist()
+            raise ValueError(
+                f"labels must be token ids in [0, {vocab}) (the logits' vocab dim) or "
+                f"pad_id={self.pad_id}; got {int(labels[tuple(where)])} at position "
+                f"{tuple(where)} of labels with shape {tuple(labels.shape)}")
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", caption_loss_weight={self.caption_loss_weight}, "

@@ -88,7 +88,7 @@ class Backend:
         if any(dt not in self.dtypes for dt in dtypes):
             return TypeError(
                 f"backend={self.name!r} supports {dtype_names(self.dtypes)} features, got "
-                f"image_features {dtypes[0]} and text_features {dtypes[1]}{self.dtype_hint}")
+                f"{inputs.names[0]} {dtypes[0]} and {inputs.names[1]} {dtypes[1]}{self.dtype_hint}")
         return None
 
     def native(self, device: torch.device, dtypes: Sequence[torch.dtype]) -> bool:
