@@ -22,29 +22,76 @@ def world(group=None) -> Tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+# dtypes by a small code, so that one int64 all_gather carries them.
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    return _DTYPES.index(dtype) if dtype in _DTYPES else -1
+
+
+def _dtype_name(code: int) -> str:
+    return str(_DTYPES[code]).replace("torch.", "") if 0 <= code < len(_DTYPES) else "other"
+
+
+def check_rank_agreement(what: str, image_features: torch.Tensor, text_features: torch.Tensor,
+                         group=None, **counts: int) -> None:
+    """Raise the same ValueError on every rank when the ranks disagree on
+    what their collectives assume: the local batch size, the embedding dim,
+    the two feature dtypes and the named ``counts`` (e.g. negatives per rank,
+    whether logit_scale needs a gradient).
+
+    One all_gather of a few int64s before the first collective: every rank
+    sees every rank's values and raises the same error, naming the field and
+    each rank's value, instead of one rank aborting inside a collective of
+    mismatched sizes and the other losing its connection.
+    """
+    fields = {
+        "local batch size": image_features.shape[0],
+        "embedding dim d of image/query features": image_features.shape[1],
+        "embedding dim d of text/key features": text_features.shape[1],
+        "dtype of image/query features": _dtype_code(image_features.dtype),
+        "dtype of text/key features": _dtype_code(text_features.dtype),
+        **counts,
+    }
+    world_size = dist.get_world_size(group)
+    mine = torch.tensor(list(fields.values()), dtype=torch.int64, device=image_features.device)
+    every = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(every, mine, group=group)
+    table = torch.stack(every).cpu().tolist()
+    problems = []
+    for column, name in enumerate(fields):
+        values = [row[column] for row in table]
+        if len(set(values)) == 1:
+            continue
+        shown = [_dtype_name(v) for v in values] if name.startswith("dtype") else values
+        problems.append(f"{name}: {shown}")
+    if problems:
+        hint = ("; pad or drop the last partial batch" if problems[0].startswith("local batch")
+                else "")
+        raise ValueError(
+            f"{what} needs the same local batch size (and dims, dtypes) on every rank; the ranks "
+            f"disagree on " + "; ".join(problems) + " (listed by rank)" + hint)
+
+
 def check_equal_batches(local_n: int, device: torch.device, group=None,
                         what: str = "distributed ClipLoss", extra: Optional[List[int]] = None) -> None:
-    """Raise the same ValueError on every rank when local batch sizes differ
-    (and, with ``extra``, when those further per-rank counts differ).
-
-    Every rank takes part in the same all_gather and sees the same sizes, so
-    they all raise together instead of hanging in a later collective.
-    """
-    world_size = dist.get_world_size(group)
+    """Raise the same ValueError on every rank when local batch sizes (or the
+    ``extra`` per-rank counts) differ: ``check_rank_agreement`` for callers
+    that hold no feature tensors yet."""
     counts = [local_n] + list(extra or [])
-    size = torch.tensor(counts, dtype=torch.int64, device=device)
-    sizes = [torch.empty_like(size) for _ in range(world_size)]
-    dist.all_gather(sizes, size, group=group)
-    sizes = [s.tolist() for s in sizes]
-    batch = [s[0] for s in sizes]
-    if len(set(batch)) != 1:
-        raise ValueError(
-            f"{what} needs the same local batch size on every rank, got "
-            f"{batch} (rank: batch size); pad or drop the last partial batch"
-        )
-    if extra and len({tuple(s[1:]) for s in sizes}) != 1:
-        raise ValueError(f"{what} needs the same number of negatives on every rank, got "
-                         f"{[s[1:] for s in sizes]} (rank: counts)")
+    world_size = dist.get_world_size(group)
+    mine = torch.tensor(counts, dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(every, mine, group=group)
+    table = [row.tolist() for row in every]
+    if len({row[0] for row in table}) != 1:
+        raise ValueError(f"{what} needs the same local batch size on every rank, got "
+                         f"{[row[0] for row in table]} (rank: batch size); pad or drop the last "
+                         "partial batch")
+    if len({tuple(row[1:]) for row in table}) != 1:
+        raise ValueError(f"{what} needs the same counts on every rank, got "
+                         f"{[row[1:] for row in table]} (listed by rank)")
 
 
 def gather_with_grad(features: torch.Tensor, group=None) -> torch.Tensor:

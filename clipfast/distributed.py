@@ -32,7 +32,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from ._collectives import check_equal_batches
+from ._collectives import check_rank_agreement
 from ._collectives import gather_with_grad as gather_with_grad_
 from ._inputs import LossInputs, resolve_tf32
 from .api import clip_loss_from_inputs
@@ -251,10 +251,15 @@ def distributed_clip_loss(inputs: LossInputs, *, local_loss: bool, gather_with_g
                           ring: bool, rank: int, world_size: int, normalize: bool, backend: str,
                           group=None, chunk_elements: Optional[int] = None,
                           allow_tf32: Optional[bool] = None,
-                          memory_budget: Optional[float] = None) -> torch.Tensor:
-    """The loss of ``ClipLoss`` when world_size > 1 (see the module docstring)."""
+                          memory_budget: Optional[float] = None,
+                          check_ranks: bool = True) -> torch.Tensor:
+    """The loss of ``ClipLoss`` when world_size > 1 (see the module docstring);
+    ``check_ranks``: first check that the ranks agree (``check_rank_agreement``)."""
     check_process_group("ClipLoss", rank, world_size, group)
-    check_equal_batches(inputs.image_features.shape[0], inputs.image_features.device, group)
+    if check_ranks:
+        check_rank_agreement("distributed ClipLoss", inputs.image_features, inputs.text_features,
+                             group, **{"logit_scale requires grad":
+                                       int(inputs.logit_scale.requires_grad)})
     # The block-wise modes (ring, local_loss) run on the block primitives of
     # the backend clip_loss would run, or of its stand-in (triton for cuda,
     # chunked for cpu and reference).
@@ -318,7 +323,8 @@ class NeighbourExchange(torch.autograd.Function):
         return (None, None) + NeighbourExchange.forward(ctx, ctx.group, back, *grads)
 
 
-def siglip_distributed_loss(inputs: LossInputs, loss_block, *, dist_impl: str, group=None):
+def siglip_distributed_loss(inputs: LossInputs, loss_block, *, dist_impl: str, group=None,
+                            check_ranks: bool = True):
     """open_clip's distributed SigLIP loss on this rank: the local block with
     positives plus, for every other rank's texts, a negatives-only block.
 
@@ -331,7 +337,9 @@ def siglip_distributed_loss(inputs: LossInputs, loss_block, *, dist_impl: str, g
     if dist_impl not in SIGLIP_DIST_IMPLS:
         raise ValueError(f"dist_impl must be one of {SIGLIP_DIST_IMPLS}, got {dist_impl!r}")
     rank, world_size, _, _ = _peers(group)
-    check_equal_batches(inputs.image_features.shape[0], inputs.image_features.device, group)
+    if check_ranks:
+        check_rank_agreement("distributed SigLipLoss", inputs.image_features,
+                             inputs.text_features, group)
     image, text = inputs.image_features, inputs.text_features
     loss = loss_block(image, text, True)
     if world_size == 1:

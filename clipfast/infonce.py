@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._collectives import check_equal_batches, gather_no_grad, gather_with_grad, world
+from ._collectives import check_rank_agreement, gather_no_grad, gather_with_grad, world
 from ._inputs import (LossInputs, ScaleLike, check_inputs, check_memory_budget,
                       poison_invalid_scalars, resolve_tf32)
 from .backends import ROWS
@@ -180,8 +180,10 @@ def _gathered(q, k, negative_features, labels, symmetric: bool, group):
     if world_size == 1:
         return 0, q, k, negative_features, labels
     shared = negative_features is not None and negative_features.dim() == 2
-    check_equal_batches(q.shape[0], q.device, group, what="info_nce_loss(gather_across_devices=True)",
-                        extra=[negative_features.shape[0] if shared else -1])
+    check_rank_agreement(
+        "info_nce_loss(gather_across_devices=True)", q, k, group,
+        **{"number of shared negatives": negative_features.shape[0] if shared else -1,
+           "labels given": int(labels is not None)})
     all_q = gather_with_grad(q, group) if symmetric else q
     all_k = gather_with_grad(k, group)
     all_neg = gather_with_grad(negative_features, group) if shared else negative_features

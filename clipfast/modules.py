@@ -99,8 +99,11 @@ class ClipLoss(_ProcessGroupOwner, nn.Module):
     """Drop-in for ``open_clip.loss.ClipLoss`` backed by the fused kernels.
 
     The constructor takes open_clip's arguments plus clipfast's keywords
-    ``backend``, ``normalize``, ``allow_tf32``, ``ring``, ``group`` and
-    ``memory_budget`` (``clip_loss``'s);
+    ``backend``, ``normalize``, ``allow_tf32``, ``ring``, ``group``,
+    ``memory_budget`` (``clip_loss``'s) and ``check_ranks`` (across ranks,
+    first check with one small all_gather that every rank has the same batch
+    size, dims and dtypes, so a mismatch is the same ValueError on every rank;
+    False skips it);
     ``forward(image_features, text_features, logit_scale, logit_bias=None,
     output_dict=False)`` returns the loss, or ``{"contrastive_loss": loss}``
     with ``output_dict=True``, so ``loss_fn(**model_out, output_dict=True)``
@@ -139,6 +142,7 @@ class ClipLoss(_ProcessGroupOwner, nn.Module):
         ring: bool = False,
         group=None,
         memory_budget: Optional[float] = None,
+        check_ranks: bool = True,
     ):
         super().__init__()
         if use_horovod:
@@ -160,6 +164,8 @@ class ClipLoss(_ProcessGroupOwner, nn.Module):
         self.ring = ring
         self.group = group
         self.memory_budget = memory_budget
+        _check_flag("check_ranks", check_ranks)
+        self.check_ranks = check_ranks
         # open_clip's label cache, read by get_ground_truth (forward does not
         # need labels: the fused kernels know the diagonal).
         self.prev_num_logits = 0
@@ -228,7 +234,8 @@ class ClipLoss(_ProcessGroupOwner, nn.Module):
                 inputs, local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
                 ring=self.ring, rank=self.rank, world_size=self.world_size,
                 normalize=self.normalize, backend=self.backend, group=self._process_group(),
-                allow_tf32=self.allow_tf32, memory_budget=self.memory_budget)
+                allow_tf32=self.allow_tf32, memory_budget=self.memory_budget,
+                check_ranks=self.check_ranks)
             return loss.to(inputs.loss_dtype)
         return clip_loss_from_inputs(inputs, normalize=self.normalize, backend=self.backend,
                                      allow_tf32=self.allow_tf32, memory_budget=self.memory_budget)
@@ -515,7 +522,7 @@ class SigLipLoss(_ProcessGroupOwner, nn.Module):
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
                  dist_impl: Optional[str] = None, *, backend: str = "auto",
                  normalize: bool = False, allow_tf32: Optional[bool] = None, group=None,
-                 memory_budget: Optional[float] = None):
+                 memory_budget: Optional[float] = None, check_ranks: bool = True):
         super().__init__()
         from .distributed import SIGLIP_DIST_IMPLS
 
@@ -533,6 +540,8 @@ class SigLipLoss(_ProcessGroupOwner, nn.Module):
         self.normalize = normalize
         self.allow_tf32 = allow_tf32
         self.group = group
+        _check_flag("check_ranks", check_ranks)
+        self.check_ranks = check_ranks
         self.prev_num_logits = 0
         self.labels = {}
 
@@ -569,7 +578,7 @@ class SigLipLoss(_ProcessGroupOwner, nn.Module):
             loss = siglip_distributed_loss(
                 inputs, lambda x, y, positives: self._loss(
                     dataclasses.replace(inputs, image_features=x, text_features=y), positives),
-                dist_impl=self.dist_impl, group=self._process_group())
+                dist_impl=self.dist_impl, group=self._process_group(), check_ranks=self.check_ranks)
         else:
             loss = self._loss(inputs)
         return {"contrastive_loss": loss} if output_dict else loss

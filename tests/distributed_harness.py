@@ -78,6 +78,19 @@ def info_nce_fn(rows: slice, negatives=None, labels=False, **kwargs):
     return loss_fn
 
 
+MISMATCH_MODES = {
+    "gather": lambda rank, w: ClipLoss(rank=rank, world_size=w, gather_with_grad=True),
+    "local": lambda rank, w: ClipLoss(rank=rank, world_size=w, gather_with_grad=True,
+                                      local_loss=True),
+    "ring": lambda rank, w: ClipLoss(rank=rank, world_size=w, ring=True),
+    **{f"siglip_{impl}": (lambda impl: lambda rank, w: SigLipLoss(
+        rank=rank, world_size=w, dist_impl=impl))(impl)
+       for impl in ("bidir", "shift", "reduce", "gather")},
+    "info_nce_gather": lambda rank, w: (
+        lambda x, y, s: info_nce_loss(x, y, s, gather_across_devices=True, symmetric=True)),
+}
+
+
 def worker(rank: int, world_size: int, store_path: str, out_path: str, scenarios, local_n: int):
     results, error = {}, None
     try:
@@ -111,6 +124,19 @@ def worker(rank: int, world_size: int, store_path: str, out_path: str, scenarios
             results["uneven"] = "no error"
         except ValueError as err:
             results["uneven"] = str(err)
+
+        # Ranks that disagree on d or dtype: the same ValueError on every
+        # rank, in every mode, before any collective of mismatched sizes.
+        for mode_name, make in MISMATCH_MODES.items():
+            for kind in ("d", "dtype"):
+                d = 4 + (rank if kind == "d" else 0)
+                dtype = torch.float32 if (kind == "dtype" and rank == 1) else torch.float64
+                x = torch.randn(local_n, d, dtype=dtype)
+                try:
+                    make(rank, world_size)(x, x.flip(0), torch.tensor(2.0, dtype=torch.float64))
+                    results[f"mismatch_{mode_name}_{kind}"] = "no error"
+                except ValueError as err:
+                    results[f"mismatch_{mode_name}_{kind}"] = str(err)
 
         # create_graph=True through the modes whose Functions compute
         # first-order gradients only: a clear error, never a silent zero.

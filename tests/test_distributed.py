@@ -226,3 +226,21 @@ def test_info_nce_gather_across_devices_matches_the_concatenated_batch(world_siz
         for label, g, w in zip(["image_weight", "text_weight", "log_scale", "bias"],
                                got["grads"], want_grads):
             torch.testing.assert_close(g, w, **_tol(dtype), msg=lambda m: f"rank {rank} {label}: {m}")
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("kind,field,shown", [
+    ("d", "embedding dim d of image/query features", "[4, 5"),
+    ("dtype", "dtype of image/query features", "['float64', 'float32'"),
+])
+def test_ranks_that_disagree_get_the_same_clear_error_in_every_mode(world_size, kind, field,
+                                                                   shown, tmp_root):
+    from .distributed_harness import MISMATCH_MODES
+
+    results = _run(world_size, tmp_root)
+    for mode in MISMATCH_MODES:
+        messages = {per_rank[f"mismatch_{mode}_{kind}"] for per_rank in results}
+        assert len(messages) == 1, (mode, messages)  # every rank, the same words
+        message = messages.pop()
+        assert field in message and shown in message and "listed by rank" in message, \
+            (mode, message)
