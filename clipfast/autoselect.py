@@ -82,14 +82,52 @@ class Choice(NamedTuple):
     reason: str
 
 
+_POINT_KEYS = ("device_type", "device", "dtype", "n", "d", "times_ms")
+
+
+def _point_problem(point) -> Optional[str]:
+    """What is wrong with one entry of a table (None: nothing)."""
+    if not isinstance(point, dict):
+        return f"is a {type(point).__name__}, not an object"
+    missing = [k for k in _POINT_KEYS if k not in point]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    for key in ("n", "d"):
+        value = point[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return f"has {key} = {value!r}; it must be a positive integer"
+    for key in ("device_type", "device", "dtype"):
+        if not isinstance(point[key], str):
+            return f"has {key} = {point[key]!r}; it must be a string"
+    times = point["times_ms"]
+    if not isinstance(times, dict):
+        return f"has times_ms = {times!r}; it must map backend names to milliseconds"
+    for backend, t in times.items():
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float))):
+            return f"has times_ms[{backend!r}] = {t!r}; it must be a number of ms or null"
+    return None
+
+
 def _load(path: Path) -> List[dict]:
-    with open(path, encoding="utf-8") as f:
-        points = json.load(f)
-    if not isinstance(points, list) or not all(
-        isinstance(p, dict) and {"device_type", "device", "dtype", "n", "d", "times_ms"} <= p.keys()
-        for p in points
-    ):
-        raise ValueError(f"{path} is not a clipfast auto table (a JSON list of measured points)")
+    """The points of a table file; a ValueError naming the file, the entry
+    and what is wrong with it otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            points = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column "
+                         f"{err.colno}); a clipfast auto table is a JSON list of measured "
+                         "points") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason}); a clipfast auto table is a "
+                         "JSON list of measured points") from None
+    if not isinstance(points, list):
+        raise ValueError(f"{path} is not a clipfast auto table: a JSON list of measured points "
+                         f"(each with {', '.join(_POINT_KEYS)}), got a {type(points).__name__}")
+    for index, point in enumerate(points):
+        problem = _point_problem(point)
+        if problem is not None:
+            raise ValueError(f"{path}: entry {index} {problem}")
     return points
 
 
@@ -97,7 +135,15 @@ def _load(path: Path) -> List[dict]:
 def _tables(override: Optional[str]) -> tuple:
     """(override points, shipped points)."""
     shipped = _load(SHIPPED_TABLE) if SHIPPED_TABLE.exists() else []
-    return (_load(Path(override)) if override else [], shipped)
+    if not override:
+        return [], shipped
+    try:
+        return _load(Path(override).expanduser()), shipped
+    except (OSError, ValueError) as err:
+        # Named by the user: an error, not a silent fallback, and it says where
+        # the path came from.
+        detail = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise ValueError(f"CLIPFAST_AUTO_TABLE={override}: {detail}") from None
 
 
 def cache_path() -> Path:

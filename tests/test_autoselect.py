@@ -95,6 +95,37 @@ def test_bad_override_table_is_a_value_error(tmp_path, monkeypatch):
         choose(x, x)
 
 
+@pytest.mark.parametrize("content,match", [
+    ("[{", r"is not valid JSON \(.* at line 1, column"),
+    (json.dumps([_point("cpu", "any", "fp32", 0, 64, chunked=1.0)]),
+     r"entry 0 has n = 0; it must be a positive integer"),
+    (json.dumps([_point("cpu", "any", "fp32", 8, 64, chunked=1.0), {"n": 3}]),
+     r"entry 1 lacks device_type, device, dtype, d, times_ms"),
+    (json.dumps([_point("cpu", "any", "fp32", 8, 64, chunked="fast")]),
+     r"entry 0 has times_ms\['chunked'\] = 'fast'"),
+    (json.dumps([dict(_point("cpu", "any", "fp32", 8, 64, chunked=1.0), d=2.5)]),
+     r"entry 0 has d = 2.5"),
+])
+def test_malformed_override_tables_name_the_variable_the_file_and_the_entry(
+        tmp_path, monkeypatch, content, match):
+    # Not "math domain error" or a bare JSONDecodeError: the variable, the
+    # file and what is wrong where.
+    table = tmp_path / "bad.json"
+    table.write_text(content)
+    monkeypatch.setenv("CLIPFAST_AUTO_TABLE", str(table))
+    x = torch.randn(30, 8)
+    with pytest.raises(ValueError, match=rf"^CLIPFAST_AUTO_TABLE={table}: {table}.*{match}"):
+        choose(x, x)
+
+
+def test_a_missing_override_table_names_the_variable(tmp_path, monkeypatch):
+    missing = tmp_path / "nowhere.json"
+    monkeypatch.setenv("CLIPFAST_AUTO_TABLE", str(missing))
+    x = torch.randn(30, 8)
+    with pytest.raises(ValueError, match=rf"^CLIPFAST_AUTO_TABLE={missing}: No such file"):
+        choose(x, x)
+
+
 def test_auto_runs_the_chosen_backend(tmp_path, monkeypatch):
     table = tmp_path / "cpu.json"
     table.write_text(json.dumps([_point("cpu", "any", "fp32", 97, 33, chunked=5.0, cpu=1.0)]))
