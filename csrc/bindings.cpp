@@ -28,11 +28,19 @@ T* ptr(std::uintptr_t address) {
   return reinterpret_cast<T*>(address);
 }
 
+// An m x k block (k rows of y); the square losses pass k = n.
+template <typename T>
+Problem<T> problem(std::uintptr_t x, std::uintptr_t y, int64_t m, int64_t k, int64_t d,
+                   double scale, double bias, bool normalize, std::uintptr_t inv_x,
+                   std::uintptr_t inv_y) {
+  return Problem<T>{ptr<const T>(x), ptr<const T>(y), m, k, d, static_cast<T>(scale),
+                    static_cast<T>(bias), normalize, ptr<T>(inv_x), ptr<T>(inv_y)};
+}
+
 template <typename T>
 Problem<T> problem(std::uintptr_t x, std::uintptr_t y, int64_t n, int64_t d, double scale,
                    double bias, bool normalize, std::uintptr_t inv_x, std::uintptr_t inv_y) {
-  return Problem<T>{ptr<const T>(x), ptr<const T>(y), n, d, static_cast<T>(scale),
-                    static_cast<T>(bias), normalize, ptr<T>(inv_x), ptr<T>(inv_y)};
+  return problem<T>(x, y, n, n, d, scale, bias, normalize, inv_x, inv_y);
 }
 
 template <typename T>
@@ -42,15 +50,36 @@ Stats<T> stats(std::uintptr_t row_max, std::uintptr_t row_logsum, std::uintptr_t
                   ptr<T>(diag)};
 }
 
+void check_dtype(int dtype) {
+  if (dtype != kFloat32 && dtype != kFloat64) {
+    throw std::invalid_argument("clipfast._cpu: dtype code must be 0 (float32) or 1 (float64), got " +
+                                std::to_string(dtype));
+  }
+}
+
+// The row loss's block: every row's label column i + label_offset must exist
+// (the kernels would otherwise leave its label logit unwritten).
+void check_rows(int64_t m, int64_t k, int64_t d, int64_t label_offset, int dtype) {
+  if (m < 1 || k < 1 || d < 1) {
+    throw std::invalid_argument("clipfast._cpu: need m >= 1, k >= 1 and d >= 1, got m=" +
+                                std::to_string(m) + ", k=" + std::to_string(k) +
+                                ", d=" + std::to_string(d));
+  }
+  if (label_offset < 0 || label_offset > k - m) {
+    throw std::invalid_argument(
+        "clipfast._cpu: row labels i + label_offset must lie in [0, k) for every row i < m, got "
+        "m=" + std::to_string(m) + ", k=" + std::to_string(k) +
+        ", label_offset=" + std::to_string(label_offset));
+  }
+  check_dtype(dtype);
+}
+
 void check(int64_t n, int64_t d, int dtype) {
   if (n < 1 || d < 1) {
     throw std::invalid_argument("clipfast._cpu: need n >= 1 and d >= 1, got n=" +
                                 std::to_string(n) + ", d=" + std::to_string(d));
   }
-  if (dtype != kFloat32 && dtype != kFloat64) {
-    throw std::invalid_argument("clipfast._cpu: dtype code must be 0 (float32) or 1 (float64), got " +
-                                std::to_string(dtype));
-  }
+  check_dtype(dtype);
 }
 
 double cpu_forward(int dtype, std::uintptr_t x, std::uintptr_t y, int64_t n, int64_t d,
@@ -127,6 +156,56 @@ std::pair<double, double> cpu_siglip_backward(int dtype, std::uintptr_t x, std::
   return {sums.scale, sums.bias};
 }
 
+void cpu_inverse_norms(int dtype, std::uintptr_t features, int64_t rows, int64_t d,
+                       bool normalize, std::uintptr_t inv) {
+  check(rows, d, dtype);
+  py::gil_scoped_release release;
+  if (dtype == kFloat32) {
+    clipfast::cpu::inverse_norms(ptr<const float>(features), rows, d, normalize, ptr<float>(inv));
+  } else {
+    clipfast::cpu::inverse_norms(ptr<const double>(features), rows, d, normalize,
+                                 ptr<double>(inv));
+  }
+}
+
+void cpu_row_forward(int dtype, std::uintptr_t x, std::uintptr_t y, int64_t m, int64_t k,
+                     int64_t d, double scale, double bias, bool normalize, std::uintptr_t inv_x,
+                     std::uintptr_t inv_y, int64_t label_offset, std::uintptr_t row_max,
+                     std::uintptr_t row_sum, std::uintptr_t diag) {
+  check_rows(m, k, d, label_offset, dtype);
+  py::gil_scoped_release release;
+  if (dtype == kFloat32) {
+    const auto p = problem<float>(x, y, m, k, d, scale, bias, normalize, inv_x, inv_y);
+    clipfast::cpu::row_forward(p, label_offset, ptr<float>(row_max), ptr<float>(row_sum),
+                               ptr<float>(diag));
+  } else {
+    const auto p = problem<double>(x, y, m, k, d, scale, bias, normalize, inv_x, inv_y);
+    clipfast::cpu::row_forward(p, label_offset, ptr<double>(row_max), ptr<double>(row_sum),
+                               ptr<double>(diag));
+  }
+}
+
+double cpu_row_backward(int dtype, std::uintptr_t x, std::uintptr_t y, int64_t m, int64_t k,
+                        int64_t d, double scale, double bias, bool normalize,
+                        std::uintptr_t inv_x, std::uintptr_t inv_y, int64_t label_offset,
+                        std::uintptr_t row_max, std::uintptr_t row_logsum, double coef,
+                        std::uintptr_t grad_x, std::uintptr_t grad_y, bool need_x, bool need_y,
+                        bool need_scale) {
+  check_rows(m, k, d, label_offset, dtype);
+  py::gil_scoped_release release;
+  if (dtype == kFloat32) {
+    const auto p = problem<float>(x, y, m, k, d, scale, bias, normalize, inv_x, inv_y);
+    return clipfast::cpu::row_backward(p, label_offset, ptr<const float>(row_max),
+                                       ptr<const float>(row_logsum), static_cast<float>(coef),
+                                       ptr<float>(grad_x), ptr<float>(grad_y), need_x, need_y,
+                                       need_scale);
+  }
+  const auto p = problem<double>(x, y, m, k, d, scale, bias, normalize, inv_x, inv_y);
+  return clipfast::cpu::row_backward(p, label_offset, ptr<const double>(row_max),
+                                     ptr<const double>(row_logsum), coef, ptr<double>(grad_x),
+                                     ptr<double>(grad_y), need_x, need_y, need_scale);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
@@ -137,6 +216,12 @@ PYBIND11_MODULE(_cpu, m) {
         "Fused SigLIP loss forward; fills the inverse norms, returns the loss");
   m.def("siglip_backward", &cpu_siglip_backward,
         "Fused SigLIP loss backward; returns (dL/dscale, dL/dbias)");
+  m.def("inverse_norms", &cpu_inverse_norms,
+        "Overflow-safe 1 / max(|row|, eps) of one side (ones without normalize)");
+  m.def("row_forward", &cpu_row_forward,
+        "Row loss statistics of an m x k block: row max, sum exp, label logit");
+  m.def("row_backward", &cpu_row_backward,
+        "Row loss backward of coef x the block's summed loss; returns dL/dscale");
   // The shared tile math as the GPU kernels use it, for tests on any machine.
   m.def("logsumexp_by_push", [](const std::vector<float>& values) {
     float running_max = -INFINITY, running_sum = 0.f;

@@ -1,5 +1,7 @@
 // C++ CPU backend of the fused CLIP loss: the same tile arithmetic as the
 // GPU kernels (tile_math.h), parallel over cores with OpenMP, O(N d) memory.
+// Also its one direction over a rectangular block (row_forward /
+// row_backward: hard negatives, one-direction InfoNCE, local_loss).
 //
 // Forward: row blocks are spread over threads; each computes its tiles' dot
 // products, keeps its rows' running (max, sum) and merges the columns into a
@@ -10,8 +12,8 @@
 //
 // The tile sweeps and the backward's two passes (backward_passes) are shared
 // with the SigLIP backend, which includes this file: a loss supplies its
-// per-logit gradient rule (ClipRule here, SiglipRule there), as the CUDA
-// backend's ClipPanel / SiglipPanel do for its panel kernel.
+// per-logit gradient rule (ClipRule and RowRule here, SiglipRule there), as
+// the CUDA backend's ClipPanel / SiglipPanel do for its panel kernel.
 #include "cpu/clip_loss_cpu.h"
 
 #include <algorithm>
@@ -141,6 +143,8 @@ CLIPFAST_DISPATCH T scaled_sum_squares(const T* a, T scale, int64_t d) {
   return acc;
 }
 
+}  // namespace
+
 // Inverse norms without overflow in the squares: fp32 rows past ~1.8e19 (fp64
 // past ~1e154) used to get an infinite norm and a NaN loss (tile_math.h).
 template <typename T>
@@ -152,11 +156,13 @@ void inverse_norms(const T* x, int64_t n, int64_t d, bool normalize, T* inv) {
   }
 }
 
-// Every forward starts here; the backward reads what it leaves in p.
+namespace {
+
+// Every square forward starts here; the backward reads what it leaves in p.
 template <typename T>
 void fill_inverse_norms(Problem<T>& p) {
   inverse_norms(p.x, p.n, p.d, p.normalize, p.inv_x);
-  inverse_norms(p.y, p.n, p.d, p.normalize, p.inv_y);
+  inverse_norms(p.y, p.cols, p.d, p.normalize, p.inv_y);
 }
 
 // The rows one tile's dot products read, and their inverse norms: the
@@ -331,11 +337,12 @@ struct WeightSums {
 //   rule.add_sums(weights, cosines, width, sums): adds that row to the sums.
 // Pass 1, by row blocks: dX^ rows (complete within one thread) and the sums,
 // one partial per row block; pass 2, by column blocks: dY^ rows, recomputing
-// the same tiles. Returns the sums (zeros unless need_sums).
+// the same tiles. Returns the sums (zeros unless need_sums). The block is
+// p.n rows (of x) by p.cols columns (rows of y).
 template <typename T, typename Rule>
 WeightSums backward_passes(const Problem<T>& p, const Rule& rule, T factor, T* grad_x, T* grad_y,
                            bool need_x, bool need_y, bool need_sums) {
-  const int64_t n = p.n, d = p.d;
+  const int64_t n = p.n, cols = p.cols, d = p.d;
   std::vector<double> block_weight_cosine(static_cast<size_t>(row_blocks(n)), 0.0);
   std::vector<double> block_weight(static_cast<size_t>(row_blocks(n)), 0.0);
 
@@ -349,8 +356,9 @@ WeightSums backward_passes(const Problem<T>& p, const Rule& rule, T factor, T* g
         if (need_x) std::fill(grad_x + i0 * d, grad_x + i1 * d, T(0));
         WeightSums sums;
         T* weights = work.row.data();
-        for (int64_t j0 = 0; j0 < n; j0 += kBlockCols) {
-          const int64_t j1 = std::min(n, j0 + kBlockCols), width = work.compute(p, i0, i1, j0, j1);
+        for (int64_t j0 = 0; j0 < cols; j0 += kBlockCols) {
+          const int64_t j1 = std::min(cols, j0 + kBlockCols);
+          const int64_t width = work.compute(p, i0, i1, j0, j1);
           for (int64_t i = i0; i < i1; ++i) {
             const int64_t at = (i - i0) * width;
             rule.row_weights(work.logits.data() + at, width, i, j0, weights);
@@ -379,8 +387,8 @@ WeightSums backward_passes(const Problem<T>& p, const Rule& rule, T factor, T* g
     {
       TileWork<T> work;
 #pragma omp for schedule(dynamic)
-      for (int64_t j0 = 0; j0 < n; j0 += kBlockCols) {
-        const int64_t j1 = std::min(n, j0 + kBlockCols), width = j1 - j0;
+      for (int64_t j0 = 0; j0 < cols; j0 += kBlockCols) {
+        const int64_t j1 = std::min(cols, j0 + kBlockCols), width = j1 - j0;
         std::fill(grad_y + j0 * d, grad_y + j1 * d, T(0));
         T* weights = work.row.data();
         for (int64_t i0 = 0; i0 < n; i0 += kBlockRows) {
@@ -401,6 +409,16 @@ WeightSums backward_passes(const Problem<T>& p, const Rule& rule, T factor, T* g
   return WeightSums{sum_in_order(block_weight_cosine), sum_in_order(block_weight)};
 }
 
+// Per tile row in T, then fp64 across rows: the CLIP backward's summation
+// order from the start, kept so its scale gradient stays bit for bit. (A
+// softmax loss's bias sum is the exact zero the Python side returns.)
+template <typename T>
+void add_softmax_scale_sum(const T* weights, const T* cosines, int64_t width, WeightSums& sums) {
+  T row_scale_grad = T(0);
+  for (int64_t j = 0; j < width; ++j) row_scale_grad += weights[j] * cosines[j];
+  sums.weight_cosine += static_cast<double>(row_scale_grad);
+}
+
 // CLIP's rule: w = 2N dloss/dL = (P - [label]) + (Q - [label]) from the
 // forward's softmax statistics.
 template <typename T>
@@ -412,12 +430,8 @@ struct ClipRule {
                      s.col_logsum + j0, i - j0, out);
   }
 
-  // Per row in T, then fp64 across rows: the CLIP backward's summation
-  // order from the start, kept so its scale gradient stays bit for bit.
   void add_sums(const T* weights, const T* cosines, int64_t width, WeightSums& sums) const {
-    T row_scale_grad = T(0);
-    for (int64_t j = 0; j < width; ++j) row_scale_grad += weights[j] * cosines[j];
-    sums.weight_cosine += static_cast<double>(row_scale_grad);
+    add_softmax_scale_sum(weights, cosines, width, sums);
   }
 };
 
@@ -438,6 +452,94 @@ template float backward<float>(const Problem<float>&, const Stats<float>&, float
                                bool, bool, bool);
 template double backward<double>(const Problem<double>&, const Stats<double>&, double, double*,
                                  double*, bool, bool, bool);
+
+// --------------------------------------------------------------------------- //
+// The row loss: one direction over an n x cols block, labels at i + offset.
+// --------------------------------------------------------------------------- //
+
+template <typename T>
+void row_forward(const Problem<T>& p, int64_t label_offset, T* row_max, T* row_sum, T* diag) {
+  const int64_t n = p.n, cols = p.cols;
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+#pragma omp parallel
+  {
+    TileWork<T> work;
+    // Each row's statistics come from its own tiles in column order: the
+    // same bits whatever the schedule or thread count.
+#pragma omp for schedule(static)
+    for (int64_t i0 = 0; i0 < n; i0 += kBlockRows) {
+      const int64_t i1 = std::min(n, i0 + kBlockRows);
+      T block_max[kBlockRows], block_sum[kBlockRows];
+      std::fill(block_max, block_max + kBlockRows, neg_inf);
+      std::fill(block_sum, block_sum + kBlockRows, T(0));
+      for (int64_t j0 = 0; j0 < cols; j0 += kBlockCols) {
+        const int64_t j1 = std::min(cols, j0 + kBlockCols);
+        const int64_t width = work.compute(p, i0, i1, j0, j1);
+        for (int64_t i = i0; i < i1; ++i) {
+          const T* row = work.logits.data() + (i - i0) * width;
+          lse_push_row(row, width, block_max[i - i0], block_sum[i - i0]);
+          const int64_t label = i + label_offset;
+          if (label >= j0 && label < j1) diag[i] = row[label - j0];
+        }
+      }
+      for (int64_t i = i0; i < i1; ++i) {
+        row_max[i] = block_max[i - i0];
+        row_sum[i] = block_sum[i - i0];
+      }
+    }
+  }
+}
+
+namespace {
+
+// Weights of one tile row: out[j] = P_j - [j == label], P = exp((L - max) -
+// logsum). The label's P - 1 is expm1 of that exponent, which skips
+// rounding P to ulp(1) before the cancelling subtraction: in a confident row
+// P is near 1 and the weight small.
+template <typename T>
+CLIPFAST_DISPATCH void row_grad_weights(const T* logits, int64_t width, T row_max, T row_logsum,
+                                        int64_t label, T* out) {
+#pragma omp simd
+  for (int64_t j = 0; j < width; ++j) out[j] = exp((logits[j] - row_max) - row_logsum);
+  if (label >= 0 && label < width) out[label] = std::expm1((logits[label] - row_max) - row_logsum);
+}
+
+// The row loss's rule: w = dloss/dL / coef = P - [label] from the rows'
+// complete statistics (the extra logits, if any, are already merged in).
+template <typename T>
+struct RowRule {
+  const T* row_max;
+  const T* row_logsum;
+  int64_t label_offset;
+
+  void row_weights(const T* logits, int64_t width, int64_t i, int64_t j0, T* out) const {
+    row_grad_weights(logits, width, row_max[i], row_logsum[i], i + label_offset - j0, out);
+  }
+
+  void add_sums(const T* weights, const T* cosines, int64_t width, WeightSums& sums) const {
+    add_softmax_scale_sum(weights, cosines, width, sums);
+  }
+};
+
+}  // namespace
+
+template <typename T>
+T row_backward(const Problem<T>& p, int64_t label_offset, const T* row_max, const T* row_logsum,
+               T coef, T* grad_x, T* grad_y, bool need_x, bool need_y, bool need_scale) {
+  const WeightSums sums = backward_passes(p, RowRule<T>{row_max, row_logsum, label_offset},
+                                          coef * p.scale, grad_x, grad_y, need_x, need_y,
+                                          need_scale);
+  return static_cast<T>(sums.weight_cosine) * coef;
+}
+
+template void inverse_norms<float>(const float*, int64_t, int64_t, bool, float*);
+template void inverse_norms<double>(const double*, int64_t, int64_t, bool, double*);
+template void row_forward<float>(const Problem<float>&, int64_t, float*, float*, float*);
+template void row_forward<double>(const Problem<double>&, int64_t, double*, double*, double*);
+template float row_backward<float>(const Problem<float>&, int64_t, const float*, const float*,
+                                   float, float*, float*, bool, bool, bool);
+template double row_backward<double>(const Problem<double>&, int64_t, const double*,
+                                     const double*, double, double*, double*, bool, bool, bool);
 
 }  // namespace cpu
 }  // namespace clipfast
