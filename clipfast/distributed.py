@@ -36,11 +36,12 @@ from ._collectives import check_rank_agreement
 from ._collectives import gather_with_grad as gather_with_grad_
 from ._inputs import LossInputs, resolve_tf32
 from .api import clip_loss_from_inputs
-from .backends import get
+from .backends import ROWS, get
 from .backends._ops import (DISTRIBUTED_DOUBLE_BACKWARD, exact_zero_bias_grad, refuse_double_backward,
                             without_autocast)
 from .backends._stats import merge_logsumexp
 from .dispatch import block_backend as block_backend_for
+from .dispatch import resolve
 
 
 def mode_warning(local_loss: bool, gather_with_grad: bool, ring: bool, world_size: int) -> Optional[str]:
@@ -260,9 +261,8 @@ def distributed_clip_loss(inputs: LossInputs, *, local_loss: bool, gather_with_g
         check_rank_agreement("distributed ClipLoss", inputs.image_features, inputs.text_features,
                              group, **{"logit_scale requires grad":
                                        int(inputs.logit_scale.requires_grad)})
-    # The block-wise modes (ring, local_loss) run on the block primitives of
-    # the backend clip_loss would run, or of its stand-in (triton for cuda,
-    # chunked for cpu and reference).
+    # The ring runs on the block primitives of the backend clip_loss would
+    # run, or of its stand-in (triton for cuda, chunked for cpu and reference).
     blocks = block_backend_for(backend, inputs)
     if ring:
         return RingClipLossFunction.apply(
@@ -273,8 +273,11 @@ def distributed_clip_loss(inputs: LossInputs, *, local_loss: bool, gather_with_g
         inputs.image_features, inputs.text_features, local_loss, gather_with_grad,
         rank, world_size, group)
     if local_loss:
-        return local_clip_loss(inputs, all_image, all_text, rank, normalize, blocks.name,
-                               blocks.block(chunk_elements, None), allow_tf32)
+        # Rectangular blocks with a label offset: the named (or auto's)
+        # backend's own row loss, which every backend has.
+        rows = resolve(backend, inputs, ROWS)
+        return local_clip_loss(inputs, all_image, all_text, rank, normalize, rows.name,
+                               rows.block(chunk_elements, None), allow_tf32)
     gathered = dataclasses.replace(inputs, image_features=all_image, text_features=all_text)
     # The gathered global loss honours the budget; the ring and local_loss
     # block modes recompute (their blocks change hands between the passes).

@@ -299,8 +299,8 @@ def info_nce_loss(
         symmetric: add the keys -> queries direction (over the N queries).
         normalize: L2-normalise queries, keys and negatives (cosine
             similarity, as text-embedding trainers use). Default True.
-        backend: "auto", "reference", "chunked", "triton", "hybrid"; "cpu"/"cuda"
-            for symmetric losses without negatives (the CLIP operator).
+        backend: "auto", "reference", "chunked", "triton", "hybrid", "cpu" or
+            "cuda" (its one-direction rows run on Triton's row kernels).
         allow_tf32, chunk_elements, panel_size, memory_budget: as ``clip_loss``'s.
         gather_across_devices: under torch.distributed, score this rank's
             queries against every rank's keys and shared negatives (and, when

@@ -38,23 +38,38 @@ def test_unknown_backend_is_a_value_error_listing_them():
         dispatch.resolve_backend("fast", _inputs())
 
 
-@pytest.mark.parametrize("name", ["cpu", "cuda"])
-def test_a_named_backend_without_the_row_loss_says_which_have_it(name):
-    if name == "cpu" and not cpu_backend.available():
+def test_a_named_backend_without_the_row_loss_says_which_have_it(monkeypatch):
+    # Every registered backend has the row loss now; one that lacked it would
+    # be refused by name, with the list of those that have it.
+    monkeypatch.setattr(type(get("cpu")), "losses", frozenset({SIGLIP}))
+    if get("cpu").problem(_inputs()) is not None:
         pytest.skip("the C++ extension clipfast._cpu is not built here")
-    inputs = _inputs()
-    if name == "cuda":
-        with pytest.raises((ValueError, ImportError), match="backend='cuda'"):
-            dispatch.resolve_backend(name, inputs, ROWS)
-        return
     with pytest.raises(ValueError, match=r"backend='cpu' has no one-direction / hard-negative "
                                          r"loss yet; the backends with it are reference, "
-                                         r"chunked, triton, hybrid \(and 'auto'\)"):
-        dispatch.resolve_backend(name, inputs, ROWS)
+                                         r"chunked, triton, hybrid, cuda \(and 'auto'\)"):
+        dispatch.resolve_backend("cpu", _inputs(), ROWS)
+
+
+def test_every_backend_has_the_row_loss():
+    assert all(backend.has(ROWS) for backend in REGISTRY.values()), \
+        [name for name, backend in REGISTRY.items() if not backend.has(ROWS)]
+
+
+def test_cuda_row_loss_runs_where_its_features_are(monkeypatch):
+    monkeypatch.setenv("CLIPFAST_CUDA_EMULATION", "1")
+    if get("cuda").problem(_inputs()) is not None:
+        pytest.skip("the CUDA emulation clipfast._cuda_emulated is not built here")
+    assert dispatch.resolve_backend("cuda", _inputs(), ROWS) == "cuda"
+
+
+def test_cpu_has_the_row_loss():
+    if not cpu_backend.available():
+        pytest.skip("the C++ extension clipfast._cpu is not built here")
+    assert dispatch.resolve_backend("cpu", _inputs(), ROWS) == "cpu"
 
 
 def test_the_backends_own_problem_comes_before_the_missing_loss():
-    # float16 on cpu: the dtype error, not the row-loss one.
+    # float16 on cpu: the dtype error, before any question of the loss.
     if not cpu_backend.available():
         pytest.skip("the C++ extension clipfast._cpu is not built here")
     with pytest.raises(TypeError, match=r"backend='cpu' supports float32 and float64 features, "
@@ -63,11 +78,12 @@ def test_the_backends_own_problem_comes_before_the_missing_loss():
 
 
 @pytest.mark.parametrize("picked,dtype,loss,expected", [
-    ("cpu", torch.float32, ROWS, "chunked"),
+    ("cpu", torch.float32, ROWS, "cpu"),
     ("cpu", torch.float32, SIGLIP, "cpu"),
     ("cpu", torch.float32, "clip", "cpu"),
-    ("cuda", torch.float32, ROWS, "triton"),  # where Triton runs (here: the interpreter)
-    ("cuda", torch.float64, ROWS, "chunked"),  # Triton has no float64
+    ("cuda", torch.float32, ROWS, "cuda"),  # its row loss runs on Triton's row kernels
+    ("cuda", torch.float32, BLOCKS, "triton"),  # where Triton runs (here: the interpreter)
+    ("cuda", torch.float64, BLOCKS, "chunked"),  # Triton has no float64
     ("chunked", torch.float32, ROWS, "chunked"),
 ])
 def test_auto_takes_the_stand_in_for_a_missing_loss(auto_picks, picked, dtype, loss, expected):
@@ -122,8 +138,8 @@ def test_importing_clipfast_loads_no_kernels():
     import sys
 
     code = ("import sys, clipfast; "
-            "print(sorted(m for m in sys.modules if m.startswith('clipfast._c') "
-            "or m.startswith('clipfast.backends.triton.')))")
+            "print(sorted(m for m in sys.modules if m in ('clipfast._cpu', 'clipfast._cuda', "
+            "'clipfast._cuda_emulated') or m.startswith('clipfast.backends.triton.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "['clipfast.backends.triton._runtime']"

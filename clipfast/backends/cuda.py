@@ -18,7 +18,8 @@ import os
 
 import torch
 
-from ._base import Backend, extension_available, extension_problem, load_extension
+from .._inputs import LossInputs
+from ._base import ROWS, SIGLIP, Backend, extension_available, extension_problem, load_extension
 from ._ops import SIGLIP_STATS_ROWS, KernelOptions, define_clip_loss_op, define_siglip_ops
 from ._stats import clip_loss_from_stats
 
@@ -280,9 +281,12 @@ class CudaBackend(Backend):
     name = "cuda"
     summary = ("CUDA C++ tile engine: tensor cores for float16/bfloat16 (and TF32); "
                "CPU tensors through the emulation with CLIPFAST_CUDA_EMULATION=1")
-    # Its kernels have no row loss or block primitives: the Triton ones stand
-    # in for them where Triton runs (see Backend.stand_in).
+    # Its kernels have no row loss or block primitives of their own: the
+    # Triton ones stand in for them where Triton runs (see Backend.stand_in),
+    # chunked's elsewhere (CPU tensors through the emulation without the
+    # Triton interpreter).
     stand_in = "triton"
+    losses = frozenset({SIGLIP, ROWS})
 
     def device_problem(self, device):
         if device.type != "cuda" and not (device.type == "cpu" and emulation_enabled()):
@@ -301,6 +305,21 @@ class CudaBackend(Backend):
 
     def siglip_ops(self):
         return cuda_siglip_ops
+
+    def row_loss(self, normalize, allow_tf32, block, memory_budget=0.0):
+        """The one-direction loss on the stand-in's fused row kernels
+        (Triton's, on the same device; chunked's where Triton cannot run the
+        features), chosen per call from the features."""
+        from .chunked import BACKEND as CHUNKED
+        from .triton import BACKEND as TRITON
+
+        def row(q, k, s, b, label_offset, extra):
+            runs = TRITON.problem(LossInputs(q, k, s, b)) is None
+            stand_in = TRITON if runs else CHUNKED
+            return stand_in.row_loss(normalize, allow_tf32, 0, memory_budget)(
+                q, k, s, b, label_offset, extra)
+
+        return row
 
 
 BACKEND = CudaBackend()
