@@ -151,7 +151,7 @@ setup(
         # them; importing clipfast never imports them). datasets/accelerate:
         # sentence-transformers' trainer.
         "integrations": ["open_clip_torch>=3.0", "transformers>=4.45",
-                         "sentence-transformers>=5.0", "datasets>=2.19", "accelerate>=0.26"],
+                         "sentence-transformers>=6.3", "datasets>=2.19", "accelerate>=0.26"],
         "test": ["pytest>=7", "pytest-xdist>=3", "numpy<2.4", "matplotlib>=3.7",
                  "scikit-learn>=1.2", "tokenizers>=0.15", "pybind11>=2.10"],
     },

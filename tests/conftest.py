@@ -14,3 +14,9 @@ if "CLIPFAST_CACHE_DIR" not in os.environ:
     import tempfile
 
     os.environ["CLIPFAST_CACHE_DIR"] = tempfile.mkdtemp(prefix="clipfast-test-cache-")
+
+
+# torchvision must import for the integrations' clients (see the module).
+from tests.torchvision_shim import make_torchvision_importable  # noqa: E402
+
+_TORCHVISION_SCHEMAS = make_torchvision_importable()  # kept alive: see the function
