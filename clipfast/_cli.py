@@ -1,16 +1,24 @@
 """What the command-line tools (bench, train) share: files written so that an
-interruption never leaves half of one, progress that stays readable in logs,
-and the ``clipfast`` logger's INFO lines shown on the console."""
+interruption never leaves half of one, output folders that one run never
+takes over from another, one-line errors, the machine and versions a result
+was produced with, progress that stays readable in logs, and the ``clipfast``
+logger's INFO lines shown on the console.
+
+Only the standard library is imported here (tqdm when progress is shown), so
+that a tool's ``--help`` and argument errors cost no torch import.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import platform
+import re
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Dict, Iterable, Iterator, List, NoReturn, Optional
 
 LOGGER_NAME = "clipfast"
 
@@ -35,14 +43,120 @@ def atomic_output(path: Path) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_folder(path.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
 
 
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (the folder's entry is data too)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # not every platform opens folders; the rename itself is still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     with atomic_output(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def temporary_files(folder: Path, names: Iterable[str]) -> List[Path]:
+    """The temporary files ``atomic_output`` left in ``folder`` for ``names``
+    (a process killed mid-write cannot remove its own)."""
+    folder = Path(folder)
+    pattern = re.compile(r"\.(" + "|".join(re.escape(n) for n in names) + r")\.\d+\.tmp")
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if pattern.fullmatch(p.name))
+
+
+# ------------------------------ output folders ----------------------------- #
+
+
+def folder_entries(path: Path) -> List[str]:
+    """The names in the folder ``path`` (none when it does not exist)."""
+    path = Path(path)
+    return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+
+
+def occupied_folder(path: Path, continue_hint: str, option: str = "--out") -> Optional[str]:
+    """Why a run may not write into ``path`` (None when it is empty or
+    missing): a folder that holds files is another run's, which a new run
+    would overwrite. ``continue_hint`` says how ``--resume`` continues it."""
+    entries = folder_entries(path)
+    if not entries:
+        return None
+    shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+    return (f"the folder {str(path)!r} is not empty ({shown}): an earlier run wrote there; "
+            f"{continue_hint}, --overwrite to replace its results, or another {option}")
+
+
+def fail(prog: str, message: str, code: int = 2) -> NoReturn:
+    """Exit with one line on stderr (``PROG: error: MESSAGE``), no traceback."""
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+# ----------------------------- machine, versions --------------------------- #
+
+
+def cpu_model() -> str:
+    """The CPU's model name ("Intel(R) Xeon(R) Processor"), from /proc/cpuinfo
+    on Linux; the platform's processor or machine name elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "Hardware") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _version(module: str) -> Optional[str]:
+    from importlib import metadata
+
+    try:
+        return metadata.version(module)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(packages: Iterable[str] = ("torch", "numpy")) -> Dict[str, object]:
+    """What a result depends on besides its settings: the machine (CPU model,
+    cores, architecture, OS), torch's CPU thread count and the versions of
+    Python, clipfast and ``packages`` (the installed distributions' names)."""
+    import torch
+
+    env: Dict[str, object] = {
+        "cpu": cpu_model(),
+        "machine": platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "clipfast": _version("clipfast"),
+    }
+    for name in packages:
+        env[name] = torch.__version__ if name == "torch" else _version(name)
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+    return env
 
 
 def unwritable_folder(path: Path) -> Optional[str]:

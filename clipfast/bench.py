@@ -7,11 +7,21 @@ memory above the inputs: CUDA allocator peak on GPUs, the process's peak RSS
 (VmHWM, reset per point) on CPU. Results go to ``--out`` as JSON lines, a
 markdown table headed with the device name, and a PNG plot.
 
-Earlier results are never destroyed: each run appends to ``results.jsonl``
-(a ``meta`` line, then one line per point as it is measured), and the table
-and plot are replaced whole, only once complete. ``--resume`` reuses the
-points an earlier run in the same folder measured on this device (ok or out
-of memory; errors are measured again) and measures only the rest.
+One run never overwrites another: ``--out`` must be a new or empty folder,
+unless ``--resume`` continues the sweep recorded there or ``--overwrite``
+replaces it (its results are deleted first). Each run appends to
+``results.jsonl`` (a ``meta`` line, then one line per point as it is
+measured); ``results.md`` (one table per device and loss) and the plot
+(``results.png``; ``results_siglip.png`` for ``--loss siglip``) are rebuilt,
+whole, from every row that file holds, so a provider failing now never hides
+points measured before (an error never replaces a measured point).
+``--resume`` reuses the points recorded for this device (ok or out of memory;
+errors are measured again) and measures only the rest. Ctrl-C keeps every
+point measured so far (exit status 130; ``--resume`` continues).
+
+A provider that cannot run on the device here (``triton`` or ``cuda`` on a
+machine without CUDA, ``cpu`` without its compiled extension) is an argument
+error, before anything is measured.
 
 ``--loss siglip`` measures SigLIP's sigmoid loss (open_clip's SigLipLoss,
 with the learnable bias) instead of CLIP's; every provider below has it.
@@ -29,10 +39,13 @@ Providers:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
 import os
+import re
+import shlex
 import statistics
 import sys
 import time
@@ -40,18 +53,36 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-import torch
+# Only the standard library at module level: torch, clipfast's backends and
+# matplotlib are imported where they are used, after the arguments are
+# checked, so that --help and argument errors answer at once.
+from ._cli import (atomic_output, atomic_write_text, cpu_model, fail as fail_line, occupied_folder,
+                   progress, show_info_logs, temporary_files, unwritable_folder)
 
-from ._cli import atomic_output, atomic_write_text, progress, show_info_logs, unwritable_folder
-from .api import clip_loss, siglip_loss
-from .backends.reference import reference_clip_loss, reference_siglip_loss
-from .devices import device_name
-
+PROG = "python -m clipfast.bench"
 PROVIDERS = ("reference", "compile", "chunked", "triton", "hybrid", "cuda", "cpu", "gemm4_bound")
+# Providers that are clipfast backends (the others always run).
+_BACKEND_PROVIDERS = ("chunked", "triton", "hybrid", "cuda", "cpu")
 LOSSES = ("clip", "siglip")
 # SigLIP's learnable bias at open_clip's initial value.
 _SIGLIP_BIAS = -10.0
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = ("fp32", "bf16", "fp16")
+JSONL_NAME = "results.jsonl"
+TABLE_NAME = "results.md"
+PLOT_NAMES = {"clip": "results.png", "siglip": "results_siglip.png"}
+# Everything a run writes in --out (--overwrite removes these, nothing else).
+OUTPUT_NAMES = (JSONL_NAME, TABLE_NAME, *PLOT_NAMES.values())
+_DEVICE_RE = re.compile(r"auto|cpu(:0)?|cuda(:\d+)?")
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def _dtype_name(dtype) -> str:
+    return {str(_torch_dtype(name)): name for name in DTYPES}[str(dtype)]
 
 
 @dataclass
@@ -73,7 +104,9 @@ class Point:
 # ------------------------------ device helpers ------------------------------ #
 
 
-def _sync(device: torch.device) -> None:
+def _sync(device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -108,11 +141,13 @@ def _set_glibc_thresholds(mmap_threshold: int) -> None:
 class PeakMemory:
     """Peak bytes allocated above the level at ``start()``."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device):
         self.device = device
         self.base = 0
 
     def start(self) -> None:
+        import torch
+
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -126,6 +161,8 @@ class PeakMemory:
             self.base = _read_status_kib("VmRSS") * 1024
 
     def peak(self) -> int:
+        import torch
+
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device) - self.base
@@ -135,6 +172,8 @@ class PeakMemory:
 
 
 def _is_oom(err: BaseException) -> bool:
+    import torch
+
     if isinstance(err, torch.cuda.OutOfMemoryError):
         return True
     text = str(err).lower()
@@ -159,6 +198,8 @@ def _siglip(fn: Callable) -> Callable:
     """``fn(x, y, s, b)`` as a step of (x, y, s) with a learnable bias (its
     gradient is part of SigLIP's backward)."""
     def loss(x, y, s):
+        import torch
+
         bias = torch.tensor(_SIGLIP_BIAS, device=x.device, requires_grad=True)
         return fn(x, y, s, bias)
 
@@ -170,6 +211,11 @@ def make_step(provider: str, loss: str = "clip") -> Callable:
         raise ValueError(f"unknown loss {loss!r}; choose from {LOSSES}")
     if provider == "gemm4_bound":
         return _gemm4_step
+    import torch
+
+    from .api import clip_loss, siglip_loss
+    from .backends.reference import reference_clip_loss, reference_siglip_loss
+
     if provider in ("reference", "compile"):
         plain = reference_clip_loss if loss == "clip" else reference_siglip_loss
         if provider == "compile":
@@ -192,6 +238,8 @@ def _gemm4_step(x, y, scale):
     Chunks of 8192 rows keep every product large enough to run at the BLAS's
     full speed; the results are discarded.
     """
+    import torch
+
     n = x.shape[0]
     rows = min(n, 8192)
     with torch.no_grad():
@@ -200,9 +248,12 @@ def _gemm4_step(x, y, scale):
                 torch.mm(x[start:start + rows], y.t())
 
 
-def measure(provider: str, n: int, d: int, dtype: torch.dtype, device: torch.device,
-            reps: int, max_seconds: float, loss: str = "clip") -> Point:
-    name = {v: k for k, v in _DTYPES.items()}[dtype]
+def measure(provider: str, n: int, d: int, dtype, device, reps: int, max_seconds: float,
+            loss: str = "clip") -> Point:
+    """One point: ``dtype`` a torch dtype, ``device`` a torch device."""
+    import torch
+
+    name = _dtype_name(dtype)
     point = Point(provider, n, d, name, str(device), "ok", loss=loss)
     point.grad_bytes = 2 * n * d * torch.tensor([], dtype=dtype).element_size()
     step = make_step(provider, loss)
@@ -264,7 +315,7 @@ def _auto_choice(device: str, dtype: str, n: int, d: int) -> str:
     from .autoselect import explain
 
     try:
-        return explain(device, (_DTYPES[dtype],), n, d).backend
+        return explain(device, (_torch_dtype(dtype),), n, d).backend
     except Exception as err:  # noqa: BLE001 - a broken override table must not lose the results
         return f"? ({type(err).__name__})"
 
@@ -344,12 +395,26 @@ def figure(points: List[Point], title: str):
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
             ax.set_title(f"{dtype}, d={d}")
+    fig.suptitle(title.replace(" on ", "\n", 1), fontsize=10)
     ordered = [handles[p] for p in PROVIDERS if p in handles]
     if ordered:
-        fig.legend(ordered, [h.get_label() for h in ordered], loc="outside lower center",
-                   ncol=min(len(ordered), 4), fontsize=9)
-    fig.suptitle(title.replace(" on ", "\n", 1), fontsize=10)
+        _fit_legend(fig, ordered)
     return fig
+
+
+def _fit_legend(fig, handles):
+    """One legend below the panels, in as many columns (at most four) as fit
+    the figure's width: a legend wider than the figure is cut off at both
+    edges of the saved image (a single panel column is 4.5 inches wide)."""
+    labels = [h.get_label() for h in handles]
+    for ncol in range(min(len(handles), 4), 0, -1):
+        legend = fig.legend(handles, labels, loc="outside lower center", ncol=ncol, fontsize=9)
+        fig.canvas.draw()  # lays the figure out, so that the extent is the saved one
+        box, page = legend.get_window_extent(), fig.bbox
+        if ncol == 1 or (box.x0 >= page.x0 and box.x1 <= page.x1):
+            return legend
+        legend.remove()
+    return None
 
 
 def plot(points: List[Point], path: Path, title: str) -> None:
@@ -361,24 +426,142 @@ def plot(points: List[Point], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+# --------------------------- recorded results ------------------------------ #
+
+
+_POINT_FIELDS = {f.name for f in fields(Point)}
+_MEASURED = ("ok", "oom")
+
+
+@dataclass
+class Recorded:
+    """The points results.jsonl holds for one device and loss: the latest of
+    each (provider, dtype, d, N), where a measured point (ok or out of memory)
+    is never replaced by an error; ``meta`` is the latest meta line's."""
+    device: str
+    loss: str
+    meta: dict
+    points: Dict[tuple, Point] = field(default_factory=dict)
+
+
+def recorded_points(jsonl: Path) -> Dict[Tuple[str, str], Recorded]:
+    """Every point in results.jsonl, by (device name, loss), in the order the
+    file first names them (lines from before the loss field are CLIP points;
+    a killed run's partial line is skipped)."""
+    groups: Dict[Tuple[str, str], Recorded] = {}
+    if not Path(jsonl).exists():
+        return groups
+    meta: dict = {}
+    with open(jsonl, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the partial last line of a killed run
+            if not isinstance(row, dict):
+                continue
+            if "meta" in row:
+                meta = row["meta"] if isinstance(row["meta"], dict) else {}
+                continue
+            if not (_POINT_FIELDS - {"loss"} <= row.keys()) or meta.get("device") is None:
+                continue
+            point = Point(**{k: row[k] for k in _POINT_FIELDS if k in row})
+            group = groups.setdefault((meta["device"], point.loss), Recorded(meta["device"], point.loss, meta))
+            group.meta = meta
+            key = (point.provider, point.dtype, point.d, point.n)
+            before = group.points.get(key)
+            if before is None or point.status in _MEASURED or before.status not in _MEASURED:
+                group.points[key] = point
+    return groups
+
+
+def earlier_points(jsonl: Path, device_label: str) -> Dict[tuple, Point]:
+    """Points results.jsonl holds for the device ``device_label`` (as a meta
+    line names it), the latest of each (loss, provider, dtype, d, N), errors
+    left out: what ``--resume`` need not measure again."""
+    return {(loss, *key): point
+            for (device, loss), group in recorded_points(jsonl).items() if device == device_label
+            for key, point in group.points.items() if point.status in _MEASURED}
+
+
+def _title(loss: str, device_label: str, torch_version) -> str:
+    loss_name = {"clip": "CLIP", "siglip": "SigLIP"}.get(loss, loss)
+    return f"clipfast {loss_name} benchmark on {device_label} (torch {torch_version})"
+
+
+def write_reports(out: Path, device_label: str, loss: str) -> str:
+    """Rebuild results.md (a table per device and loss) and this device's
+    plot for ``loss`` from every point results.jsonl holds; returns this
+    device's table for ``loss``."""
+    groups = recorded_points(out / JSONL_NAME)
+    current = groups.get((device_label, loss))
+    order = ([current] if current else []) + [g for g in groups.values() if g is not current]
+    tables = [markdown_table(list(g.points.values()), _title(g.loss, g.device, g.meta.get("torch")))
+              for g in order]
+    atomic_write_text(out / TABLE_NAME, "\n".join(tables))
+    if current is None:
+        return ""
+    plot(list(current.points.values()), out / PLOT_NAMES[loss],
+         _title(loss, device_label, current.meta.get("torch")))
+    return tables[0]
+
+
 # ---------------------------------- CLI ------------------------------------ #
 
 
-def _defaults(device: torch.device) -> dict:
-    if device.type == "cuda":
-        return dict(providers="reference,compile,chunked,triton,hybrid,cuda,gemm4_bound",
-                    dims="512,768,1024",
-                    dtypes="bf16,fp32", min_n=4096, max_n=1 << 20, reps=5)
-    return dict(providers="reference,compile,chunked,cpu,gemm4_bound", dims="512", dtypes="fp32",
-                min_n=256, max_n=8192, reps=3)
+_DEFAULTS = {
+    "cuda": dict(providers="reference,compile,chunked,triton,hybrid,cuda,gemm4_bound",
+                 dims="512,768,1024", dtypes="bf16,fp32", min_n=4096, max_n=1 << 20, reps=5),
+    "cpu": dict(providers="reference,compile,chunked,cpu,gemm4_bound", dims="512", dtypes="fp32",
+                min_n=256, max_n=8192, reps=3),
+}
+
+
+def _defaults(device_type: str) -> dict:
+    return dict(_DEFAULTS[device_type])
 
 
 def _comma_list(text: str) -> List[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
-def _check_device(text: str) -> Tuple[Optional[torch.device], Optional[str]]:
-    """(device, None) or (None, why it cannot be benchmarked here)."""
+def _providers(text: str) -> List[str]:
+    providers = list(dict.fromkeys(_comma_list(text)))
+    unknown = [p for p in providers if p not in PROVIDERS]
+    if unknown:
+        raise ValueError(f"unknown provider {unknown[0]!r}; choose from {', '.join(PROVIDERS)}")
+    if not providers:
+        raise ValueError("empty list")
+    return providers
+
+
+def _dims(text: str) -> List[int]:
+    try:
+        dims = list(dict.fromkeys(int(v) for v in _comma_list(text)))
+    except ValueError:
+        dims = []
+    if not dims or min(dims) < 1:
+        raise ValueError(f"expected a comma list of positive integers, got {text!r}")
+    return dims
+
+
+def _dtypes(text: str) -> List[str]:
+    dtypes = list(dict.fromkeys(_comma_list(text)))
+    unknown = [v for v in dtypes if v not in DTYPES]
+    if unknown:
+        raise ValueError(f"unknown dtype {unknown[0]!r}; choose from {', '.join(DTYPES)}")
+    if not dtypes:
+        raise ValueError("empty list")
+    return dtypes
+
+
+_LISTS = {"providers": _providers, "dims": _dims, "dtypes": _dtypes}
+
+
+def _check_device(text: str):
+    """(torch device, None) or (None, why it cannot be benchmarked here)."""
+    import torch
+
     try:
         device = torch.device(text)
     except RuntimeError:
@@ -394,12 +577,28 @@ def _check_device(text: str) -> Tuple[Optional[torch.device], Optional[str]]:
     return device, None
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """Parsed and checked arguments: anything that cannot run is an argparse
-    error (exit status 2) naming the argument, before anything is measured."""
-    parser = argparse.ArgumentParser(prog="python -m clipfast.bench", description=__doc__,
+def provider_problem(provider: str, device, dtype: str, loss: str = "clip") -> Optional[str]:
+    """Why ``provider`` cannot run ``dtype`` features of ``loss`` on the torch
+    device ``device`` here (None when it can): a backend's own reason."""
+    if provider not in _BACKEND_PROVIDERS:
+        return None  # plain PyTorch: runs wherever torch does
+    import torch
+
+    from ._inputs import check_inputs
+    from .backends import SIGLIP, get
+
+    backend = get(provider)
+    if loss == "siglip" and not backend.has(SIGLIP):
+        return f"backend={provider!r} has no SigLIP loss"
+    x = torch.zeros(2, 4, device=device, dtype=_torch_dtype(dtype))
+    err = backend.problem(check_inputs(x, x, torch.tensor(1.0, device=device)))
+    return None if err is None else str(err)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    cpu, gpu = _defaults(torch.device("cpu")), _defaults(torch.device("cuda"))
+    cpu, gpu = _defaults("cpu"), _defaults("cuda")
 
     def both(key):
         return f"default {gpu[key]} on CUDA, {cpu[key]} on CPU"
@@ -409,9 +608,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--loss", default="clip", choices=LOSSES,
                         help="the loss measured: clip (default) or siglip (open_clip's SigLipLoss, "
                              "learnable bias)")
-    parser.add_argument("--providers", help=f"comma list from {','.join(PROVIDERS)} ({both('providers')})")
+    parser.add_argument("--providers", help=f"comma list from {','.join(PROVIDERS)} ({both('providers')}); "
+                        "one that cannot run on the device here is an error")
     parser.add_argument("--dims", help=f"comma list of embedding dims ({both('dims')})")
-    parser.add_argument("--dtypes", help=f"comma list from {','.join(_DTYPES)} ({both('dtypes')})")
+    parser.add_argument("--dtypes", help=f"comma list from {','.join(DTYPES)} ({both('dtypes')})")
     parser.add_argument("--min-n", type=int, help=f"smallest N; N doubles up to --max-n ({both('min_n')})")
     parser.add_argument("--max-n", type=int, help=f"largest N ({both('max_n')})")
     parser.add_argument("--reps", type=int, help=f"timed repetitions per point, median reported, after "
@@ -419,78 +619,69 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-seconds", type=float, default=20.0,
                         help="stop repeating a point after this long (default 20)")
     parser.add_argument("--out", default="bench_results", help="output folder (default bench_results); "
-                        "results.jsonl there is appended to, never truncated")
+                        "must be new or empty unless --resume or --overwrite is given")
     parser.add_argument("--resume", action="store_true",
-                        help="skip the points that results.jsonl in --out already holds for this "
-                             "device (ok or OOM); errors are measured again")
+                        help="continue the sweep recorded in --out: results.jsonl is appended to, the "
+                             "points it holds for this device (ok or OOM) are not measured again "
+                             "(errors are), and the table and plot are rebuilt from all its rows")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the results in a non-empty --out (results.jsonl, results.md, "
+                             "the plots) and start afresh")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parsed and checked arguments: anything that cannot run is an error
+    (exit status 2) naming the argument, before anything is measured; what
+    needs no torch is checked before torch is imported."""
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     def fail(option, message):
         parser.error(f"argument {option}: {message}")
+
+    if not _DEVICE_RE.fullmatch(args.device):
+        fail("--device", f"expected cpu, cuda, cuda:N or auto, got {args.device!r}")
+    for key, parse in _LISTS.items():
+        if getattr(args, key) is not None:
+            try:
+                setattr(args, key, parse(getattr(args, key)))
+            except ValueError as err:
+                fail(f"--{key}", str(err))
+    for key in ("min_n", "reps"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            fail(f"--{key.replace('_', '-')}", f"must be >= 1, got {getattr(args, key)}")
+    if not (args.max_seconds > 0 and math.isfinite(args.max_seconds)):
+        fail("--max-seconds", f"must be a positive number of seconds, got {args.max_seconds}")
+    if args.resume and args.overwrite:
+        fail("--overwrite", "cannot be combined with --resume (which keeps the recorded results)")
+    problem = unwritable_folder(Path(args.out))
+    if problem:
+        fail("--out", problem)
+    if not (args.resume or args.overwrite):
+        problem = occupied_folder(Path(args.out), "give --resume to continue its sweep (its rows are "
+                                                  "kept; only missing points are measured)")
+        if problem:
+            fail_line(PROG, f"argument --out: {problem}")
+
+    import torch
 
     device, problem = _check_device("cuda" if args.device == "auto" and torch.cuda.is_available()
                                     else "cpu" if args.device == "auto" else args.device)
     if problem:
         fail("--device", problem)
     args.device = str(device)
-    for key, value in _defaults(device).items():
+    for key, value in _defaults(device.type).items():
         if getattr(args, key) is None:
-            setattr(args, key, value)
-
-    args.providers = list(dict.fromkeys(_comma_list(args.providers)))
-    unknown = [p for p in args.providers if p not in PROVIDERS]
-    if unknown or not args.providers:
-        fail("--providers", f"unknown provider {unknown[0]!r}; choose from {', '.join(PROVIDERS)}"
-             if unknown else "empty list")
-    try:
-        args.dims = list(dict.fromkeys(int(v) for v in _comma_list(args.dims)))
-    except ValueError:
-        fail("--dims", f"expected a comma list of positive integers, got {args.dims!r}")
-    if not args.dims or min(args.dims) < 1:
-        fail("--dims", f"expected a comma list of positive integers, got {args.dims!r}")
-    args.dtypes = list(dict.fromkeys(_comma_list(args.dtypes)))
-    unknown = [v for v in args.dtypes if v not in _DTYPES]
-    if unknown or not args.dtypes:
-        fail("--dtypes", f"unknown dtype {unknown[0]!r}; choose from {', '.join(_DTYPES)}"
-             if unknown else "empty list")
-    if args.min_n < 1:
-        fail("--min-n", f"must be >= 1, got {args.min_n}")
+            setattr(args, key, _LISTS[key](value) if key in _LISTS else value)
     if args.max_n < args.min_n:
         fail("--max-n", f"must be >= --min-n ({args.min_n}), got {args.max_n}")
-    if args.reps < 1:
-        fail("--reps", f"must be >= 1, got {args.reps}")
-    if not (args.max_seconds > 0 and math.isfinite(args.max_seconds)):
-        fail("--max-seconds", f"must be a positive number of seconds, got {args.max_seconds}")
-    problem = unwritable_folder(Path(args.out))
-    if problem:
-        fail("--out", problem)
+    for provider in args.providers:
+        for dtype in args.dtypes:
+            problem = provider_problem(provider, device, dtype, args.loss)
+            if problem:
+                fail("--providers", f"{provider!r} cannot run {dtype} on {device} here: {problem}")
     return args
-
-
-_POINT_FIELDS = {f.name for f in fields(Point)}
-
-
-def earlier_points(jsonl: Path, device_label: str) -> Dict[tuple, Point]:
-    """Points results.jsonl holds for the device ``device_label`` (as a meta
-    line names it), the latest of each (loss, provider, dtype, d, N), errors
-    left out (lines from before the loss field are CLIP points)."""
-    found: Dict[tuple, Point] = {}
-    if not jsonl.exists():
-        return found
-    device = None
-    with open(jsonl, encoding="utf-8") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # the partial last line of a killed run
-            if "meta" in row:
-                device = row["meta"].get("device")
-            elif device == device_label and _POINT_FIELDS - {"loss"} <= row.keys() and \
-                    row["status"] in ("ok", "oom"):
-                point = Point(**{k: row[k] for k in _POINT_FIELDS if k in row})
-                found[(point.loss, point.provider, point.dtype, point.d, point.n)] = point
-    return found
 
 
 def _open_for_append(jsonl: Path):
@@ -503,20 +694,35 @@ def _open_for_append(jsonl: Path):
     return f
 
 
+def _resume_command(argv: List[str]) -> str:
+    """The command line that continues this run."""
+    args = [a for a in argv if a != "--overwrite"]
+    return " ".join([PROG, *map(shlex.quote, args)] + ([] if "--resume" in args else ["--resume"]))
+
+
 def main(argv=None) -> List[Point]:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    import torch
+
+    from .devices import device_name
+
     show_info_logs()
     device = torch.device(args.device)
-    dtypes = [_DTYPES[v] for v in args.dtypes]
     ns = []
     n = args.min_n
     while n <= args.max_n:
         ns.append(n)
         n *= 2
     out = Path(args.out)
+    jsonl = out / JSONL_NAME
+    if args.overwrite:
+        for path in [out / name for name in OUTPUT_NAMES] + temporary_files(out, OUTPUT_NAMES):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
     name = device_name(device)
-    meta = dict(device=name, torch=torch.__version__, python=sys.version.split()[0],
-                argv=list(sys.argv[1:] if argv is None else argv))
+    meta = dict(device=name, cpu=cpu_model(), torch=torch.__version__, torch_threads=torch.get_num_threads(),
+                python=sys.version.split()[0], argv=argv)
     try:
         import triton
 
@@ -524,48 +730,51 @@ def main(argv=None) -> List[Point]:
     except ImportError:
         pass
 
-    jsonl = out / "results.jsonl"
     earlier = earlier_points(jsonl, name) if args.resume else {}
-    jobs = [(dt, d, p) for dt in dtypes for d in args.dims for p in args.providers]
+    jobs = [(dt, d, p) for dt in args.dtypes for d in args.dims for p in args.providers]
     points: List[Point] = []
-    reused = 0
-    with _open_for_append(jsonl) as f, \
-            progress(len(jobs) * len(ns), "bench", "pt") as bar:
-        f.write(json.dumps({"meta": meta}) + "\n")
-        f.flush()
-        for dtype, d, provider in jobs:
-            dtype_name = {v: k for k, v in _DTYPES.items()}[dtype]
-            dead = None  # once a provider fails at some N, larger N are skipped
-            for n in ns:
-                bar.set_postfix_str(f"{provider} {dtype_name} d={d} N={n}")
-                key = (args.loss, provider, dtype_name, d, n)
-                point = earlier.get(key)
-                if point is not None:
-                    reused += 1
-                elif dead is not None:
-                    point = Point(provider, n, d, dtype_name, str(device), dead, loss=args.loss)
-                    point.grad_bytes = 2 * n * d * torch.tensor([], dtype=dtype).element_size()
-                else:
-                    point = measure(provider, n, d, dtype, device, args.reps, args.max_seconds,
-                                    args.loss)
-                if point.status != "ok":
-                    dead = point.status
-                if earlier.get(key) is not point:
-                    # One write per line: a kill leaves at most a partial last line.
-                    f.write(json.dumps(asdict(point)) + "\n")
-                    f.flush()
-                points.append(point)
-                bar.update(1)
-
-    loss_name = {"clip": "CLIP", "siglip": "SigLIP"}[args.loss]
-    title = f"clipfast {loss_name} benchmark on {name} (torch {torch.__version__})"
-    table = markdown_table(points, title)
-    atomic_write_text(out / "results.md", table)
-    plot(points, out / "results.png", title)
+    reused = written = 0
+    try:
+        with _open_for_append(jsonl) as f, \
+                progress(len(jobs) * len(ns), "bench", "pt") as bar:
+            f.write(json.dumps({"meta": meta}) + "\n")
+            f.flush()
+            for dtype_name, d, provider in jobs:
+                dtype = _torch_dtype(dtype_name)
+                dead = None  # once a provider fails at some N, larger N are skipped
+                for n in ns:
+                    bar.set_postfix_str(f"{provider} {dtype_name} d={d} N={n}")
+                    key = (args.loss, provider, dtype_name, d, n)
+                    point = earlier.get(key)
+                    if point is not None:
+                        reused += 1
+                    elif dead is not None:
+                        point = Point(provider, n, d, dtype_name, str(device), dead, loss=args.loss)
+                        point.grad_bytes = 2 * n * d * torch.tensor([], dtype=dtype).element_size()
+                    else:
+                        point = measure(provider, n, d, dtype, device, args.reps, args.max_seconds,
+                                        args.loss)
+                    if point.status != "ok":
+                        dead = point.status
+                    if earlier.get(key) is not point:
+                        # One write per line: a kill leaves at most a partial last line.
+                        f.write(json.dumps(asdict(point)) + "\n")
+                        f.flush()
+                        written += 1
+                    points.append(point)
+                    bar.update(1)
+        table = write_reports(out, name, args.loss)
+    except KeyboardInterrupt:
+        recorded = sum(len(g.points) for g in recorded_points(jsonl).values())
+        print(f"\ninterrupted: the {written} points this run measured are kept in {jsonl} "
+              f"({recorded} points recorded there in all); to measure the rest, run "
+              f"{_resume_command(argv)}", file=sys.stderr)
+        raise SystemExit(130) from None
     print(table)
     if reused:
         print(f"--resume: {reused} of {len(points)} points taken from {jsonl}")
-    print(f"appended to {jsonl}; wrote {out / 'results.md'} and {out / 'results.png'}")
+    print(f"appended to {jsonl}; rebuilt {out / TABLE_NAME} and {out / PLOT_NAMES[args.loss]} "
+          "from all its rows")
     return points
 
 

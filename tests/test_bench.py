@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-import clipfast
-from clipfast import bench
+from clipfast import autoselect, bench
+from clipfast.devices import device_name
 
 
 def test_bench_writes_jsonl_table_and_plot(tmp_path):
@@ -89,12 +89,14 @@ def test_unwritable_out_is_an_argument_error(tmp_path, capsys):
     assert "argument --out: cannot create the folder" in capsys.readouterr().err
 
 
-def test_interrupted_rerun_keeps_earlier_results_and_resume_measures_the_rest(tmp_path, monkeypatch):
+def test_interrupted_rerun_keeps_earlier_results_and_resume_measures_the_rest(tmp_path, monkeypatch,
+                                                                              capsys):
     jsonl = tmp_path / "results.jsonl"
-    sizes = [*TINY, "--max-n", "8"]  # N = 4, 8
-    first = bench.main([*sizes, "--providers", "reference,chunked", "--out", str(tmp_path)])
+    sizes = [*TINY, "--max-n", "16"]  # N = 4, 8, 16
+    first = bench.main([*sizes, "--providers", "reference", "--out", str(tmp_path)])
     before = jsonl.read_text()
-    assert len(before.splitlines()) == 1 + len(first) == 5
+    assert len(before.splitlines()) == 1 + len(first) == 4
+    capsys.readouterr()
 
     real, calls = bench.measure, []
 
@@ -105,27 +107,36 @@ def test_interrupted_rerun_keeps_earlier_results_and_resume_measures_the_rest(tm
         return real(provider, n, *args)
 
     monkeypatch.setattr(bench, "measure", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        bench.main([*sizes, "--providers", "reference,chunked,gemm4_bound", "--out", str(tmp_path)])
+    argv = [*sizes, "--providers", "reference,chunked", "--resume", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    # One line, no traceback: what is kept, where, and the command that continues.
+    assert "Traceback" not in err
+    assert (f"interrupted: the 2 points this run measured are kept in {jsonl} (5 points recorded "
+            f"there in all); to measure the rest, run python -m clipfast.bench") in err
+    assert err.rstrip().endswith("--resume --out " + str(tmp_path))
     after = jsonl.read_text()
     assert after.startswith(before)  # nothing earlier lost
-    assert len(after.splitlines()) == 5 + 1 + 2  # a meta line and the two finished points
-    assert (tmp_path / "results.md").read_text().count("| fp32 | 4 |") == 2  # the old table stays
+    assert len(after.splitlines()) == 4 + 1 + 2  # a meta line and the two finished points
+    assert calls[:2] == [("chunked", 4), ("chunked", 8)]  # reference's points were reused
+    # The old table stays whole: no chunked column yet.
+    assert "| reference | auto picks |" in (tmp_path / "results.md").read_text()
 
     calls.clear()
-    points = bench.main([*sizes, "--providers", "reference,chunked,gemm4_bound", "--resume",
-                         "--out", str(tmp_path)])
-    # Everything the two runs measured is reused; only gemm4_bound is left.
-    assert calls == [("gemm4_bound", 4), ("gemm4_bound", 8)]
+    points = bench.main(argv)
+    # Everything the two runs measured is reused; only chunked at N = 16 is left.
+    assert calls == [("chunked", 16)]
     assert len(points) == 6 and all(p.status == "ok" for p in points)
     assert jsonl.read_text().startswith(after)
     table = (tmp_path / "results.md").read_text()
-    assert "gemm4_bound" in table and "| fp32 | 4 | 8 |" in table
+    assert "| reference | chunked |" in table and table.count("| fp32 | 4 |") == 3
 
 
 def test_resume_reuses_an_oom_and_skips_larger_n(tmp_path, monkeypatch):
     jsonl = tmp_path / "results.jsonl"
-    meta = {"meta": {"device": bench.device_name(torch.device("cpu"))}}
+    meta = {"meta": {"device": device_name(torch.device("cpu"))}}
     oom = dict(provider="chunked", n=8, d=4, dtype="fp32", device="cpu", status="oom",
                time_ms=None, peak_extra_bytes=None, grad_bytes=256, reps=0, times_ms=[])
     # The earlier run was killed in the middle of a line.
@@ -170,7 +181,7 @@ def test_table_shows_what_auto_picks():
     table = bench.markdown_table([point], "t")
     header, _, row = table.splitlines()[4:7]
     assert header.endswith("| auto picks |")
-    expected = clipfast.autoselect.explain("cpu", (torch.float32,), 256, 512).backend
+    expected = autoselect.explain("cpu", (torch.float32,), 256, 512).backend
     assert row.endswith(f"| {expected} |")
 
 
@@ -197,7 +208,12 @@ def test_siglip_loss_is_measured_and_labelled(tmp_path):
     assert {row["loss"] for row in lines if "meta" not in row} == {"siglip"}
     # --resume keys on the loss: CLIP points are not taken for SigLIP ones.
     again = bench.main([*TINY, "--providers", "reference", "--resume", "--out", str(tmp_path)])
-    assert all(p.loss == "clip" for p in again)
+    assert again and all(p.loss == "clip" and p.status == "ok" for p in again)
+    # Each loss keeps its table (rebuilt from the recorded rows) and its plot.
+    table = (tmp_path / "results.md").read_text()
+    assert table.index("CLIP benchmark") < table.index("SigLIP benchmark")
+    assert (tmp_path / "results.png").stat().st_size > 1000
+    assert (tmp_path / "results_siglip.png").stat().st_size > 1000
 
 
 def test_bad_loss_is_an_argparse_error(capsys):

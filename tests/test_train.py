@@ -4,7 +4,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from clipfast import autoselect, train
+from clipfast import autoselect, digits, modules, train
 
 
 def test_short_training_learns_and_beats_chance(tmp_path):
@@ -32,7 +32,10 @@ def test_backends_give_the_same_loss_curve(tmp_path):
 def test_train_cli_prints_zero_shot_line(tmp_path, capsys):
     train.main(["--epochs", "1", "--batch-size", "512", "--threads", "1", "--out", str(tmp_path),
                 "--grad-cache-chunk", "200"])
-    assert "zero-shot top-1: " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "zero-shot top-1: " in out
+    # The machine and versions the figures came from are printed with them.
+    assert "machine: " in out and "1 torch threads" in out and f"torch {torch.__version__}" in out
 
 
 def test_train_rejects_unknown_backend(tmp_path):
@@ -47,7 +50,7 @@ def _tiny(out, **changes):
     return train.TrainConfig(**{**settings, **changes})
 
 
-class _Interrupt(train.ClipLoss):
+class _Interrupt(modules.ClipLoss):
     """The loss, raising KeyboardInterrupt (Ctrl-C) at its ``at``-th call."""
 
     at, calls = 0, 0
@@ -64,12 +67,13 @@ def test_a_run_split_in_two_equals_an_unsplit_run(tmp_path, monkeypatch):
     assert len(whole.losses) == 6
 
     # Interrupted in the second step of the second epoch: the checkpoint holds epoch 1.
-    monkeypatch.setattr(train, "ClipLoss", type("Interrupt", (_Interrupt,), {"at": 5}))
+    monkeypatch.setattr(modules, "ClipLoss", type("Interrupt", (_Interrupt,), {"at": 5}))
     with pytest.raises(KeyboardInterrupt):
         train.train(_tiny(tmp_path / "split"), progress=False)
     checkpoint = train.load_checkpoint(tmp_path / "split" / train.CHECKPOINT_NAME)
     assert checkpoint["epoch"] == 1 and checkpoint["step"] == 3 and len(checkpoint["losses"]) == 3
     assert {"model", "optimizer", "scheduler", "rng"} <= checkpoint.keys()
+    assert {"torch", "data", "numpy", "python"} <= checkpoint["rng"].keys()
     assert not (tmp_path / "split" / "result.json").exists()
 
     monkeypatch.undo()
@@ -88,6 +92,14 @@ def test_a_run_split_in_two_equals_an_unsplit_run(tmp_path, monkeypatch):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _fake_checkpoint(path, config):
+    """A well-formed checkpoint of ``config``'s run at step 0 (empty states):
+    enough for the checks made before training."""
+    train.save_checkpoint(path, {"config": asdict(config), "epoch": 0, "step": 0, "steps_per_epoch": 3,
+                                 "order": None, "model": {}, "optimizer": {}, "scheduler": {},
+                                 "rng": {}, "losses": [], "seconds": 0.0})
+
+
 def test_resume_with_other_settings_is_refused(tmp_path, capsys):
     checkpoint = tmp_path / train.CHECKPOINT_NAME
     with pytest.raises(SystemExit) as exit_info:
@@ -97,8 +109,8 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys):
     checkpoint.write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit):
         train.main(["--resume", str(checkpoint), "--out", str(tmp_path)])
-    assert "is not a readable checkpoint" in capsys.readouterr().err
-    torch.save({"format": train._CHECKPOINT_FORMAT, "config": asdict(_tiny(tmp_path))}, checkpoint)
+    assert f"{checkpoint}: not a clipfast.train checkpoint" in capsys.readouterr().err
+    _fake_checkpoint(checkpoint, _tiny(tmp_path))
     with pytest.raises(SystemExit):
         train.main(["--resume", str(checkpoint), "--out", str(tmp_path), "--epochs", "2",
                     "--batch-size", "64"])
@@ -117,9 +129,13 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys):
     (["--threads", "-1"], "--threads", "must be an integer >= 0"),
     (["--device", "tpu"], "--device", "expected cpu, cuda or cuda:N"),
     (["--compare-backends", "chunked", "--resume", "x"], "--resume", "cannot be combined"),
+    (["--resume", "x", "--overwrite"], "--overwrite", "cannot be combined with --resume"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every", "must be an integer >= 0"),
+    (["--width", "0"], "--width", "must be a positive integer"),
+    (["--compare-backends", "chunked"], "--compare-backends", "needs at least two backends"),
 ])
 def test_bad_arguments_fail_before_training(tmp_path, capsys, monkeypatch, args, option, message):
-    monkeypatch.setattr(train.digits, "load_digits_splits", lambda **kw: pytest.fail("trained"))
+    monkeypatch.setattr(digits, "load_digits_splits", lambda **kw: pytest.fail("trained"))
     with pytest.raises(SystemExit) as exit_info:
         train.main([*args, "--out", str(tmp_path)])
     assert exit_info.value.code == 2
@@ -128,7 +144,7 @@ def test_bad_arguments_fail_before_training(tmp_path, capsys, monkeypatch, args,
 
 
 def test_cuda_without_cuda_and_unwritable_out_fail_before_training(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train.digits, "load_digits_splits", lambda **kw: pytest.fail("trained"))
+    monkeypatch.setattr(digits, "load_digits_splits", lambda **kw: pytest.fail("trained"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--device", "cuda", "--out", str(tmp_path)])
@@ -153,7 +169,8 @@ def test_help_explains_every_option_with_its_default(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert text.startswith("usage: python -m clipfast.train")
     for phrase in ("--epochs EPOCHS passes over the training images (default: 15)",
-                   "(default: 128)", "(default: train_out)", "(default: auto)", "--resume CHECKPOINT"):
+                   "(default: 128)", "(default: train_out)", "(default: auto)", "--resume CHECKPOINT",
+                   f"(default: {train.DEFAULT_THREADS})", "--checkpoint-every STEPS", "--overwrite"):
         assert phrase in text, phrase
     options = [a for a in train.build_parser()._actions if a.option_strings != ["-h", "--help"]]
     assert all(a.help for a in options), [a.dest for a in options if not a.help]
@@ -168,7 +185,13 @@ def test_cli_says_where_outputs_went_and_what_auto_chose(tmp_path, capsys, caplo
     assert f"loss backend: auto (auto chose {chosen})" in out.out
     assert f"wrote {tmp_path / 'result.json'}" in out.out and str(tmp_path / "checkpoint.pt") in out.out
     assert any(f"backend='auto' chose {chosen!r}" in r.getMessage() for r in caplog.records)
-    assert json.loads((tmp_path / "result.json").read_text())["loss_backend"] == chosen
+    recorded = json.loads((tmp_path / "result.json").read_text())
+    assert recorded["loss_backend"] == chosen
+    # The command, machine, thread count and versions behind the figures.
+    assert recorded["command"][:3] == ["python", "-m", "clipfast.train"] and "--epochs" in recorded["command"]
+    env = recorded["environment"]
+    assert env["torch"] == torch.__version__ and env["torch_threads"] == 1 and env["cpu"]
+    assert env["deterministic_algorithms"] is True and env["numpy"] and env["scikit-learn"]
     # Progress off a terminal: whole lines, no carriage returns.
     assert "\r" not in out.err and "train: 100%" in out.err
     assert sorted(p.name for p in tmp_path.iterdir()) == [
@@ -176,10 +199,20 @@ def test_cli_says_where_outputs_went_and_what_auto_chose(tmp_path, capsys, caplo
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train, "ClipLoss", type("Interrupt", (_Interrupt,), {"at": 4}))
+    monkeypatch.setattr(modules, "ClipLoss", type("Interrupt", (_Interrupt,), {"at": 4}))
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--epochs", "2", "--batch-size", "512", "--threads", "1", "--out", str(tmp_path)])
     assert exit_info.value.code == 130
     checkpoint = tmp_path / train.CHECKPOINT_NAME
-    assert f"rerun the same command with --resume {checkpoint}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"saved after step 3 in {checkpoint}: rerun the same command with --resume {checkpoint}" in err
+    assert "Traceback" not in err
     assert train.load_checkpoint(checkpoint)["epoch"] == 1
+
+
+def test_the_cli_lists_the_registry_backends():
+    # --backend's choices are written out in train.py so that --help needs no
+    # torch; they must stay the registry's.
+    from clipfast.dispatch import BACKENDS
+
+    assert train.BACKEND_NAMES == BACKENDS
