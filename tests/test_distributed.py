@@ -106,6 +106,17 @@ def _tol(dtype):
     return dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-6)
 
 
+def _assert_mean_loss_and_ddp_grads(results, name, want_loss, want_grads, dtype):
+    """Every rank: the mean of the ranks' losses and the DDP-averaged
+    gradients equal the single-process ones."""
+    for rank, per_rank in enumerate(results):
+        got = per_rank[name]
+        torch.testing.assert_close(got["mean_loss"], want_loss, **_tol(dtype))
+        for label, g, w in zip(["image_weight", "text_weight", "log_scale", "bias"],
+                               got["grads"], want_grads):
+            torch.testing.assert_close(g, w, **_tol(dtype), msg=lambda m: f"rank {rank} {label}: {m}")
+
+
 EXACT = [s for s in SCENARIOS
          if not s[0].startswith(("gather_no_grad", "siglip", "info_nce"))]
 INFO_NCE = [s for s in SCENARIOS if s[0].startswith("info_nce")]
@@ -184,12 +195,7 @@ def test_siglip_modes_match_the_concatenated_batch(world_size, name, kwargs, dty
     want_loss, want_grads = loss_and_grads(
         problem, slice(None), functools.partial(reference_siglip_loss,
                                                 normalize=kwargs["normalize"]), dtype)
-    for rank, per_rank in enumerate(results):
-        got = per_rank[name]
-        torch.testing.assert_close(got["mean_loss"], want_loss, **_tol(dtype))
-        for label, g, w in zip(["image_weight", "text_weight", "log_scale", "bias"],
-                               got["grads"], want_grads):
-            torch.testing.assert_close(g, w, **_tol(dtype), msg=lambda m: f"rank {rank} {label}: {m}")
+    _assert_mean_loss_and_ddp_grads(results, name, want_loss, want_grads, dtype)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -220,12 +226,7 @@ def test_info_nce_gather_across_devices_matches_the_concatenated_batch(world_siz
     problem = make_problem(LOCAL_N * world_size)
     want_loss, want_grads = loss_and_grads(
         problem, slice(None), info_nce_fn(slice(None), backend="reference", **options), dtype)
-    for rank, per_rank in enumerate(results):
-        got = per_rank[name]
-        torch.testing.assert_close(got["mean_loss"], want_loss, **_tol(dtype))
-        for label, g, w in zip(["image_weight", "text_weight", "log_scale", "bias"],
-                               got["grads"], want_grads):
-            torch.testing.assert_close(g, w, **_tol(dtype), msg=lambda m: f"rank {rank} {label}: {m}")
+    _assert_mean_loss_and_ddp_grads(results, name, want_loss, want_grads, dtype)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
