@@ -8,7 +8,7 @@ Below both ``clipfast.distributed`` (the CLIP/SigLIP modes) and
 from __future__ import annotations
 
 import warnings
-from typing import List, Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.distributed as dist
@@ -72,26 +72,6 @@ def check_rank_agreement(what: str, image_features: torch.Tensor, text_features:
         raise ValueError(
             f"{what} needs the same local batch size (and dims, dtypes) on every rank; the ranks "
             f"disagree on " + "; ".join(problems) + " (listed by rank)" + hint)
-
-
-def check_equal_batches(local_n: int, device: torch.device, group=None,
-                        what: str = "distributed ClipLoss", extra: Optional[List[int]] = None) -> None:
-    """Raise the same ValueError on every rank when local batch sizes (or the
-    ``extra`` per-rank counts) differ: ``check_rank_agreement`` for callers
-    that hold no feature tensors yet."""
-    counts = [local_n] + list(extra or [])
-    world_size = dist.get_world_size(group)
-    mine = torch.tensor(counts, dtype=torch.int64, device=device)
-    every = [torch.empty_like(mine) for _ in range(world_size)]
-    dist.all_gather(every, mine, group=group)
-    table = [row.tolist() for row in every]
-    if len({row[0] for row in table}) != 1:
-        raise ValueError(f"{what} needs the same local batch size on every rank, got "
-                         f"{[row[0] for row in table]} (rank: batch size); pad or drop the last "
-                         "partial batch")
-    if len({tuple(row[1:]) for row in table}) != 1:
-        raise ValueError(f"{what} needs the same counts on every rank, got "
-                         f"{[row[1:] for row in table]} (listed by rank)")
 
 
 def gather_with_grad(features: torch.Tensor, group=None) -> torch.Tensor:

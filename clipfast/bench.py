@@ -525,14 +525,19 @@ def _comma_list(text: str) -> List[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
-def _providers(text: str) -> List[str]:
-    providers = list(dict.fromkeys(_comma_list(text)))
-    unknown = [p for p in providers if p not in PROVIDERS]
+def _choices(text: str, allowed, what: str) -> List[str]:
+    """A comma list of names from ``allowed``, each once, in the given order."""
+    names = list(dict.fromkeys(_comma_list(text)))
+    unknown = [v for v in names if v not in allowed]
     if unknown:
-        raise ValueError(f"unknown provider {unknown[0]!r}; choose from {', '.join(PROVIDERS)}")
-    if not providers:
+        raise ValueError(f"unknown {what} {unknown[0]!r}; choose from {', '.join(allowed)}")
+    if not names:
         raise ValueError("empty list")
-    return providers
+    return names
+
+
+def _providers(text: str) -> List[str]:
+    return _choices(text, PROVIDERS, "provider")
 
 
 def _dims(text: str) -> List[int]:
@@ -546,13 +551,7 @@ def _dims(text: str) -> List[int]:
 
 
 def _dtypes(text: str) -> List[str]:
-    dtypes = list(dict.fromkeys(_comma_list(text)))
-    unknown = [v for v in dtypes if v not in DTYPES]
-    if unknown:
-        raise ValueError(f"unknown dtype {unknown[0]!r}; choose from {', '.join(DTYPES)}")
-    if not dtypes:
-        raise ValueError("empty list")
-    return dtypes
+    return _choices(text, DTYPES, "dtype")
 
 
 _LISTS = {"providers": _providers, "dims": _dims, "dtypes": _dtypes}

@@ -65,7 +65,7 @@ from sentence_transformers.sentence_transformer.losses.multiple_negatives_symmet
     MultipleNegativesSymmetricRankingLoss as _STMultipleNegativesSymmetricRankingLoss,
 )
 
-from .._collectives import check_equal_batches, gather_with_grad, world
+from .._collectives import check_rank_agreement, gather_with_grad, world
 from .._inputs import check_memory_budget
 from ..backends.reference import safe_normalize
 from ..dispatch import BACKENDS
@@ -207,8 +207,8 @@ def _chunked(queries, docs, scale, cosine, directions, joint, hardness, hardness
     rank, world_size = world(group) if gather else (0, 1)
     all_q, all_ds = q, ds
     if world_size > 1:
-        check_equal_batches(n, q.device, group,
-                            what="MultipleNegativesRankingLoss(gather_across_devices=True)")
+        check_rank_agreement("MultipleNegativesRankingLoss(gather_across_devices=True)", q,
+                             ds[0], group, **{"number of input columns": len(ds)})
         all_q = gather_with_grad(q, group)
         all_ds = [gather_with_grad(d, group) for d in ds]
     world_n = n * world_size
