@@ -33,6 +33,10 @@ def available() -> bool:
     return extension_available(extension)
 
 
+def _contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.detach().to(dtype).contiguous()
+
+
 def _code(dtype: torch.dtype, ext) -> int:
     return ext.FLOAT64 if dtype == torch.float64 else ext.FLOAT32
 
@@ -41,7 +45,7 @@ def cpu_forward(x, y, scale, bias, options: KernelOptions):
     """(loss, stats) through the C++ kernels (see ``clipfast.backends._ops``)."""
     ext = extension()
     dtype = compute_dtype(x, y)
-    xc, yc = x.detach().to(dtype).contiguous(), y.detach().to(dtype).contiguous()
+    xc, yc = _contiguous(x, dtype), _contiguous(y, dtype)
     n, d = xc.shape
     stats = torch.empty(7, n, dtype=dtype)  # inv_x, inv_y, row/col max and log-sum, diag
     loss = ext.forward(_code(dtype, ext), xc.data_ptr(), yc.data_ptr(), n, d, _value(scale),
@@ -53,7 +57,7 @@ def cpu_backward(grad_loss, x, y, scale, bias, stats, options: KernelOptions,
                  need_x: bool, need_y: bool, need_scale: bool):
     ext = extension()
     dtype = stats.dtype
-    xc, yc = x.detach().to(dtype).contiguous(), y.detach().to(dtype).contiguous()
+    xc, yc = _contiguous(x, dtype), _contiguous(y, dtype)
     stats = stats.contiguous()
     n, d = xc.shape
     grad_x = torch.empty_like(xc) if need_x else None
@@ -79,7 +83,7 @@ def cpu_siglip_forward(x, y, scale, bias, options: KernelOptions, positives: boo
     (see ``clipfast.backends._ops``)."""
     ext = extension()
     dtype = compute_dtype(x, y)
-    xc, yc = x.detach().to(dtype).contiguous(), y.detach().to(dtype).contiguous()
+    xc, yc = _contiguous(x, dtype), _contiguous(y, dtype)
     n, d = xc.shape
     stats = torch.empty(SIGLIP_STATS_ROWS, n, dtype=dtype)
     loss = ext.siglip_forward(_code(dtype, ext), xc.data_ptr(), yc.data_ptr(), n, d,
@@ -93,7 +97,7 @@ def cpu_siglip_backward(grad_loss, x, y, scale, bias, stats, options: KernelOpti
                         positives: bool = True):
     ext = extension()
     dtype = stats.dtype
-    xc, yc = x.detach().to(dtype).contiguous(), y.detach().to(dtype).contiguous()
+    xc, yc = _contiguous(x, dtype), _contiguous(y, dtype)
     # The kernel reads the inverse norms (rows 0 and 1) through raw pointers.
     stats = stats.contiguous()
     n, d = xc.shape
@@ -112,10 +116,6 @@ def cpu_siglip_backward(grad_loss, x, y, scale, bias, stats, options: KernelOpti
 
 
 cpu_siglip_ops = define_siglip_ops("cpu", cpu_siglip_forward, cpu_siglip_backward)
-
-
-def _contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t.detach().to(dtype).contiguous()
 
 
 class CpuRows:
